@@ -1,0 +1,209 @@
+/*
+ * diffq_c kernels: plain C11 over raw buffers, no torch or Python.
+ *
+ * Every concept has a scalar `_ref` function that is the specification and a
+ * fast version beside it; tests hold the two equal. Kernels work on a chunk
+ * (start, count) of a flat buffer; the `dq_*` drivers without a suffix split
+ * the work in fixed-size chunks and run them with OpenMP. Chunk sizes never
+ * depend on the thread count, so results are bit-identical for any number of
+ * threads.
+ *
+ * Sizes and indices are int64_t everywhere: tensors above 2^31 elements are
+ * common in large models.
+ */
+#ifndef DIFFQ_C_H
+#define DIFFQ_C_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Elements per work chunk of the drivers. A multiple of 2048 (one bitpack
+ * line) and of 4 (one Philox block), so chunk borders never split either. */
+#define DQ_CHUNK ((int64_t)1 << 16)
+
+/* ------------------------------------------------------------------ rng.c */
+
+enum dq_noise_kind { DQ_NOISE_UNIFORM = 0, DQ_NOISE_GAUSSIAN = 1 };
+
+/* Philox4x32 with 10 rounds (Salmon et al., SC'11). */
+void dq_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
+/* Noise of element i is a pure function of (seed, i): element i uses the
+ * Philox block of counter i/4 and lane i%4. Uniform noise lies in
+ * [-0.5, 0.5); gaussian noise is N(0, 1) / 2 (Box-Muller on two lanes).
+ * `out[j]` receives the noise of element `start + j`. */
+void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
+                       float *restrict out);
+void dq_noise_fill_fast(int kind, uint64_t seed, int64_t start, int64_t count,
+                        float *restrict out);
+void dq_noise_fill(int kind, uint64_t seed, int64_t n, float *restrict out, int nthreads);
+
+/* ---------------------------------------------------------------- noise.c */
+
+enum dq_bits_mode { DQ_PARAM_BITS = 0, DQ_PARAM_NOISE = 1 };
+
+/* How logits become bits. For DQ_PARAM_BITS,
+ *   bits = max_bits * t + (1 - t) * min_bits,  t = sigmoid(logit);
+ * for DQ_PARAM_NOISE,
+ *   bits = log2(1 + 1 / exp(t * log_min_noise + (1 - t) * log_max_noise)).
+ * The quantization step is 1 / (2^bits - 1). */
+typedef struct {
+    int mode;
+    float min_bits, max_bits;
+    float log_min_noise, log_max_noise;
+} dq_bits_param;
+
+/* For each logit: bits, step and d(step)/d(logit). Any output may be NULL. */
+void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                          float *restrict bits, float *restrict step,
+                          float *restrict dstep);
+
+/* noisy[i] = p[i] + step_scale[g] * noise(seed, i), g = i / group_size,
+ * where step_scale[g] = (max(p) - min(p)) * step[g] was precomputed. While
+ * reading p it also counts the elements equal to mn and to mx (the ties that
+ * share the gradient through the noise scale). */
+void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
+                          int64_t group_size, int kind, uint64_t seed,
+                          int64_t start, int64_t count, float *restrict noisy,
+                          float mn, float mx, int64_t *count_min, int64_t *count_max);
+void dq_noise_forward_fast(const float *restrict p, const float *restrict step_scale,
+                           int64_t group_size, int kind, uint64_t seed,
+                           int64_t start, int64_t count, float *restrict noisy,
+                           float mn, float mx, int64_t *count_min, int64_t *count_max);
+
+/* acc[g - start / group_size] += sum over i in the chunk and group g of
+ * grad[i] * noise(seed, i). The chunk must start on a group border or lie
+ * inside one group. */
+void dq_noise_grad_dot_ref(const float *restrict grad, int64_t group_size, int kind,
+                           uint64_t seed, int64_t start, int64_t count,
+                           double *restrict acc);
+void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int kind,
+                            uint64_t seed, int64_t start, int64_t count,
+                            double *restrict acc);
+
+/* Extrema of p and the count of non-finite values. */
+typedef struct {
+    float min, max;
+    int64_t count_min, count_max; /* ties at min / max (filled by the noise forward) */
+    int64_t nonfinite;            /* NaN and infinities */
+} dq_range;
+
+/* Drivers (group_size 0 means one group for the whole buffer).
+ *
+ * dq_noise_forward: noisy = p + (max - min) * step(logit[g]) * noise. Fills
+ * `range`. Returns 0, or DQ_ERR_NONFINITE (noisy untouched) when p holds NaN
+ * or infinities, or DQ_ERR_NOMEM.
+ *
+ * dq_noise_backward: gradients of sum(grad * noisy) for p and the logits,
+ * the noise regenerated from seed. `range` is the one the forward filled. */
+#define DQ_ERR_NONFINITE (-1)
+#define DQ_ERR_NOMEM (-2)
+int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,
+                     const float *restrict logit, int64_t group_size, int kind,
+                     uint64_t seed, float *restrict noisy, dq_range *range, int nthreads);
+int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
+                      const float *restrict p, int64_t n, const float *restrict logit,
+                      int64_t group_size, int kind, uint64_t seed, const dq_range *range,
+                      float *restrict grad_p, float *restrict grad_logit, int nthreads);
+
+/* ------------------------------------------------------------- quantize.c */
+
+/* min, max and non-finite count of x[start, start + count); counts of ties
+ * are left at 0. */
+void dq_range_ref(const float *restrict x, int64_t start, int64_t count, dq_range *out);
+void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_range *out);
+void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthreads);
+
+/* level = round_half_even(((p - mn) / (mx - mn)) / (1 / (2^bits[g] - 1))),
+ * in float32 with exactly that operation order, so levels match a torch
+ * evaluation of the same formula bit for bit. `range` is (mx - mn) computed
+ * in double and rounded once to float. A zero range gives level 0.
+ * Levels are written as uint8 (level_bytes 1) or int16 (level_bytes 2).
+ * group_size 0 means one group. */
+void dq_quantize_ref(const float *restrict p, int64_t group_size,
+                     const uint8_t *restrict bits, float mn, float range,
+                     int64_t start, int64_t count, void *restrict levels, int level_bytes);
+void dq_quantize_fast(const float *restrict p, int64_t group_size,
+                      const uint8_t *restrict bits, float mn, float range,
+                      int64_t start, int64_t count, void *restrict levels, int level_bytes);
+void dq_quantize(const float *restrict p, int64_t n, int64_t group_size,
+                 const uint8_t *restrict bits, float mn, float range,
+                 void *restrict levels, int level_bytes, int nthreads);
+
+/* out = (level * (1 / (2^bits[g] - 1))) * range + mn, float32, same order
+ * as the torch formula. Levels are uint8 or int16 as above. */
+void dq_dequantize_ref(const void *restrict levels, int level_bytes, int64_t group_size,
+                       const uint8_t *restrict bits, float mn, float range,
+                       int64_t start, int64_t count, float *restrict out);
+void dq_dequantize_fast(const void *restrict levels, int level_bytes, int64_t group_size,
+                        const uint8_t *restrict bits, float mn, float range,
+                        int64_t start, int64_t count, float *restrict out);
+void dq_dequantize(const void *restrict levels, int level_bytes, int64_t n,
+                   int64_t group_size, const uint8_t *restrict bits, float mn, float range,
+                   float *restrict out, int nthreads);
+
+/* Largest level found in levels[0..n) for each group's bit width check:
+ * returns the index of the first level >= 2^bits[g], or -1. */
+int64_t dq_check_levels(const void *restrict levels, int level_bytes, int64_t n,
+                        int64_t group_size, const uint8_t *restrict bits);
+
+/* -------------------------------------------------------------- bitpack.c */
+
+/* diffq's packed layout. Values are padded with zeros to whole lines of
+ * DQ_PACK_LINE values. Line l holds nbits * 32 words: bit b of value
+ * x[l * 2048 + k * 32 + j] is bit k of word (l * nbits + b) * 32 + j. */
+#define DQ_PACK_BLOCK 32
+#define DQ_PACK_STORAGE 64
+#define DQ_PACK_LINE (DQ_PACK_BLOCK * DQ_PACK_STORAGE)
+
+static inline int64_t dq_pack_lines(int64_t n) { return (n + DQ_PACK_LINE - 1) / DQ_PACK_LINE; }
+
+/* Packs lines [line_start, line_start + line_count) of x (n values, int16,
+ * each in [0, 2^nbits)) into out, which holds all lines. */
+void dq_pack_bits_ref(const int16_t *restrict x, int64_t n, int nbits,
+                      int64_t line_start, int64_t line_count, uint64_t *restrict out);
+void dq_pack_bits_fast(const int16_t *restrict x, int64_t n, int nbits,
+                       int64_t line_start, int64_t line_count, uint64_t *restrict out);
+void dq_pack_bits(const int16_t *restrict x, int64_t n, int nbits, uint64_t *restrict out,
+                  int nthreads);
+
+/* Unpacks the first n values of `lines` packed lines into out (int16). */
+void dq_unpack_bits_ref(const uint64_t *restrict packed, int64_t lines, int nbits,
+                        int64_t line_start, int64_t line_count, int64_t n,
+                        int16_t *restrict out);
+void dq_unpack_bits_fast(const uint64_t *restrict packed, int64_t lines, int nbits,
+                         int64_t line_start, int64_t line_count, int64_t n,
+                         int16_t *restrict out);
+void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, int64_t n,
+                    int16_t *restrict out, int nthreads);
+
+/* ----------------------------------------------------------------- size.c */
+
+/* Differentiable size terms over the logits: sum of bits, the largest bits
+ * value (for the bit-width of the stored bits), and d(bits)/d(logit). */
+typedef struct {
+    double sum_bits;
+    float max_bits;
+} dq_size_stats;
+
+void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit,
+                         int64_t start, int64_t count, dq_size_stats *out);
+void dq_size_forward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                     dq_size_stats *out, int nthreads);
+/* grad[i] = scale * d(bits)/d(logit[i]) */
+void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
+                          int64_t start, int64_t count, float scale, float *restrict grad);
+void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                      float scale, float *restrict grad, int nthreads);
+
+/* bits value and d(bits)/d(logit) of one logit. */
+float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DIFFQ_C_H */

@@ -1,0 +1,283 @@
+/* Pseudo quantization noise: bits and step from logits, noisy weights and
+ * their gradients. */
+#include <stdlib.h>
+
+#include "dq_internal.h"
+
+#define LN2 0.69314718055994530942f
+
+float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits) {
+    float t = 1.0f / (1.0f + expf(-logit));
+    float one_minus_t = 1.0f - t;
+    float bits, slope;
+    if (prm->mode == DQ_PARAM_NOISE) {
+        float noise_scale = expf(t * prm->log_min_noise + one_minus_t * prm->log_max_noise);
+        bits = log2f(1.0f + 1.0f / noise_scale);
+        slope = -(prm->log_min_noise - prm->log_max_noise) / (LN2 * (1.0f + noise_scale));
+    } else {
+        bits = prm->max_bits * t + one_minus_t * prm->min_bits;
+        slope = prm->max_bits - prm->min_bits;
+    }
+    if (dbits)
+        *dbits = slope * (t * one_minus_t);
+    return bits;
+}
+
+void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                          float *restrict bits, float *restrict step, float *restrict dstep) {
+    for (int64_t i = 0; i < n; ++i) {
+        float dbits;
+        float b = dq_logit_to_bits(prm, logit[i], &dbits);
+        /* the step as 1 / (2^bits - 1), also in the noise mode, as diffq does */
+        float s = 1.0f / (exp2f(b) - 1.0f);
+        if (bits)
+            bits[i] = b;
+        if (step)
+            step[i] = s;
+        if (dstep)
+            dstep[i] = -LN2 * s * (1.0f + s) * dbits;
+    }
+}
+
+void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
+                          int64_t group_size, int kind, uint64_t seed, int64_t start,
+                          int64_t count, float *restrict noisy, float mn, float mx,
+                          int64_t *count_min, int64_t *count_max) {
+    assert(group_size > 0);
+    int64_t nmin = 0, nmax = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        int64_t i = start + j;
+        float z;
+        dq_noise_fill_ref(kind, seed, i, 1, &z);
+        noisy[i] = p[i] + step_scale[i / group_size] * z;
+        nmin += p[i] == mn;
+        nmax += p[i] == mx;
+    }
+    *count_min = nmin;
+    *count_max = nmax;
+}
+
+#define SPAN 1024 /* noise generated per inner step of the fast kernels */
+
+DQ_FAST
+void dq_noise_forward_fast(const float *restrict p, const float *restrict step_scale,
+                           int64_t group_size, int kind, uint64_t seed, int64_t start,
+                           int64_t count, float *restrict noisy, float mn, float mx,
+                           int64_t *count_min, int64_t *count_max) {
+    assert(group_size > 0);
+    float z[SPAN];
+    int64_t nmin = 0, nmax = 0;
+    for (int64_t off = 0; off < count; off += SPAN) {
+        int64_t i0 = start + off;
+        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+        dq_noise_fill_fast(kind, seed, i0, len, z);
+        const float *restrict ps = p + i0;
+        float *restrict out = noisy + i0;
+        if (group_size == 1) {
+            const float *restrict ss = step_scale + i0;
+            for (int64_t j = 0; j < len; ++j)
+                out[j] = ps[j] + ss[j] * z[j];
+        } else {
+            /* walk the span one group segment at a time */
+            int64_t j = 0;
+            while (j < len) {
+                int64_t g = (i0 + j) / group_size;
+                int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
+                float s = step_scale[g];
+                for (int64_t k = j; k < seg_end; ++k)
+                    out[k] = ps[k] + s * z[k];
+                j = seg_end;
+            }
+        }
+        int32_t cmin = 0, cmax = 0;
+        for (int64_t j = 0; j < len; ++j) {
+            cmin += ps[j] == mn;
+            cmax += ps[j] == mx;
+        }
+        nmin += cmin;
+        nmax += cmax;
+    }
+    *count_min = nmin;
+    *count_max = nmax;
+}
+
+void dq_noise_grad_dot_ref(const float *restrict grad, int64_t group_size, int kind,
+                           uint64_t seed, int64_t start, int64_t count,
+                           double *restrict acc) {
+    assert(group_size > 0);
+    int64_t g0 = start / group_size;
+    for (int64_t j = 0; j < count; ++j) {
+        int64_t i = start + j;
+        float z;
+        dq_noise_fill_ref(kind, seed, i, 1, &z);
+        acc[i / group_size - g0] += (double)grad[i] * (double)z;
+    }
+}
+
+DQ_FAST
+void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int kind,
+                            uint64_t seed, int64_t start, int64_t count,
+                            double *restrict acc) {
+    assert(group_size > 0);
+    float z[SPAN];
+    int64_t g0 = start / group_size;
+    for (int64_t off = 0; off < count; off += SPAN) {
+        int64_t i0 = start + off;
+        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+        dq_noise_fill_fast(kind, seed, i0, len, z);
+        const float *restrict gs = grad + i0;
+        if (group_size == 1) {
+            double *restrict a = acc + (i0 - g0);
+            for (int64_t j = 0; j < len; ++j)
+                a[j] += (double)gs[j] * (double)z[j];
+            continue;
+        }
+        int64_t j = 0;
+        while (j < len) {
+            int64_t g = (i0 + j) / group_size;
+            int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
+            /* four independent sums break the add latency chain; their order
+             * is fixed, so the result does not depend on threads */
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int64_t k = j;
+            for (; k + 4 <= seg_end; k += 4) {
+                s0 += (double)gs[k] * (double)z[k];
+                s1 += (double)gs[k + 1] * (double)z[k + 1];
+                s2 += (double)gs[k + 2] * (double)z[k + 2];
+                s3 += (double)gs[k + 3] * (double)z[k + 3];
+            }
+            for (; k < seg_end; ++k)
+                s0 += (double)gs[k] * (double)z[k];
+            acc[g - g0] += (s0 + s1) + (s2 + s3);
+            j = seg_end;
+        }
+    }
+}
+
+/* ------------------------------------------------------------- drivers */
+
+int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,
+                     const float *restrict logit, int64_t group_size, int kind,
+                     uint64_t seed, float *restrict noisy, dq_range *range, int nthreads) {
+    if (group_size <= 0)
+        group_size = n > 0 ? n : 1;
+    int64_t ngroups = n / group_size;
+    assert(ngroups * group_size == n);
+    dq_range_all(p, n, range, nthreads);
+    if (range->nonfinite)
+        return DQ_ERR_NONFINITE;
+    range->count_min = range->count_max = 0;
+    if (n == 0)
+        return 0;
+    float *step_scale = malloc((size_t)ngroups * sizeof(float));
+    if (!step_scale)
+        return DQ_ERR_NOMEM;
+    float scale = range->max - range->min;
+    dq_logit_to_step_ref(prm, logit, ngroups, NULL, step_scale, NULL);
+    for (int64_t g = 0; g < ngroups; ++g)
+        step_scale[g] = scale * step_scale[g];
+
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    int64_t nmin = 0, nmax = 0;
+    const float mn = range->min, mx = range->max;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1) \
+    reduction(+ : nmin, nmax)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK, cmin, cmax;
+        dq_noise_forward_fast(p, step_scale, group_size, kind, seed, start,
+                              DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax);
+        nmin += cmin;
+        nmax += cmax;
+    }
+    range->count_min = nmin;
+    range->count_max = nmax;
+    free(step_scale);
+    return 0;
+}
+
+/* dot[g] = sum_{i in g} grad[i] * noise(i), in chunks that never straddle
+ * two groups, reduced in a fixed order. */
+static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_size, int kind,
+                          uint64_t seed, double *restrict dot, int nthreads) {
+    int64_t ngroups = n / group_size;
+    memset(dot, 0, (size_t)ngroups * sizeof(double));
+    (void)nthreads;
+    if (group_size <= DQ_CHUNK) {
+        int64_t chunk = (DQ_CHUNK / group_size) * group_size;
+        int64_t chunks = dq_num_chunks(n, chunk);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t start = c * chunk;
+            dq_noise_grad_dot_fast(grad, group_size, kind, seed, start,
+                                   DQ_MIN(chunk, n - start), dot + start / group_size);
+        }
+        return 0;
+    }
+    int64_t pieces = dq_num_chunks(group_size, DQ_CHUNK);
+    double *partial = calloc((size_t)(ngroups * pieces), sizeof(double));
+    if (!partial)
+        return DQ_ERR_NOMEM;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < ngroups * pieces; ++c) {
+        int64_t g = c / pieces, k = c % pieces;
+        int64_t start = g * group_size + k * DQ_CHUNK;
+        int64_t len = DQ_MIN(DQ_CHUNK, group_size - k * DQ_CHUNK);
+        dq_noise_grad_dot_fast(grad, group_size, kind, seed, start, len, partial + c);
+    }
+    for (int64_t g = 0; g < ngroups; ++g)
+        for (int64_t k = 0; k < pieces; ++k)
+            dot[g] += partial[g * pieces + k];
+    free(partial);
+    return 0;
+}
+
+int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
+                      const float *restrict p, int64_t n, const float *restrict logit,
+                      int64_t group_size, int kind, uint64_t seed, const dq_range *range,
+                      float *restrict grad_p, float *restrict grad_logit, int nthreads) {
+    if (group_size <= 0)
+        group_size = n > 0 ? n : 1;
+    int64_t ngroups = n / group_size;
+    assert(ngroups * group_size == n);
+    if (n == 0)
+        return 0;
+    double *dot = malloc((size_t)ngroups * sizeof(double));
+    float *step = malloc((size_t)ngroups * 2 * sizeof(float));
+    if (!dot || !step) {
+        free(dot);
+        free(step);
+        return DQ_ERR_NOMEM;
+    }
+    float *dstep = step + ngroups;
+    int err = noise_grad_dot(grad, n, group_size, kind, seed, dot, nthreads);
+    if (err) {
+        free(dot);
+        free(step);
+        return err;
+    }
+    dq_logit_to_step_ref(prm, logit, ngroups, NULL, step, dstep);
+    const float scale = range->max - range->min;
+    /* d/d(scale) of sum(grad * noisy) = sum_g step[g] * dot[g] */
+    double through_scale = 0;
+    for (int64_t g = 0; g < ngroups; ++g) {
+        through_scale += (double)step[g] * dot[g];
+        grad_logit[g] = (float)((double)scale * dot[g] * (double)dstep[g]);
+    }
+    const float mn = range->min, mx = range->max;
+    const float g_max = range->count_max ? (float)(through_scale / (double)range->count_max) : 0;
+    const float g_min = range->count_min ? (float)(through_scale / (double)range->count_min) : 0;
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK, end = DQ_MIN(n, start + DQ_CHUNK);
+        for (int64_t i = start; i < end; ++i) {
+            float extra = (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
+            grad_p[i] = grad[i] + extra;
+        }
+    }
+    free(dot);
+    free(step);
+    return 0;
+}

@@ -1,0 +1,61 @@
+/* The differentiable size penalty over the bit logits. */
+#include "dq_internal.h"
+
+void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                         int64_t count, dq_size_stats *out) {
+    double sum = 0;
+    float top = -INFINITY;
+    for (int64_t i = start; i < start + count; ++i) {
+        float b = dq_logit_to_bits(prm, logit[i], NULL);
+        sum += b;
+        top = b > top ? b : top;
+    }
+    out->sum_bits = sum;
+    out->max_bits = top;
+}
+
+void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                          int64_t count, float scale, float *restrict grad) {
+    for (int64_t i = start; i < start + count; ++i) {
+        float dbits;
+        dq_logit_to_bits(prm, logit[i], &dbits);
+        grad[i] = scale * dbits;
+    }
+}
+
+/* Chunk partial sums are combined in chunk order, so the total does not
+ * depend on the thread count. */
+void dq_size_forward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                     dq_size_stats *out, int nthreads) {
+    enum { BATCH = 64 };
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    dq_size_stats parts[BATCH];
+    double sum = 0;
+    float top = -INFINITY;
+    (void)nthreads;
+    for (int64_t base = 0; base < chunks; base += BATCH) {
+        int64_t m = DQ_MIN((int64_t)BATCH, chunks - base);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (m > 1)
+        for (int64_t c = 0; c < m; ++c) {
+            int64_t start = (base + c) * DQ_CHUNK;
+            dq_size_forward_ref(prm, logit, start, DQ_MIN(DQ_CHUNK, n - start), &parts[c]);
+        }
+        for (int64_t c = 0; c < m; ++c) {
+            sum += parts[c].sum_bits;
+            top = parts[c].max_bits > top ? parts[c].max_bits : top;
+        }
+    }
+    out->sum_bits = sum;
+    out->max_bits = top;
+}
+
+void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
+                      float scale, float *restrict grad, int nthreads) {
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK;
+        dq_size_backward_ref(prm, logit, start, DQ_MIN(DQ_CHUNK, n - start), scale, grad);
+    }
+}

@@ -1,0 +1,367 @@
+/* C-level tests of the kernels, without Python: fast versions against their
+ * scalar references on odd sizes, known-answer vectors, thread invariance.
+ * Prints "N passed, N failed" and exits non-zero on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "diffq_c.h"
+
+/* named tolerances */
+#define TOL_GAUSSIAN_ABS 4e-6f /* polynomial log/sincos vs libm in double */
+#define TOL_NOISE_FWD_ABS 1e-6f
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                    \
+    do {                                                    \
+        if (cond) {                                         \
+            ++passed;                                       \
+        } else {                                            \
+            ++failed;                                       \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                   \
+            fprintf(stderr, "\n");                          \
+        }                                                   \
+    } while (0)
+
+static const int64_t SIZES[] = {1, 2, 3, 5, 7, 8, 31, 33, 63, 127, 255, 511, 1023, 2047, 2048, 2049, 4099};
+#define NSIZES ((int)(sizeof SIZES / sizeof SIZES[0]))
+
+static uint64_t lcg_state = 12345;
+static uint32_t lcg(void) {
+    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (uint32_t)(lcg_state >> 33);
+}
+static float frand(void) { return (float)lcg() / 2147483648.0f * 2.0f - 1.0f; }
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+static void test_philox_kat(void) {
+    /* Known-answer vectors of Random123 (kat_vectors, philox4x32_10). */
+    struct { uint32_t ctr[4], key[2], expect[4]; } kat[] = {
+        {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+        {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+         {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+        {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+         {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+    };
+    for (size_t t = 0; t < sizeof kat / sizeof kat[0]; ++t) {
+        uint32_t out[4];
+        dq_philox4x32_10(kat[t].ctr, kat[t].key, out);
+        CHECK(memcmp(out, kat[t].expect, sizeof out) == 0,
+              "philox KAT %zu: got %08x %08x %08x %08x", t, out[0], out[1], out[2], out[3]);
+    }
+}
+
+static void test_noise_fill(void) {
+    const uint64_t seed = 0x123456789abcdefull;
+    for (int kind = 0; kind < 2; ++kind)
+        for (int s = 0; s < NSIZES; ++s)
+            for (int64_t start = 0; start < 6; ++start) {
+                int64_t n = SIZES[s];
+                float *a = xmalloc(n * sizeof(float)), *b = xmalloc(n * sizeof(float));
+                dq_noise_fill_ref(kind, seed, start, n, a);
+                dq_noise_fill_fast(kind, seed, start, n, b);
+                float worst = 0;
+                for (int64_t i = 0; i < n; ++i)
+                    worst = fmaxf(worst, fabsf(a[i] - b[i]));
+                CHECK(kind == DQ_NOISE_UNIFORM ? worst == 0 : worst <= TOL_GAUSSIAN_ABS,
+                      "noise fill kind %d n %lld start %lld: max diff %g", kind, (long long)n,
+                      (long long)start, worst);
+                free(a);
+                free(b);
+            }
+    /* 64-bit counters: elements far beyond 2^32 */
+    {
+        int64_t start = ((int64_t)1 << 34) + 3;
+        float a[37], b[37];
+        dq_noise_fill_ref(DQ_NOISE_GAUSSIAN, seed, start, 37, a);
+        dq_noise_fill_fast(DQ_NOISE_GAUSSIAN, seed, start, 37, b);
+        float worst = 0;
+        for (int i = 0; i < 37; ++i)
+            worst = fmaxf(worst, fabsf(a[i] - b[i]));
+        CHECK(worst <= TOL_GAUSSIAN_ABS, "noise fill at 2^34: %g", worst);
+        float c[37];
+        dq_noise_fill_fast(DQ_NOISE_GAUSSIAN, seed, start - ((int64_t)1 << 32), 37, c);
+        CHECK(memcmp(b, c, sizeof b) != 0, "counter high word ignored");
+    }
+}
+
+static void test_noise_law_and_threads(void) {
+    const int64_t n = 3 * DQ_CHUNK + 777;
+    float *one = xmalloc(n * sizeof(float)), *two = xmalloc(n * sizeof(float));
+    for (int kind = 0; kind < 2; ++kind) {
+        dq_noise_fill(kind, 42, n, one, 1);
+        dq_noise_fill(kind, 42, n, two, 2);
+        CHECK(memcmp(one, two, n * sizeof(float)) == 0, "noise differs across thread counts");
+        double sum = 0, sq = 0;
+        float lo = 1e9f, hi = -1e9f;
+        for (int64_t i = 0; i < n; ++i) {
+            sum += one[i];
+            sq += (double)one[i] * one[i];
+            lo = fminf(lo, one[i]);
+            hi = fmaxf(hi, one[i]);
+        }
+        double mean = sum / n, var = sq / n - mean * mean;
+        double want_var = kind == DQ_NOISE_UNIFORM ? 1.0 / 12.0 : 0.25;
+        CHECK(fabs(mean) < 5e-3, "noise mean %g", mean);
+        CHECK(fabs(var - want_var) < 0.01 * want_var, "noise kind %d var %g", kind, var);
+        if (kind == DQ_NOISE_UNIFORM)
+            CHECK(lo >= -0.5f && hi < 0.5f, "uniform range [%g, %g]", lo, hi);
+    }
+    free(one);
+    free(two);
+}
+
+static void test_range(void) {
+    for (int s = 0; s < NSIZES; ++s) {
+        int64_t n = SIZES[s];
+        float *x = xmalloc(n * sizeof(float));
+        for (int64_t i = 0; i < n; ++i)
+            x[i] = frand();
+        if (n > 4) {
+            x[n / 2] = NAN;
+            x[n / 3] = INFINITY;
+        }
+        dq_range a, b, c;
+        dq_range_ref(x, 0, n, &a);
+        dq_range_fast(x, 0, n, &b);
+        dq_range_all(x, n, &c, 2);
+        CHECK(a.min == b.min && a.max == b.max && a.nonfinite == b.nonfinite,
+              "range fast n %lld", (long long)n);
+        CHECK(a.min == c.min && a.max == c.max && a.nonfinite == c.nonfinite,
+              "range all n %lld", (long long)n);
+        free(x);
+    }
+}
+
+static void test_quantize(void) {
+    const int64_t group_sizes[] = {1, 3, 8, 0};
+    for (int s = 0; s < NSIZES; ++s)
+        for (int gi = 0; gi < 4; ++gi) {
+            int64_t n = SIZES[s] * (group_sizes[gi] == 3 ? 3 : 1);
+            int64_t gs = group_sizes[gi] ? group_sizes[gi] : n;
+            if (n % gs)
+                continue;
+            int64_t ngroups = n / gs;
+            float *p = xmalloc(n * sizeof(float)), *d1 = xmalloc(n * sizeof(float)),
+                  *d2 = xmalloc(n * sizeof(float));
+            uint8_t *bits = xmalloc(ngroups);
+            int16_t *l1 = xmalloc(n * 2), *l2 = xmalloc(n * 2);
+            for (int64_t i = 0; i < n; ++i)
+                p[i] = frand() * 3.0f;
+            for (int64_t g = 0; g < ngroups; ++g)
+                bits[g] = (uint8_t)(1 + lcg() % 15);
+            dq_range r;
+            dq_range_all(p, n, &r, 1);
+            float range = (float)((double)r.max - (double)r.min);
+            dq_quantize_ref(p, gs, bits, r.min, range, 0, n, l1, 2);
+            dq_quantize(p, n, gs, bits, r.min, range, l2, 2, 2);
+            CHECK(memcmp(l1, l2, n * 2) == 0, "quantize fast n %lld gs %lld", (long long)n,
+                  (long long)gs);
+            CHECK(dq_check_levels(l1, 2, n, gs, bits) == -1, "levels out of width");
+            dq_dequantize_ref(l1, 2, gs, bits, r.min, range, 0, n, d1);
+            dq_dequantize(l1, 2, n, gs, bits, r.min, range, d2, 2);
+            CHECK(memcmp(d1, d2, n * sizeof(float)) == 0, "dequantize fast n %lld",
+                  (long long)n);
+            /* dequantized values lie within half a step of the originals */
+            int ok = 1;
+            for (int64_t i = 0; i < n && ok; ++i) {
+                float step = range / (float)((1 << bits[i / gs]) - 1);
+                ok = fabsf(d1[i] - p[i]) <= 0.5f * step * 1.0001f + 1e-6f;
+            }
+            CHECK(ok, "dequantize error above half a step, n %lld", (long long)n);
+            /* uint8 levels agree with int16 ones where bits <= 8 */
+            for (int64_t g = 0; g < ngroups; ++g)
+                bits[g] = (uint8_t)(1 + g % 8);
+            uint8_t *u1 = xmalloc(n), *u2 = xmalloc(n);
+            dq_quantize_ref(p, gs, bits, r.min, range, 0, n, u1, 1);
+            dq_quantize(p, n, gs, bits, r.min, range, u2, 1, 2);
+            dq_quantize_ref(p, gs, bits, r.min, range, 0, n, l1, 2);
+            ok = memcmp(u1, u2, n) == 0;
+            for (int64_t i = 0; i < n && ok; ++i)
+                ok = u1[i] == l1[i];
+            CHECK(ok, "uint8 levels n %lld", (long long)n);
+            free(u1);
+            free(u2);
+            free(p);
+            free(d1);
+            free(d2);
+            free(bits);
+            free(l1);
+            free(l2);
+        }
+    /* a constant tensor quantizes to level 0 and restores exactly */
+    float c[5] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f}, back[5];
+    int16_t lv[5];
+    uint8_t b8 = 8;
+    dq_quantize(c, 5, 0, &b8, 0.25f, 0.0f, lv, 2, 1);
+    dq_dequantize(lv, 2, 5, 0, &b8, 0.25f, 0.0f, back, 1);
+    CHECK(memcmp(c, back, sizeof c) == 0 && lv[0] == 0, "constant tensor");
+}
+
+static void test_bitpack(void) {
+    for (int s = 0; s < NSIZES; ++s)
+        for (int nbits = 0; nbits <= 16; ++nbits) {
+            int64_t n = SIZES[s] + (nbits % 3) * 2048;
+            int64_t lines = dq_pack_lines(n);
+            int64_t words = lines * nbits * DQ_PACK_BLOCK;
+            int16_t *x = xmalloc(n * 2), *y1 = xmalloc(n * 2), *y2 = xmalloc(n * 2);
+            uint64_t *w1 = xmalloc(words * 8 + 8), *w2 = xmalloc(words * 8 + 8);
+            for (int64_t i = 0; i < n; ++i)
+                x[i] = (int16_t)(nbits ? (lcg() & ((1u << nbits) - 1)) : 0);
+            dq_pack_bits_ref(x, n, nbits, 0, lines, w1);
+            dq_pack_bits(x, n, nbits, w2, 2);
+            CHECK(memcmp(w1, w2, words * 8) == 0, "pack fast n %lld nbits %d", (long long)n,
+                  nbits);
+            dq_unpack_bits_ref(w1, lines, nbits, 0, lines, n, y1);
+            dq_unpack_bits(w1, lines, nbits, n, y2, 2);
+            CHECK(memcmp(x, y1, n * 2) == 0, "unpack ref roundtrip n %lld nbits %d",
+                  (long long)n, nbits);
+            CHECK(memcmp(x, y2, n * 2) == 0, "unpack fast roundtrip n %lld nbits %d",
+                  (long long)n, nbits);
+            free(x);
+            free(y1);
+            free(y2);
+            free(w1);
+            free(w2);
+        }
+    /* layout: value 2048*0 + 32*k + j, bit b -> word b*32 + j, bit k */
+    int16_t x[2048] = {0};
+    x[32 * 5 + 7] = 0x5; /* bits 0 and 2 */
+    uint64_t w[3 * 32];
+    dq_pack_bits_ref(x, 2048, 3, 0, 1, w);
+    CHECK(w[0 * 32 + 7] == (1ull << 5) && w[1 * 32 + 7] == 0 && w[2 * 32 + 7] == (1ull << 5),
+          "pack layout");
+}
+
+static void test_noise_forward_backward(void) {
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
+    const int64_t group_sizes[] = {1, 8, 0, 5};
+    for (int s = 0; s < NSIZES; ++s)
+        for (int gi = 0; gi < 4; ++gi)
+            for (int kind = 0; kind < 2; ++kind) {
+                int64_t n = SIZES[s] * (group_sizes[gi] > 1 ? group_sizes[gi] : 1);
+                int64_t gs = group_sizes[gi] ? group_sizes[gi] : n;
+                int64_t ng = n / gs;
+                float *p = xmalloc(n * 4), *a = xmalloc(n * 4), *b = xmalloc(n * 4),
+                      *ss = xmalloc(ng * 4), *logit = xmalloc(ng * 4);
+                double *d1 = calloc(ng, 8), *d2 = calloc(ng, 8);
+                for (int64_t i = 0; i < n; ++i)
+                    p[i] = frand();
+                for (int64_t g = 0; g < ng; ++g) {
+                    logit[g] = frand() * 2;
+                    ss[g] = 0.01f * (1 + (float)(g % 7));
+                }
+                int64_t c1, c2, c3, c4;
+                dq_noise_forward_ref(p, ss, gs, kind, 7, 0, n, a, -0.5f, 0.5f, &c1, &c2);
+                dq_noise_forward_fast(p, ss, gs, kind, 7, 0, n, b, -0.5f, 0.5f, &c3, &c4);
+                float worst = 0;
+                for (int64_t i = 0; i < n; ++i)
+                    worst = fmaxf(worst, fabsf(a[i] - b[i]));
+                CHECK(worst <= TOL_NOISE_FWD_ABS && c1 == c3 && c2 == c4,
+                      "noise forward n %lld gs %lld kind %d: %g", (long long)n, (long long)gs,
+                      kind, worst);
+                dq_noise_grad_dot_ref(p, gs, kind, 7, 0, n, d1);
+                dq_noise_grad_dot_fast(p, gs, kind, 7, 0, n, d2);
+                /* each product may differ by the noise tolerance times |grad| */
+                double wd = 0;
+                for (int64_t g = 0; g < ng; ++g) {
+                    double bound = 1e-12;
+                    for (int64_t i = g * gs; i < (g + 1) * gs; ++i)
+                        bound += TOL_GAUSSIAN_ABS * fabs(p[i]);
+                    wd = fmax(wd, fabs(d1[g] - d2[g]) / bound);
+                }
+                CHECK(wd <= 1.0, "grad dot n %lld gs %lld: %g of bound", (long long)n,
+                      (long long)gs, wd);
+                /* the driver: same result for 1 and 2 threads */
+                dq_range r1, r2;
+                float *gp1 = xmalloc(n * 4), *gp2 = xmalloc(n * 4), *gl1 = xmalloc(ng * 4),
+                      *gl2 = xmalloc(ng * 4);
+                dq_noise_forward(&prm, p, n, logit, group_sizes[gi], kind, 99, a, &r1, 1);
+                dq_noise_forward(&prm, p, n, logit, group_sizes[gi], kind, 99, b, &r2, 2);
+                CHECK(memcmp(a, b, n * 4) == 0 && r1.count_max == r2.count_max &&
+                          r1.count_max >= 1,
+                      "noise forward threads n %lld", (long long)n);
+                dq_noise_backward(&prm, p, p, n, logit, group_sizes[gi], kind, 99, &r1, gp1,
+                                  gl1, 1);
+                dq_noise_backward(&prm, p, p, n, logit, group_sizes[gi], kind, 99, &r1, gp2,
+                                  gl2, 2);
+                CHECK(memcmp(gp1, gp2, n * 4) == 0 && memcmp(gl1, gl2, ng * 4) == 0,
+                      "noise backward threads n %lld gs %lld", (long long)n, (long long)gs);
+                free(gp1);
+                free(gp2);
+                free(gl1);
+                free(gl2);
+                free(p);
+                free(a);
+                free(b);
+                free(ss);
+                free(logit);
+                free(d1);
+                free(d2);
+            }
+    /* non-finite weights are refused and the output left untouched */
+    float p[4] = {0, 1, NAN, 2}, out[4] = {7, 7, 7, 7}, logit = 0;
+    dq_range r;
+    int err = dq_noise_forward(&prm, p, 4, &logit, 0, DQ_NOISE_GAUSSIAN, 1, out, &r, 1);
+    CHECK(err == DQ_ERR_NONFINITE && out[0] == 7 && r.nonfinite == 1, "nonfinite forward");
+}
+
+static void test_size(void) {
+    dq_bits_param modes[2] = {{DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0},
+                              {DQ_PARAM_NOISE, 2.0f, 15.0f, logf(1.0f / 32767.0f), logf(1.0f / 3.0f)}};
+    for (int m = 0; m < 2; ++m) {
+        int64_t n = 2 * DQ_CHUNK + 5;
+        float *logit = xmalloc(n * 4), *g1 = xmalloc(n * 4), *g2 = xmalloc(n * 4);
+        for (int64_t i = 0; i < n; ++i)
+            logit[i] = frand() * 4;
+        dq_size_stats a, b;
+        dq_size_forward_ref(&modes[m], logit, 0, n, &a);
+        dq_size_forward(&modes[m], logit, n, &b, 2);
+        CHECK(fabs(a.sum_bits - b.sum_bits) <= 1e-9 * fabs(a.sum_bits) && a.max_bits == b.max_bits,
+              "size forward mode %d", m);
+        dq_size_backward_ref(&modes[m], logit, 0, n, 0.5f, g1);
+        dq_size_backward(&modes[m], logit, n, 0.5f, g2, 2);
+        CHECK(memcmp(g1, g2, n * 4) == 0, "size backward mode %d", m);
+        /* derivative against central differences in float64 of the bits */
+        int ok = 1;
+        for (int64_t i = 0; i < 50 && ok; ++i) {
+            float x = logit[i], d;
+            dq_logit_to_bits(&modes[m], x, &d);
+            float h = 1e-2f;
+            float up = dq_logit_to_bits(&modes[m], x + h, NULL);
+            float dn = dq_logit_to_bits(&modes[m], x - h, NULL);
+            float fd = (up - dn) / (2 * h);
+            ok = fabsf(fd - d) <= 2e-3f * (fabsf(d) + 1e-2f);
+            if (!ok)
+                fprintf(stderr, "mode %d x %g: analytic %g fd %g\n", m, x, d, fd);
+        }
+        CHECK(ok, "dbits/dlogit mode %d", m);
+        free(logit);
+        free(g1);
+        free(g2);
+    }
+}
+
+int main(void) {
+    test_philox_kat();
+    test_noise_fill();
+    test_noise_law_and_threads();
+    test_range();
+    test_quantize();
+    test_bitpack();
+    test_noise_forward_backward();
+    test_size();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
