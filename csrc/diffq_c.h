@@ -17,6 +17,8 @@
 #include <stdint.h>
 
 #ifdef __cplusplus
+/* C++ has no `restrict`; the binding only needs the declarations. */
+#define restrict __restrict__
 extern "C" {
 #endif
 
@@ -204,6 +206,7 @@ float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits);
 
 #ifdef __cplusplus
 }
+#undef restrict
 #endif
 
 #endif /* DIFFQ_C_H */

@@ -1,0 +1,462 @@
+// The one binding between Python and the C kernels. It converts and
+// validates, nothing else: every buffer arrives through DLPack (no torch
+// headers, no libtorch link), and its device, dtype, contiguity, size and
+// overlap are checked here before any pointer reaches a kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "diffq_c.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The DLPack ABI (dlpack.h, v0.x "dltensor" capsules), declared here to keep
+// the build free of extra headers.
+struct DLDevice {
+    int32_t device_type;
+    int32_t device_id;
+};
+struct DLDataType {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+};
+struct DLTensor {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape;
+    int64_t *strides;
+    uint64_t byte_offset;
+};
+struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(DLManagedTensor *self);
+};
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2;
+
+enum class DType { f32, u8, i16, i64, u8_or_i16 };
+
+const char *dtype_name(DType d) {
+    switch (d) {
+    case DType::f32: return "float32";
+    case DType::u8: return "uint8";
+    case DType::i16: return "int16";
+    case DType::i64: return "int64";
+    case DType::u8_or_i16: return "uint8 or int16";
+    }
+    return "?";
+}
+
+std::string describe(const DLDataType &t) {
+    const char *kind = t.code == kDLFloat ? "float" : t.code == kDLUInt ? "uint" : t.code == kDLInt ? "int" : "other";
+    return std::string(kind) + std::to_string(t.bits);
+}
+
+// A validated view of one buffer. The capsule keeps the producer's memory
+// alive while a kernel runs.
+struct Buffer {
+    py::object capsule;
+    char *data = nullptr;
+    int64_t numel = 0;
+    int elem_size = 0;
+    std::vector<int64_t> shape;
+};
+
+[[noreturn]] void type_error(const std::string &msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string &msg) { throw py::value_error(msg); }
+
+Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -1) {
+    if (!py::hasattr(obj, "__dlpack__"))
+        type_error(std::string(name) + " must be a tensor, got " +
+                   std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::object cap;
+    try {
+        cap = obj.attr("__dlpack__")();
+    } catch (py::error_already_set &e) {
+        type_error(std::string(name) + " cannot be read as a buffer: " + e.what());
+    }
+    if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
+        type_error(std::string(name) + " did not export a DLPack tensor");
+    auto *managed = static_cast<DLManagedTensor *>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+    const DLTensor &t = managed->dl_tensor;
+    if (t.device.device_type != kDLCPU)
+        value_error(std::string(name) + " must be a CPU tensor (device type " +
+                    std::to_string(t.device.device_type) + ")");
+    if (t.dtype.lanes != 1)
+        type_error(std::string(name) + " has vector lanes");
+    bool ok = false;
+    switch (want) {
+    case DType::f32: ok = t.dtype.code == kDLFloat && t.dtype.bits == 32; break;
+    case DType::u8: ok = t.dtype.code == kDLUInt && t.dtype.bits == 8; break;
+    case DType::i16: ok = t.dtype.code == kDLInt && t.dtype.bits == 16; break;
+    case DType::i64: ok = t.dtype.code == kDLInt && t.dtype.bits == 64; break;
+    case DType::u8_or_i16:
+        ok = (t.dtype.code == kDLUInt && t.dtype.bits == 8) || (t.dtype.code == kDLInt && t.dtype.bits == 16);
+        break;
+    }
+    if (!ok)
+        type_error(std::string(name) + " must be " + dtype_name(want) + ", got " + describe(t.dtype));
+    Buffer b;
+    b.elem_size = t.dtype.bits / 8;
+    b.numel = 1;
+    int64_t expected_stride = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+        if (t.shape[d] < 0)
+            value_error(std::string(name) + " has a negative dimension");
+        if (t.strides && t.shape[d] != 1 && t.strides[d] != expected_stride)
+            value_error(std::string(name) + " must be contiguous");
+        expected_stride *= t.shape[d];
+    }
+    for (int d = 0; d < t.ndim; ++d) {
+        b.shape.push_back(t.shape[d]);
+        b.numel *= t.shape[d];
+    }
+    if (want_numel >= 0 && b.numel != want_numel)
+        value_error(std::string(name) + " has " + std::to_string(b.numel) + " elements, expected " +
+                    std::to_string(want_numel));
+    b.data = static_cast<char *>(t.data) + t.byte_offset;
+    if (b.numel > 0 && !t.data)
+        value_error(std::string(name) + " has no data");
+    b.capsule = std::move(cap);
+    return b;
+}
+
+void no_overlap(const Buffer &a, const char *an, const Buffer &b, const char *bn) {
+    const char *a0 = a.data, *a1 = a.data + a.numel * a.elem_size;
+    const char *b0 = b.data, *b1 = b.data + b.numel * b.elem_size;
+    if (a.numel && b.numel && a0 < b1 && b0 < a1)
+        value_error(std::string(an) + " must not overlap " + bn);
+}
+
+int threads(int nthreads) {
+    if (nthreads < 1)
+        value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+    return nthreads;
+}
+
+int noise_kind(int kind) {
+    if (kind != DQ_NOISE_UNIFORM && kind != DQ_NOISE_GAUSSIAN)
+        value_error("noise kind must be 0 (uniform) or 1 (gaussian), got " + std::to_string(kind));
+    return kind;
+}
+
+// (mode, min_bits, max_bits, log_min_noise, log_max_noise)
+dq_bits_param bits_param(const std::tuple<int, float, float, float, float> &t) {
+    dq_bits_param prm;
+    prm.mode = std::get<0>(t);
+    prm.min_bits = std::get<1>(t);
+    prm.max_bits = std::get<2>(t);
+    prm.log_min_noise = std::get<3>(t);
+    prm.log_max_noise = std::get<4>(t);
+    if (prm.mode != DQ_PARAM_BITS && prm.mode != DQ_PARAM_NOISE)
+        value_error("param mode must be 0 (bits) or 1 (noise)");
+    return prm;
+}
+
+int64_t groups_of(int64_t n, int64_t group_size, const char *what) {
+    if (group_size < 0)
+        value_error(std::string("group_size must be >= 0, got ") + std::to_string(group_size));
+    if (group_size == 0)
+        return 1;
+    if (n % group_size)
+        value_error(std::string(what) + " has " + std::to_string(n) + " elements, not a multiple of group_size " +
+                    std::to_string(group_size));
+    return n / group_size;
+}
+
+void check_bits(const Buffer &bits, const char *name) {
+    const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
+    for (int64_t g = 0; g < bits.numel; ++g)
+        if (b[g] < 1 || b[g] > 15)
+            value_error(std::string(name) + "[" + std::to_string(g) + "] = " + std::to_string(b[g]) +
+                        " is outside 1..15");
+}
+
+void check_level_bytes(const Buffer &levels, const Buffer &bits, const char *name) {
+    if (levels.elem_size == 1) {
+        const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
+        for (int64_t g = 0; g < bits.numel; ++g)
+            if (b[g] > 8)
+                type_error(std::string(name) + " is uint8 but a group has " + std::to_string(b[g]) + " bits");
+    }
+}
+
+std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> philox(std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> ctr,
+                                                          std::tuple<uint32_t, uint32_t> key) {
+    uint32_t c[4] = {std::get<0>(ctr), std::get<1>(ctr), std::get<2>(ctr), std::get<3>(ctr)};
+    uint32_t k[2] = {std::get<0>(key), std::get<1>(key)};
+    uint32_t o[4];
+    dq_philox4x32_10(c, k, o);
+    return {o[0], o[1], o[2], o[3]};
+}
+
+void noise_fill(py::handle out_obj, int kind, uint64_t seed, int64_t start, int nthreads, bool reference) {
+    Buffer out = view(out_obj, "out", DType::f32);
+    noise_kind(kind);
+    threads(nthreads);
+    if (start < 0)
+        value_error("start must be >= 0");
+    float *o = reinterpret_cast<float *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_noise_fill_ref(kind, seed, start, out.numel, o);
+    else if (start == 0)
+        dq_noise_fill(kind, seed, out.numel, o, nthreads);
+    else
+        dq_noise_fill_fast(kind, seed, start, out.numel, o);
+}
+
+std::tuple<float, float, int64_t> value_range(py::handle x_obj, int nthreads) {
+    Buffer x = view(x_obj, "x", DType::f32);
+    threads(nthreads);
+    dq_range r;
+    {
+        py::gil_scoped_release nogil;
+        dq_range_all(reinterpret_cast<const float *>(x.data), x.numel, &r, nthreads);
+    }
+    return {r.min, r.max, r.nonfinite};
+}
+
+using RangeTuple = std::tuple<float, float, int64_t, int64_t, int64_t>;
+
+RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle noisy_obj, int64_t group_size, int kind,
+                         uint64_t seed, std::tuple<int, float, float, float, float> prm_t, int nthreads) {
+    Buffer p = view(p_obj, "p", DType::f32);
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer logit = view(logit_obj, "logit", DType::f32, ngroups);
+    Buffer noisy = view(noisy_obj, "noisy", DType::f32, p.numel);
+    no_overlap(noisy, "noisy", p, "p");
+    no_overlap(noisy, "noisy", logit, "logit");
+    noise_kind(kind);
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    dq_range r;
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_noise_forward(&prm, reinterpret_cast<const float *>(p.data), p.numel,
+                               reinterpret_cast<const float *>(logit.data), group_size, kind, seed,
+                               reinterpret_cast<float *>(noisy.data), &r, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    return {r.min, r.max, r.count_min, r.count_max, r.nonfinite};
+}
+
+void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj, py::handle grad_p_obj,
+                    py::handle grad_logit_obj, int64_t group_size, int kind, uint64_t seed,
+                    std::tuple<int, float, float, float, float> prm_t, RangeTuple range, int nthreads) {
+    Buffer p = view(p_obj, "p", DType::f32);
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer grad = view(grad_obj, "grad", DType::f32, p.numel);
+    Buffer logit = view(logit_obj, "logit", DType::f32, ngroups);
+    Buffer grad_p = view(grad_p_obj, "grad_p", DType::f32, p.numel);
+    Buffer grad_logit = view(grad_logit_obj, "grad_logit", DType::f32, ngroups);
+    no_overlap(grad_p, "grad_p", grad, "grad");
+    no_overlap(grad_p, "grad_p", p, "p");
+    no_overlap(grad_logit, "grad_logit", logit, "logit");
+    no_overlap(grad_logit, "grad_logit", grad_p, "grad_p");
+    noise_kind(kind);
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    dq_range r;
+    r.min = std::get<0>(range);
+    r.max = std::get<1>(range);
+    r.count_min = std::get<2>(range);
+    r.count_max = std::get<3>(range);
+    r.nonfinite = std::get<4>(range);
+    if (r.count_min < 0 || r.count_max < 0 || r.count_min > p.numel || r.count_max > p.numel)
+        value_error("range counts out of bounds");
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_noise_backward(&prm, reinterpret_cast<const float *>(grad.data),
+                                reinterpret_cast<const float *>(p.data), p.numel,
+                                reinterpret_cast<const float *>(logit.data), group_size, kind, seed, &r,
+                                reinterpret_cast<float *>(grad_p.data), reinterpret_cast<float *>(grad_logit.data),
+                                nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+}
+
+void logit_to_step(py::handle logit_obj, py::handle bits_obj, py::handle step_obj, py::handle dstep_obj,
+                   std::tuple<int, float, float, float, float> prm_t) {
+    Buffer logit = view(logit_obj, "logit", DType::f32);
+    Buffer bits = view(bits_obj, "bits", DType::f32, logit.numel);
+    Buffer step = view(step_obj, "step", DType::f32, logit.numel);
+    Buffer dstep = view(dstep_obj, "dstep", DType::f32, logit.numel);
+    dq_bits_param prm = bits_param(prm_t);
+    py::gil_scoped_release nogil;
+    dq_logit_to_step_ref(&prm, reinterpret_cast<const float *>(logit.data), logit.numel,
+                         reinterpret_cast<float *>(bits.data), reinterpret_cast<float *>(step.data),
+                         reinterpret_cast<float *>(dstep.data));
+}
+
+void quantize(py::handle p_obj, py::handle bits_obj, py::handle levels_obj, int64_t group_size, float mn,
+              float range, int nthreads, bool reference) {
+    Buffer p = view(p_obj, "p", DType::f32);
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer levels = view(levels_obj, "levels", DType::u8_or_i16, p.numel);
+    no_overlap(levels, "levels", p, "p");
+    threads(nthreads);
+    check_bits(bits, "bits");
+    check_level_bytes(levels, bits, "levels");
+    const float *pp = reinterpret_cast<const float *>(p.data);
+    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_quantize_ref(pp, group_size ? group_size : (p.numel ? p.numel : 1), bp, mn, range, 0, p.numel,
+                        levels.data, levels.elem_size);
+    else
+        dq_quantize(pp, p.numel, group_size, bp, mn, range, levels.data, levels.elem_size, nthreads);
+}
+
+void dequantize(py::handle levels_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size, float mn,
+                float range, int nthreads, bool reference) {
+    Buffer levels = view(levels_obj, "levels", DType::u8_or_i16);
+    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer out = view(out_obj, "out", DType::f32, levels.numel);
+    no_overlap(out, "out", levels, "levels");
+    threads(nthreads);
+    check_bits(bits, "bits");
+    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
+    int64_t bad;
+    {
+        py::gil_scoped_release nogil;
+        bad = dq_check_levels(levels.data, levels.elem_size, levels.numel, group_size, bp);
+    }
+    if (bad >= 0) {
+        int64_t gs = group_size ? group_size : levels.numel;
+        int v = levels.elem_size == 1 ? reinterpret_cast<const uint8_t *>(levels.data)[bad]
+                                      : reinterpret_cast<const int16_t *>(levels.data)[bad];
+        value_error("levels[" + std::to_string(bad) + "] = " + std::to_string(v) + " does not fit in " +
+                    std::to_string(bp[bad / gs]) + " bits");
+    }
+    float *o = reinterpret_cast<float *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_dequantize_ref(levels.data, levels.elem_size, group_size ? group_size : (levels.numel ? levels.numel : 1),
+                          bp, mn, range, 0, levels.numel, o);
+    else
+        dq_dequantize(levels.data, levels.elem_size, levels.numel, group_size, bp, mn, range, o, nthreads);
+}
+
+void pack_bits(py::handle x_obj, py::handle out_obj, int nbits, int nthreads, bool reference) {
+    Buffer x = view(x_obj, "x", DType::i16);
+    if (nbits < 0 || nbits > 16)
+        value_error("nbits must be in 0..16, got " + std::to_string(nbits));
+    int64_t lines = dq_pack_lines(x.numel);
+    Buffer out = view(out_obj, "out", DType::i64, lines * nbits * DQ_PACK_BLOCK);
+    no_overlap(out, "out", x, "x");
+    threads(nthreads);
+    // values must fit in nbits: the packed layout would silently drop bits
+    const uint16_t *xv = reinterpret_cast<const uint16_t *>(x.data);
+    for (int64_t i = 0; i < x.numel; ++i)
+        if (nbits < 16 && (xv[i] >> nbits))
+            value_error("x[" + std::to_string(i) + "] = " + std::to_string(reinterpret_cast<const int16_t *>(xv)[i]) +
+                        " does not fit in " + std::to_string(nbits) + " bits");
+    auto *o = reinterpret_cast<uint64_t *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_pack_bits_ref(reinterpret_cast<const int16_t *>(x.data), x.numel, nbits, 0, lines, o);
+    else
+        dq_pack_bits(reinterpret_cast<const int16_t *>(x.data), x.numel, nbits, o, nthreads);
+}
+
+void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool reference) {
+    Buffer packed = view(packed_obj, "packed", DType::i64);
+    if (packed.shape.size() != 3 || packed.shape[2] != DQ_PACK_BLOCK)
+        value_error("packed must have shape [lines, nbits, 32]");
+    int64_t lines = packed.shape[0];
+    int64_t nbits = packed.shape[1];
+    if (nbits > 16)
+        value_error("packed holds " + std::to_string(nbits) + " bit planes, at most 16 are supported");
+    Buffer out = view(out_obj, "out", DType::i16);
+    if (out.numel > lines * DQ_PACK_LINE)
+        value_error("packed holds " + std::to_string(lines * DQ_PACK_LINE) + " values, " +
+                    std::to_string(out.numel) + " were asked for");
+    no_overlap(out, "out", packed, "packed");
+    threads(nthreads);
+    const auto *pw = reinterpret_cast<const uint64_t *>(packed.data);
+    auto *o = reinterpret_cast<int16_t *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_unpack_bits_ref(pw, lines, (int)nbits, 0, lines, out.numel, o);
+    else
+        dq_unpack_bits(pw, lines, (int)nbits, out.numel, o, nthreads);
+}
+
+std::tuple<double, float> size_forward(py::handle logit_obj, std::tuple<int, float, float, float, float> prm_t,
+                                       int nthreads) {
+    Buffer logit = view(logit_obj, "logit", DType::f32);
+    dq_bits_param prm = bits_param(prm_t);
+    threads(nthreads);
+    dq_size_stats st;
+    {
+        py::gil_scoped_release nogil;
+        dq_size_forward(&prm, reinterpret_cast<const float *>(logit.data), logit.numel, &st, nthreads);
+    }
+    return {st.sum_bits, st.max_bits};
+}
+
+void size_backward(py::handle logit_obj, py::handle grad_obj, float scale,
+                   std::tuple<int, float, float, float, float> prm_t, int nthreads) {
+    Buffer logit = view(logit_obj, "logit", DType::f32);
+    Buffer grad = view(grad_obj, "grad", DType::f32, logit.numel);
+    no_overlap(grad, "grad", logit, "logit");
+    dq_bits_param prm = bits_param(prm_t);
+    threads(nthreads);
+    py::gil_scoped_release nogil;
+    dq_size_backward(&prm, reinterpret_cast<const float *>(logit.data), logit.numel, scale,
+                     reinterpret_cast<float *>(grad.data), nthreads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "diffq_c C kernels (validated DLPack buffers in, no torch linked)";
+    m.attr("PACK_LINE") = DQ_PACK_LINE;
+    m.attr("PACK_BLOCK") = DQ_PACK_BLOCK;
+    m.attr("CHUNK") = DQ_CHUNK;
+#ifdef _OPENMP
+    m.attr("OPENMP") = true;
+#else
+    m.attr("OPENMP") = false;
+#endif
+    m.def("philox4x32_10", &philox, py::arg("ctr"), py::arg("key"));
+    m.def("noise_fill", &noise_fill, py::arg("out"), py::arg("kind"), py::arg("seed"), py::arg("start") = 0,
+          py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("value_range", &value_range, py::arg("x"), py::arg("nthreads") = 1);
+    m.def("noise_forward", &noise_forward, py::arg("p"), py::arg("logit"), py::arg("noisy"), py::arg("group_size"),
+          py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("nthreads") = 1);
+    m.def("noise_backward", &noise_backward, py::arg("grad"), py::arg("p"), py::arg("logit"), py::arg("grad_p"),
+          py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"),
+          py::arg("range"), py::arg("nthreads") = 1);
+    m.def("logit_to_step", &logit_to_step, py::arg("logit"), py::arg("bits"), py::arg("step"), py::arg("dstep"),
+          py::arg("param"));
+    m.def("quantize", &quantize, py::arg("p"), py::arg("bits"), py::arg("levels"), py::arg("group_size"),
+          py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("dequantize", &dequantize, py::arg("levels"), py::arg("bits"), py::arg("out"), py::arg("group_size"),
+          py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("pack_bits", &pack_bits, py::arg("x"), py::arg("out"), py::arg("nbits"), py::arg("nthreads") = 1,
+          py::arg("reference") = false);
+    m.def("unpack_bits", &unpack_bits, py::arg("packed"), py::arg("out"), py::arg("nthreads") = 1,
+          py::arg("reference") = false);
+    m.def("size_forward", &size_forward, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
+    m.def("size_backward", &size_backward, py::arg("logit"), py::arg("grad"), py::arg("scale"), py::arg("param"),
+          py::arg("nthreads") = 1);
+}

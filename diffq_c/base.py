@@ -1,0 +1,335 @@
+"""What every quantizer shares: finding the parameters to quantize, hooks on
+the model, swapping true quantized weights in for eval, and the quantized
+state (`quantized`, `float16`, `others`, `meta`)."""
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
+import io
+import math
+from multiprocessing import cpu_count
+import pickle
+import typing as tp
+import zlib
+
+import torch
+
+from . import bitpack
+from .utils import QuantizerConfigError
+
+
+class BaseQuantizer:
+    @dataclass
+    class _QuantizedParam:
+        name: str
+        param: torch.nn.Parameter
+        module: torch.nn.Module
+        # the first _QuantizedParam of the same tensor when it is tied
+        # (used twice in the model); its quantized state is shared
+        other: tp.Optional[tp.Any]
+
+    def __init__(self, model: torch.nn.Module, min_size: float = 0.01, float16: bool = False,
+                 exclude: tp.Optional[tp.List[str]] = [], detect_bound: bool = True):
+        self.model = model
+        self.min_size = min_size
+        self.float16 = float16
+        self.exclude = exclude
+        self.detect_bound = detect_bound
+        self._quantized = False
+        self._need_unquantize = None
+        self._qparams: tp.List[tp.Any] = []
+        self._float16: tp.List[torch.nn.Parameter] = []
+        self._others: tp.List[torch.nn.Parameter] = []
+        self._rnns: tp.List[torch.nn.RNNBase] = []
+        self._saved: tp.List[torch.Tensor] = []
+        self._saved_float16: tp.List[torch.Tensor] = []
+        self._full_names: tp.Dict[int, str] = {}
+        self._find_params()
+        self._pre_handle = self.model.register_forward_pre_hook(self._forward_pre_hook)
+        self._post_handle = self.model.register_forward_hook(self._forward_hook)
+
+    # ------------------------------------------------------------ discovery
+
+    def _excluded(self, full_name: str, name: str) -> bool:
+        return any(fnmatch(full_name, pattern) or fnmatch(name, pattern)
+                   for pattern in (self.exclude or []))
+
+    def _find_params(self):
+        # min_size is in MB of float32 values
+        min_numel = self.min_size * 2 ** 20 // 4
+        seen: tp.Dict[int, tp.Any] = {}
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.RNNBase):
+                self._rnns.append(module)
+            for name, param in list(module.named_parameters(recurse=False)):
+                full_name = f"{module_name}.{name}"
+                if param.numel() <= min_numel or self._excluded(full_name, name):
+                    if id(param) in seen:
+                        continue
+                    if self.detect_bound:
+                        seen[id(param)] = None
+                    (self._float16 if self.float16 else self._others).append(param)
+                    continue
+                qparam = self._register_param(name, param, module, seen.get(id(param)))
+                self._full_names[id(qparam)] = full_name.lstrip(".")
+                if self.detect_bound:
+                    seen[id(param)] = qparam
+                self._qparams.append(qparam)
+
+    def _param_name(self, qparam) -> str:
+        return self._full_names.get(id(qparam), qparam.name)
+
+    def _unique_qparams(self):
+        """The quantized parameters that own their state (not tied copies)."""
+        return [qp for qp in self._qparams if qp.other is None]
+
+    def _register_param(self, name, param, module, other):
+        return self.__class__._QuantizedParam(name, param, module, other)
+
+    # ---------------------------------------------------------------- hooks
+
+    def _forward_pre_hook(self, module, input):
+        if self.model.training:
+            self._quantized_state = None
+            self.unquantize()
+            if self._pre_forward_train():
+                self._fix_rnns()
+        else:
+            if self._need_unquantize is not None:
+                raise RuntimeError("eval forward entered twice without finishing: "
+                                   "a previous forward raised while quantized")
+            self._need_unquantize = self.quantize()
+
+    def _forward_hook(self, module, input, output):
+        if self.model.training:
+            if self._post_forward_train():
+                # flattening here would be wasted: the next forward does it
+                self._fix_rnns(flatten=False)
+        elif self._need_unquantize:
+            self._need_unquantize = None
+            self.unquantize()
+
+    def _pre_forward_train(self) -> bool:
+        """Before each training forward; True when parameters were swapped."""
+        return False
+
+    def _post_forward_train(self) -> bool:
+        """After each training forward; True when parameters were swapped back."""
+        return False
+
+    def _fix_rnns(self, flatten=True):
+        """RNN modules cache their weights in `_flat_weights`: point it at the
+        tensors now in place."""
+        for rnn in self._rnns:
+            rnn._flat_weights = [getattr(rnn, wn) if hasattr(rnn, wn) else None
+                                 for wn in rnn._flat_weights_names]
+            if flatten:
+                rnn.flatten_parameters()
+
+    # ------------------------------------------------- quantize / unquantize
+
+    def quantize(self):
+        """Put the true quantized weights in place, keeping the float ones to
+        restore on `unquantize()` (model.train() does it). Returns False when
+        already quantized."""
+        if self._quantized:
+            return False
+        self._saved = [qp.param.data.clone() for qp in self._unique_qparams()]
+        self._saved_float16 = [p.data.clone() for p in self._float16]
+        try:
+            for qparam in self._unique_qparams():
+                quantized = self._quantize_param(qparam)
+                qparam.param.data.copy_(self._unquantize_param(qparam, quantized).view_as(qparam.param))
+            for p in self._float16:
+                p.data.copy_(p.data.half())
+        except BaseException:
+            self._restore_saved()
+            raise
+        self._quantized = True
+        self._fix_rnns()
+        return True
+
+    def _restore_saved(self):
+        for qparam, saved in zip(self._unique_qparams(), self._saved):
+            qparam.param.data.copy_(saved)
+        for p, saved in zip(self._float16, self._saved_float16):
+            p.data.copy_(saved)
+        self._saved = []
+        self._saved_float16 = []
+
+    @contextmanager
+    def enter_quantize(self):
+        """Quantized weights inside the block, float weights after it."""
+        self.quantize()
+        try:
+            yield
+        finally:
+            self.unquantize()
+
+    def unquantize(self):
+        """Undo `quantize()`."""
+        if not self._quantized:
+            return
+        if len(self._saved) != len(self._unique_qparams()):
+            raise RuntimeError("saved weights do not match the quantized parameters")
+        self._restore_saved()
+        self._quantized = False
+        self._fix_rnns()
+
+    # ------------------------------------------------------ per-class hooks
+
+    def _quantize_param(self, qparam) -> tp.Any:
+        raise NotImplementedError()
+
+    def _unquantize_param(self, qparam, quantized: tp.Any) -> torch.Tensor:
+        raise NotImplementedError()
+
+    def _bit_pack_param(self, qparam, quantized: tp.Any, pack_fn: tp.Any) -> tp.Any:
+        return quantized
+
+    def _bit_unpack_param(self, qparam, packed: tp.Any, unpack_fn: tp.Any) -> tp.Any:
+        return packed
+
+    # ------------------------------------------------------------- states
+
+    @staticmethod
+    def _pack_fns(torch_pack: bool):
+        if torch_pack:
+            from . import torch_pack as torch_pack_mod
+            return torch_pack_mod.pack, torch_pack_mod.unpack
+        return bitpack.pack, bitpack.unpack
+
+    def get_quantized_state(self, packed=True, torch_pack=False):
+        """The quantized weights, bit-packed when `packed` (with the
+        TorchScript-friendly torch_pack layout when `torch_pack`), small
+        parameters as float16 or float32, and what is needed to rebuild the
+        quantizer (`meta`). Restore with `restore_quantized_state`."""
+        pack_fn = self._pack_fns(torch_pack)[0]
+        all_quantized = []
+        for qparam in self._unique_qparams():
+            quantized = self._quantize_param(qparam)
+            if packed:
+                quantized = self._bit_pack_param(qparam, quantized, pack_fn=pack_fn)
+            all_quantized.append(quantized)
+        kwargs = dict(self._init_kwargs)
+        kwargs.pop("model", None)
+        return {
+            "quantized": all_quantized,
+            "float16": [p.data.half() for p in self._float16],
+            "others": [p.data.clone() for p in self._others],
+            "meta": {
+                "init_kwargs": kwargs,
+                "klass": self.__class__,
+                "packed": packed,
+                "torch_pack": torch_pack,
+            },
+        }
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, dict) or "quantized" not in state:
+            raise ValueError("not a quantized state: expected a dict with a 'quantized' entry")
+        for key, params in (("quantized", self._unique_qparams()), ("float16", self._float16),
+                            ("others", self._others)):
+            got = len(state.get(key, []))
+            if got != len(params):
+                raise ValueError(f"state has {got} {key!r} tensors, the model has {len(params)}: "
+                                 "is it a state of another model or quantizer setting?")
+        for kind, params in (("float16", self._float16), ("others", self._others)):
+            for i, (p, q) in enumerate(zip(params, state[kind])):
+                if not isinstance(q, torch.Tensor) or q.shape != p.shape:
+                    shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+                    raise ValueError(f"state[{kind!r}][{i}] has shape {shape}, "
+                                     f"the parameter has {tuple(p.shape)}")
+
+    def restore_quantized_state(self, state) -> None:
+        """Load a quantized state (ours or diffq's) into the model. Everything
+        is decoded and checked before any weight changes, so a bad state
+        raises and leaves the model as it was."""
+        self._check_state(state)
+        meta = state.get("meta", {})
+        unpack_fn = self._pack_fns(meta.get("torch_pack", False))[1]
+        new_values = []
+        for qparam, quantized in zip(self._unique_qparams(), state["quantized"]):
+            name = self._param_name(qparam)
+            try:
+                if meta.get("packed", False):
+                    quantized = self._bit_unpack_param(qparam, quantized, unpack_fn)
+                value = self._unquantize_param(qparam, quantized)
+            except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as exc:
+                raise ValueError(f"cannot restore parameter {name!r}: {exc}") from exc
+            if value.numel() != qparam.param.numel():
+                raise ValueError(f"cannot restore parameter {name!r}: state holds {value.numel()} "
+                                 f"values, the parameter has {qparam.param.numel()}")
+            new_values.append(value)
+        for qparam, value in zip(self._unique_qparams(), new_values):
+            qparam.param.data.copy_(value.view_as(qparam.param))
+        for p, q in zip(self._float16, state["float16"]):
+            p.data.copy_(q.to(p))
+        for p, q in zip(self._others, state["others"]):
+            p.data.copy_(q)
+        self._fix_rnns()
+
+    def detach(self) -> None:
+        """Remove the hooks (and, in subclasses, the extra parameters)."""
+        self._pre_handle.remove()
+        self._post_handle.remove()
+
+    # --------------------------------------------------------------- sizes
+
+    def model_size(self) -> torch.Tensor:
+        """Size in MB of what is not quantized: float16 or float32 parameters."""
+        total = torch.tensor(0.)
+        for p in self._float16:
+            total += 16 * p.numel()
+        for p in self._others:
+            total += 32 * p.numel()
+        return total / 2 ** 20 / 8
+
+    def true_model_size(self) -> float:
+        """Size in MB of the quantized model, before any compression."""
+        return self.model_size().item()
+
+    def packed_model_size(self) -> float:
+        """Size in MB of the pickled packed state."""
+        return len(pickle.dumps(self.get_quantized_state(packed=True))) / 2 ** 20
+
+    def compressed_model_size(self, compress_level=-1, num_workers=8) -> float:
+        """Size in MB of the unpacked state saved by torch and zlib compressed
+        (in `num_workers` chunks compressed in parallel)."""
+        buffer = io.BytesIO()
+        torch.save(self.get_quantized_state(packed=False), buffer)
+        data = buffer.getvalue()
+        workers = max(1, min(cpu_count(), num_workers))
+        chunk = int(math.ceil(len(data) / workers)) or 1
+        pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        # zlib releases the GIL, so threads compress in parallel
+        with futures.ThreadPoolExecutor(workers) as pool:
+            total = sum(pool.map(lambda piece: len(zlib.compress(piece, compress_level)), pieces))
+        return total / 2 ** 20
+
+
+def _our_class(klass):
+    """Map a quantizer class saved by diffq (diffq.diffq.DiffQuantizer, ...)
+    to ours, so diffq's states restore without diffq installed."""
+    module = getattr(klass, "__module__", "") or ""
+    if module == "diffq" or module.startswith("diffq."):
+        import diffq_c
+        ours = getattr(diffq_c, klass.__name__, None)
+        if ours is None:
+            raise ValueError(f"unknown diffq quantizer class {module}.{klass.__name__}")
+        return ours
+    return klass
+
+
+def restore_quantized_state(model: torch.nn.Module, state: dict) -> None:
+    """Restore a quantized state into a model without keeping a quantizer
+    around: the quantizer named in the state is built, used and detached."""
+    if not isinstance(state, dict) or "meta" not in state:
+        raise ValueError("state has no 'meta' entry: was it made by get_quantized_state()?")
+    meta = state["meta"]
+    klass = _our_class(meta["klass"])
+    quantizer = klass(model, **meta["init_kwargs"])
+    try:
+        quantizer.restore_quantized_state(state)
+    finally:
+        quantizer.detach()

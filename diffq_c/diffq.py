@@ -1,0 +1,290 @@
+"""Differentiable quantization by pseudo quantization noise (DiffQ).
+
+Each quantized weight group gets a logit that maps to a number of bits. In
+training, the weights seen by the forward carry noise of the size of the
+quantization step for those bits, so the loss is differentiable in the bits;
+`model_size()` is a differentiable size penalty to add to the loss. In eval
+the true quantized weights are swapped in.
+"""
+from dataclasses import dataclass
+import math
+import typing as tp
+
+import torch
+
+from . import ops
+from .base import BaseQuantizer
+from .utils import QuantizerConfigError, capture_init, simple_repr
+
+MAX_STORED_BITS = 15
+
+
+class DiffQuantizer(BaseQuantizer):
+    @dataclass
+    class _QuantizedParam(BaseQuantizer._QuantizedParam):
+        logit: torch.nn.Parameter
+
+    @capture_init
+    def __init__(self, model: torch.nn.Module, min_size: float = 0.01, float16: bool = False,
+                 group_size: int = 1, min_bits: float = 2, max_bits: float = 15,
+                 param="bits", noise="gaussian",
+                 init_bits: float = 8, extra_bits: float = 0, suffix: str = "_diffq",
+                 exclude: tp.List[str] = [], detect_bound: bool = True):
+        """Differentiable quantizer.
+
+        Args:
+            model: the model to quantize; logits are registered on its modules
+                as `<name><suffix>` parameters.
+            min_size: parameters of at most this size in MB stay unquantized.
+            float16: keep those small parameters in float16 rather than float32.
+            group_size: weights sharing one number of bits (0: the whole
+                tensor). It must divide the size of every quantized parameter.
+            min_bits, max_bits: the range of the learnt bits.
+            param: "bits" (a sigmoid between min_bits and max_bits) or "noise"
+                (the noise scale interpolated in log space).
+            noise: "gaussian" (N(0, 1) / 2) or "uniform" (U[-1/2, 1/2)) times
+                the quantization step.
+            init_bits: the bits every group starts with.
+            extra_bits: added to the learnt bits before rounding, for storage.
+            suffix: name suffix of the logit parameters.
+            exclude: fnmatch patterns of parameter names to leave unquantized.
+            detect_bound: quantize a tensor used by several modules only once.
+
+        Call `setup_optimizer` (or `no_optimizer`) before training, and use
+        model.train() / model.eval(): eval forwards see quantized weights.
+        """
+        if noise not in ("gaussian", "uniform"):
+            raise QuantizerConfigError(f"noise must be 'gaussian' or 'uniform', got {noise!r}")
+        if not isinstance(group_size, int) or group_size < 0:
+            raise QuantizerConfigError(f"group_size must be an integer >= 0, got {group_size!r}")
+        if not min_bits < init_bits < max_bits:
+            raise QuantizerConfigError(
+                f"init_bits must lie strictly between min_bits and max_bits, got "
+                f"min_bits={min_bits}, init_bits={init_bits}, max_bits={max_bits}")
+        self.group_size = group_size
+        self.min_bits = min_bits
+        self.max_bits = max_bits
+        self.init_bits = init_bits
+        self.extra_bits = extra_bits
+        self.suffix = suffix
+        self.param = param
+        self.noise = noise
+        self._optimizer_setup = False
+        self._min_noise = 1 / (2 ** self.max_bits - 1)
+        self._max_noise = 1 / (2 ** self.min_bits - 1)
+        self._bits_param = ops.BitsParam.make("noise" if param == "noise" else "bits",
+                                              min_bits, max_bits)
+        for name, _ in model.named_parameters():
+            if name.endswith(suffix):
+                raise RuntimeError(f"the model already has a parameter ending in {suffix!r} "
+                                   f"({name}): was a DiffQuantizer applied to it twice?")
+        super().__init__(model, min_size, float16, exclude, detect_bound)
+
+    # ------------------------------------------------------- bits and logits
+
+    def _get_bits(self, logit: torch.Tensor) -> torch.Tensor:
+        """Differentiable bits of each group."""
+        return ops.bits_from_logit(logit, self._bits_param)
+
+    def _get_noise_scale(self, logit: torch.Tensor) -> torch.Tensor:
+        """The quantization step (relative to the weight range) of each group."""
+        if self.param == "noise":
+            t = torch.sigmoid(logit)
+            return torch.exp(t * math.log(self._min_noise) + (1 - t) * math.log(self._max_noise))
+        return 1 / (2 ** self._get_bits(logit) - 1)
+
+    def _init_logit(self) -> float:
+        """The logit whose bits are init_bits."""
+        if self.param == "noise":
+            step = 1 / (2 ** self.init_bits - 1)
+            t = ((math.log(step) - math.log(self._max_noise))
+                 / (math.log(self._min_noise) - math.log(self._max_noise)))
+        else:
+            t = (self.init_bits - self.min_bits) / (self.max_bits - self.min_bits)
+        return float(torch.logit(torch.tensor(float(t))))
+
+    def _group_size_of(self, param: torch.Tensor) -> int:
+        return self.group_size or param.numel()
+
+    def _register_param(self, name, param, module, other):
+        if other is not None:
+            return self.__class__._QuantizedParam(name=name, param=param, module=module,
+                                                  other=other, logit=other.logit)
+        if self.group_size and param.numel() % self.group_size:
+            raise QuantizerConfigError(
+                f"parameter {name!r} of {type(module).__name__} has {param.numel()} elements, "
+                f"not a multiple of group_size={self.group_size}; exclude it or change group_size")
+        groups = param.numel() // self.group_size if self.group_size else 1
+        logit = torch.nn.Parameter(torch.full((groups,), self._init_logit(), device=param.device))
+        module.register_parameter(name + self.suffix, logit)
+        return self.__class__._QuantizedParam(name=name, param=param, module=module,
+                                              other=None, logit=logit)
+
+    # ------------------------------------------------------------ optimizer
+
+    def _logits(self):
+        return [qp.logit for qp in self._qparams]
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs):
+        """Add the logits to `optimizer` as their own group: learning rate `lr`
+        (1e-3 suits Adam), no weight decay, `kwargs` overriding the rest."""
+        if self._optimizer_setup:
+            raise RuntimeError("setup_optimizer() or no_optimizer() was already called")
+        logits = self._logits()
+        for group in optimizer.param_groups:
+            if any(p is q for p in group["params"] for q in logits):
+                raise RuntimeError("the optimizer already holds the bit logits: create the "
+                                   "optimizer before the quantizer, then call setup_optimizer()")
+        group = {"params": logits, "lr": lr, "weight_decay": 0}
+        group.update(kwargs)
+        optimizer.add_param_group(group)
+        self._optimizer_setup = True
+
+    def no_optimizer(self):
+        """Train without learning the bits."""
+        self._optimizer_setup = True
+
+    def clear_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Remove the logits from every group of `optimizer`."""
+        logits = self._logits()
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if not any(p is q for q in logits)]
+
+    def check_unused(self):
+        """Zero the logit gradients of parameters that got no gradient (unused
+        in this step), so only the size penalty does not shrink them."""
+        for qparam in self._unique_qparams():
+            grad = qparam.param.grad
+            if (grad is None or not grad.any()) and qparam.logit.grad is not None:
+                qparam.logit.grad.data.zero_()
+
+    # ---------------------------------------------------------------- sizes
+
+    def model_size(self, exact=False):
+        """Size of the quantized model in MB: differentiable in the logits, or
+        with `exact` the size of the rounded bits actually stored."""
+        total = super().model_size()
+        subtotal = 0
+        for qparam in self._unique_qparams():
+            logit = qparam.logit
+            if exact:
+                bits = (self.extra_bits + self._get_bits(logit)).round().clamp(1, MAX_STORED_BITS)
+                bits_sum, top = bits.sum(), bits.max().item()
+            else:
+                bits_sum, top = ops.sum_bits(logit, self._bits_param)
+                bits_sum = bits_sum + self.extra_bits * logit.numel()
+                top = top + self.extra_bits
+            subtotal += self._group_size_of(qparam.param) * bits_sum
+            subtotal += 2 * 32  # min and max of the tensor
+            # the bits of each group are stored on the bits the largest needs
+            bits_bits = math.ceil(math.log2(1 + (round(top) - self.min_bits)))
+            subtotal += 8 + bits_bits * logit.numel()
+        subtotal /= 2 ** 20 * 8
+        return total + subtotal
+
+    def true_model_size(self):
+        """Size in MB of the stored model, before compression."""
+        return self.model_size(exact=True).item()
+
+    # ------------------------------------------------------------- training
+
+    def _pre_forward_train(self):
+        if not self._optimizer_setup:
+            raise RuntimeError("call setup_optimizer() on your optimizer (or no_optimizer()) "
+                               "before training")
+        base_seed = ops.draw_seed()
+        for index, qparam in enumerate(self._qparams):
+            if qparam.other is not None:
+                noisy = qparam.other.module._parameters[qparam.other.name]
+            else:
+                noisy = ops.noisy_weight(qparam.param, qparam.logit, self.group_size, self.noise,
+                                         self._bits_param, ops._derive_seed(base_seed, index),
+                                         name=self._param_name(qparam))
+            # bypass nn.Module's check that parameters are leaves
+            qparam.module._parameters[qparam.name] = noisy
+        return True
+
+    def _post_forward_train(self):
+        for qparam in self._qparams:
+            qparam.module._parameters[qparam.name] = qparam.param
+        return True
+
+    # ------------------------------------------------------------ quantized
+
+    def _stored_bits(self, qparam) -> torch.Tensor:
+        bits = (self.extra_bits + self._get_bits(qparam.logit.detach()))
+        return bits.round().clamp(1, MAX_STORED_BITS).byte()
+
+    def _quantize_param(self, qparam) -> tp.Any:
+        bits = self._stored_bits(qparam)
+        rows = qparam.param.data.reshape(-1, self._group_size_of(qparam.param))
+        levels, scales = ops.quantize_levels(rows, bits[:, None], name=self._param_name(qparam))
+        return levels, scales, bits
+
+    def _unquantize_param(self, qparam, quantized: tp.Any) -> torch.Tensor:
+        levels, scales, bits = quantized
+        if bits.dim() == 1:
+            bits = bits[:, None]
+        value = ops.dequantize_levels(levels, scales, bits, name=self._param_name(qparam))
+        return value.view_as(qparam.param.data)
+
+    def _bits_offset(self) -> int:
+        """min_bits as the integer subtracted from stored bits before packing."""
+        if float(self.min_bits) != int(self.min_bits):
+            raise QuantizerConfigError(f"packing needs an integer min_bits, got {self.min_bits}")
+        return int(self.min_bits)
+
+    def _bit_pack_param(self, qparam, quantized, pack_fn):
+        levels, scales, bits = quantized
+        # diffq's layout: one packed tensor per bit width 1..14. diffq drops
+        # groups of 15 bits; we append their entry only when there are some,
+        # so every other state stays byte-identical and diffq reads ours.
+        widths = range(1, MAX_STORED_BITS + 1) if bool((bits == MAX_STORED_BITS).any()) \
+            else range(1, MAX_STORED_BITS)
+        all_packed = []
+        for width in widths:
+            selected = levels[bits == width]
+            all_packed.append(pack_fn(selected, width) if selected.numel() else None)
+        offset = self._bits_offset()
+        if bool((bits < offset).any()):
+            raise ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
+                             f"min_bits={self.min_bits}; cannot pack their bits")
+        packed_bits = pack_fn(bits - offset)
+        return (all_packed, scales, packed_bits)
+
+    def _bit_unpack_param(self, qparam, packed, unpack_fn):
+        all_packed, scales, packed_bits = packed
+        groups = qparam.logit.numel()
+        group_size = self._group_size_of(qparam.param)
+        bits = unpack_fn(packed_bits, groups).to(torch.int16) + self._bits_offset()
+        if bits.numel() != groups:
+            raise ValueError(f"packed bits hold {bits.numel()} groups, expected {groups}")
+        if bool((bits < 1).any()) or bool((bits > MAX_STORED_BITS).any()):
+            raise ValueError(f"bits outside 1..{MAX_STORED_BITS} in the packed state")
+        if len(all_packed) > MAX_STORED_BITS:
+            raise ValueError(f"{len(all_packed)} packed level tensors, at most {MAX_STORED_BITS}")
+        levels = torch.zeros(groups, group_size, dtype=torch.int16)
+        filled = torch.zeros(groups, dtype=torch.bool)
+        for index, packed_levels in enumerate(all_packed):
+            width = index + 1
+            if packed_levels is None:
+                continue
+            mask = bits == width
+            count = int(mask.sum())
+            levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \
+                .to(torch.int16)
+            filled |= mask
+        if not bool(filled.all()):
+            missing = sorted(set(bits[~filled].tolist()))
+            raise ValueError(f"no packed levels for groups of {missing} bits"
+                             + (" (diffq drops 15-bit groups when packing)" if 15 in missing else ""))
+        return (levels, scales, bits.to(torch.uint8))
+
+    def detach(self):
+        super().detach()
+        for qparam in self._qparams:
+            if hasattr(qparam.module, qparam.name + self.suffix):
+                delattr(qparam.module, qparam.name + self.suffix)
+
+    def __repr__(self):
+        return simple_repr(self)

@@ -1,0 +1,269 @@
+"""Tensor-level operations: allocate outputs, pick the C kernels or the pure
+torch path, and define autograd for the noisy weights and the size penalty.
+
+The C kernels take CPU float32 buffers. Everything else (CUDA tensors,
+float16/float64 parameters, an extension that failed to load) runs the same
+math in plain torch, so nothing fails where diffq works.
+"""
+import math
+import typing as tp
+import warnings
+
+import torch
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    warnings.warn(f"diffq_c: C kernels unavailable ({exc}); using the pure torch path.")
+
+NOISE_KINDS = {"uniform": 0, "gaussian": 1}
+PARAM_MODES = {"bits": 0, "noise": 1}
+
+
+def num_threads() -> int:
+    """Threads for the kernels: torch's own setting, so we never oversubscribe it."""
+    return max(1, torch.get_num_threads())
+
+
+def kernels_available() -> bool:
+    return _C is not None
+
+
+def on_kernel_path(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels can serve these tensors (CPU, float32)."""
+    return _C is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous detached 1-D view, copying only when the layout needs it
+    (channels_last or transposed weights)."""
+    return t.detach().contiguous().view(-1)
+
+
+class BitsParam(tp.NamedTuple):
+    """How logits map to bits, as the kernels take it."""
+    mode: int
+    min_bits: float
+    max_bits: float
+    log_min_noise: float
+    log_max_noise: float
+
+    @classmethod
+    def make(cls, param: str, min_bits: float, max_bits: float) -> "BitsParam":
+        min_noise = 1 / (2 ** max_bits - 1)
+        max_noise = 1 / (2 ** min_bits - 1)
+        return cls(PARAM_MODES[param], float(min_bits), float(max_bits),
+                   math.log(min_noise), math.log(max_noise))
+
+
+def bits_from_logit(logit: torch.Tensor, prm: BitsParam) -> torch.Tensor:
+    """Differentiable bits from logits, in torch (the reference formula)."""
+    t = torch.sigmoid(logit)
+    if prm.mode == PARAM_MODES["noise"]:
+        noise_scale = torch.exp(t * prm.log_min_noise + (1 - t) * prm.log_max_noise)
+        return torch.log2(1 + 1 / noise_scale)
+    return prm.max_bits * t + (1 - t) * prm.min_bits
+
+
+# --------------------------------------------------------------- noise
+
+
+def _derive_seed(base: int, index: int) -> int:
+    """Independent 64-bit seeds for each parameter of one forward (splitmix64)."""
+    z = (base + 0x9E3779B97F4A7C15 * (index + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def draw_seed(generator: tp.Optional[torch.Generator] = None) -> int:
+    """A 63-bit seed from torch's generator, so torch.manual_seed replays a run."""
+    return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator).item())
+
+
+class _NoisyWeight(torch.autograd.Function):
+    """noisy = p + (max(p) - min(p)) * step(bits(logit)) * noise(seed).
+
+    Only the seed is kept for backward: the noise is regenerated there, so no
+    noise tensor lives between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, p, logit, group_size, kind, seed, prm, name):
+        p_flat = _flat(p)
+        logit_flat = _flat(logit)
+        noisy = torch.empty(p.shape, dtype=torch.float32)
+        rng = _C.noise_forward(p_flat, logit_flat, noisy.view(-1), group_size, kind, seed,
+                               tuple(prm), num_threads())
+        if rng[4]:
+            raise ValueError(f"parameter {name!r} holds {rng[4]} non-finite values "
+                             "(NaN or inf); cannot add quantization noise")
+        ctx.save_for_backward(p, logit)
+        ctx.config = (group_size, kind, seed, prm, rng)
+        return noisy
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, logit = ctx.saved_tensors
+        group_size, kind, seed, prm, rng = ctx.config
+        grad_p = torch.empty(p.shape, dtype=torch.float32)
+        grad_logit = torch.empty(logit.shape, dtype=torch.float32)
+        _C.noise_backward(_flat(grad), _flat(p), _flat(logit), grad_p.view(-1), grad_logit.view(-1),
+                          group_size, kind, seed, tuple(prm), rng, num_threads())
+        return grad_p, grad_logit, None, None, None, None, None
+
+
+def _noisy_weight_torch(p, logit, group_size, noise, prm):
+    """The same formula with torch's RNG, for devices and dtypes the kernels
+    do not take."""
+    bits = bits_from_logit(logit, prm)[:, None]
+    rows = p.reshape(1 if group_size == 0 else -1, p.numel() if group_size == 0 else group_size)
+    scale = rows.max() - rows.min()
+    step = 1 / (2 ** bits - 1)
+    if noise == "uniform":
+        source = torch.rand_like(rows) - 0.5
+    else:
+        source = torch.randn_like(rows) / 2
+    return (rows + scale * step * source).view_as(p)
+
+
+def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,
+                 prm: BitsParam, seed: int, name: str = "?") -> torch.Tensor:
+    """The weight with pseudo quantization noise, differentiable in p and logit."""
+    if on_kernel_path(p, logit):
+        return _NoisyWeight.apply(p, logit, group_size, NOISE_KINDS[noise], seed, prm, name)
+    if not torch.isfinite(p).all():
+        raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
+                         "cannot add quantization noise")
+    return _noisy_weight_torch(p, logit, group_size, noise, prm)
+
+
+# ---------------------------------------------------------------- size
+
+
+class _SumBits(torch.autograd.Function):
+    """sum(bits(logit)) with its gradient; the largest bits value goes to
+    `extra`, a list, since it is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, logit, prm, extra):
+        total, top = _C.size_forward(_flat(logit), tuple(prm), num_threads())
+        extra.append(top)
+        ctx.save_for_backward(logit)
+        ctx.prm = prm
+        return torch.tensor(total, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logit,) = ctx.saved_tensors
+        out = torch.empty(logit.shape, dtype=torch.float32)
+        _C.size_backward(_flat(logit), out.view(-1), float(grad), tuple(ctx.prm), num_threads())
+        return out, None, None
+
+
+def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:
+    """(sum of bits over the logits, differentiable; max bits as a float)."""
+    if on_kernel_path(logit):
+        extra: tp.List[float] = []
+        total = _SumBits.apply(logit, prm, extra)
+        return total, extra[0]
+    bits = bits_from_logit(logit, prm)
+    return bits.sum(), bits.max().item()
+
+
+# ------------------------------------------------------------ quantize
+
+
+def _torch_levels(p: torch.Tensor, bits: torch.Tensor, mn: float, mx: float) -> torch.Tensor:
+    """Levels by the float32 formula, for anything the kernels do not take
+    (other devices or dtypes, fractional or broadcast bits)."""
+    if mx == mn:
+        return torch.zeros_like(p)
+    step = 1 / ((2 ** bits.float()).long() - 1)
+    return ((p - mn) / (mx - mn) / step).round()
+
+
+def _row_bits(p: torch.Tensor, bits: torch.Tensor) -> tp.Optional[tp.Tuple[torch.Tensor, int]]:
+    """Per-group integer bits as uint8 and the group size, when bits is a
+    scalar or one value per row of a 2-D p; None otherwise."""
+    if bits.numel() == 1:
+        group_size = 0
+    elif p.dim() == 2 and bits.shape in ((p.shape[0], 1), (p.shape[0],)):
+        group_size = p.shape[1]
+    else:
+        return None
+    b = bits.detach().reshape(-1).cpu()
+    if b.is_floating_point():
+        if not torch.equal(b, b.round()):
+            return None
+    if b.numel() and (b.min() < 1 or b.max() > 15):
+        return None
+    return b.to(torch.uint8).contiguous(), group_size
+
+
+def quantize_levels(p: torch.Tensor, bits: torch.Tensor, name: str = "?"):
+    """Levels in [0, 2^bits - 1] over the tensor's range, and (min, max).
+    Levels are uint8 when every bits value is <= 8, else int16."""
+    bits = torch.as_tensor(bits)
+    if p.numel() == 0:
+        raise ValueError(f"parameter {name!r} is empty; nothing to quantize")
+    if bits.numel() and ((bits < 1).any() or (bits > 15).any()):
+        raise ValueError(f"bits for {name!r} must lie in 1..15")
+    small = bool((bits <= 8).all())
+    rows = _row_bits(p, bits) if on_kernel_path(p) else None
+    if rows is None:
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
+                             "cannot quantize it")
+        mn, mx = p.min().item(), p.max().item()
+        levels = _torch_levels(p, bits, mn, mx)
+        return (levels.byte() if small else levels.short()), (mn, mx)
+    b, group_size = rows
+    flat = _flat(p)
+    mn, mx, bad = _C.value_range(flat, num_threads())
+    if bad:
+        raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
+                         "cannot quantize it")
+    levels = torch.empty(p.shape, dtype=torch.uint8 if small else torch.int16)
+    _C.quantize(flat, b, levels.view(-1), group_size, mn, float(mx - mn), num_threads())
+    return levels, (mn, mx)
+
+
+def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
+                      bits: torch.Tensor, name: str = "?") -> torch.Tensor:
+    """Float32 weights back from levels: level * step * (max - min) + min."""
+    mn, mx = float(scales[0]), float(scales[1])
+    bits = torch.as_tensor(bits)
+    rows = None
+    if _C is not None and levels.device.type == "cpu" and levels.dtype in (torch.uint8, torch.int16):
+        rows = _row_bits(levels, bits)
+    if rows is None:
+        step = 1 / (2 ** bits.float() - 1)
+        return levels.float() * step * (mx - mn) + mn
+    b, group_size = rows
+    out = torch.empty(levels.shape, dtype=torch.float32)
+    try:
+        _C.dequantize(_flat(levels), b, out.view(-1), group_size, mn, float(mx - mn), num_threads())
+    except ValueError as exc:
+        raise ValueError(f"quantized state of {name!r}: {exc}") from None
+    return out
+
+
+# ------------------------------------------------------------- bitpack
+
+
+def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
+    """int16 values in [0, 2^nbits) into diffq's [lines, nbits, 32] int64 layout."""
+    flat = _flat(values.to("cpu", torch.int16))
+    lines = (flat.numel() + _C.PACK_LINE - 1) // _C.PACK_LINE
+    out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
+    _C.pack_bits(flat, out, nbits, num_threads())
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` int16 values of a packed tensor."""
+    out = torch.empty(length, dtype=torch.int16)
+    _C.unpack_bits(packed.detach().cpu().contiguous(), out, num_threads())
+    return out
