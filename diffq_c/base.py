@@ -70,8 +70,9 @@ class BaseQuantizer:
                         seen[id(param)] = None
                     (self._float16 if self.float16 else self._others).append(param)
                     continue
+                self._registering = full_name.lstrip(".")
                 qparam = self._register_param(name, param, module, seen.get(id(param)))
-                self._full_names[id(qparam)] = full_name.lstrip(".")
+                self._full_names[id(qparam)] = self._registering
                 if self.detect_bound:
                     seen[id(param)] = qparam
                 self._qparams.append(qparam)

@@ -112,7 +112,7 @@ class DiffQuantizer(BaseQuantizer):
                                                   other=other, logit=other.logit)
         if self.group_size and param.numel() % self.group_size:
             raise QuantizerConfigError(
-                f"parameter {name!r} of {type(module).__name__} has {param.numel()} elements, "
+                f"parameter {getattr(self, '_registering', name)!r} has {param.numel()} elements, "
                 f"not a multiple of group_size={self.group_size}; exclude it or change group_size")
         groups = param.numel() // self.group_size if self.group_size else 1
         logit = torch.nn.Parameter(torch.full((groups,), self._init_logit(), device=param.device))

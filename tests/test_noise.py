@@ -1,0 +1,153 @@
+"""The noise op: its law, reproducibility, thread invariance, and gradients
+equal to torch autograd of diffq's formula given the same noise."""
+import pytest
+import torch
+
+import diffq_c
+from diffq_c import _C, ops
+
+KINDS = {"uniform": 0, "gaussian": 1}
+
+
+def our_noise(kind, seed, n):
+    out = torch.empty(n)
+    _C.noise_fill(out, KINDS[kind], seed, 0, 1)
+    return out
+
+
+def diffq_formula(p, logit, group_size, source, prm):
+    """diffq 0.2.4's training forward written out in torch, with a given
+    noise source in place of its randn/rand draw."""
+    bits = ops.bits_from_logit(logit, prm)[:, None]
+    rows = p.view(1, -1) if group_size == 0 else p.view(-1, group_size)
+    scale = rows.max() - rows.min()
+    unit = 1 / (2 ** bits - 1)
+    return (rows + scale * unit * source.view_as(rows)).view_as(p)
+
+
+def with_ties(n, generator):
+    p = torch.randn(n, generator=generator)
+    if n >= 8:
+        top, bottom = p.max().item(), p.min().item()
+        p[[1, n // 2, n - 1]] = top  # three-way tie at the max
+        p[[0, 3]] = bottom  # two-way tie at the min
+    return p
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+@pytest.mark.parametrize("param", ["bits", "noise"])
+@pytest.mark.parametrize("group_size,n", [(0, 96), (1, 96), (8, 96), (8, 4096), (0, 1), (1, 5)])
+def test_gradients_equal_autograd_of_diffq_formula(kind, param, group_size, n):
+    gen = torch.Generator().manual_seed(n + group_size)
+    prm = ops.BitsParam.make(param, 2, 15)
+    groups = 1 if group_size == 0 else n // group_size
+    p = with_ties(n, gen).requires_grad_()
+    logit = (torch.rand(groups, generator=gen) * 6 - 3).requires_grad_()
+    seed = 987654321
+    ours = ops.noisy_weight(p, logit, group_size, kind, prm, seed)
+    p_ref = p.detach().clone().requires_grad_()
+    logit_ref = logit.detach().clone().requires_grad_()
+    ref = diffq_formula(p_ref, logit_ref, group_size, our_noise(kind, seed, n), prm)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(n, generator=gen)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_ties_share_the_gradient_through_the_scale():
+    # all elements tied: the gradients through max and min cancel exactly
+    p = torch.full((16,), 0.5, requires_grad=True)
+    logit = torch.zeros(1, requires_grad=True)
+    out = ops.noisy_weight(p, logit, 0, "gaussian", ops.BitsParam.make("bits", 2, 15), 5)
+    assert torch.equal(out, p.detach())  # zero range, zero noise
+    out.sum().backward()
+    assert torch.equal(p.grad, torch.ones(16))
+
+
+def test_uniform_noise_law():
+    z = our_noise("uniform", 11, 1 << 20)
+    assert z.min() >= -0.5 and z.max() < 0.5
+    assert abs(z.mean().item()) < 2e-3
+    assert abs(z.var().item() - 1 / 12) < 1e-3
+
+
+def test_gaussian_noise_law():
+    z = our_noise("gaussian", 12, 1 << 20)
+    assert abs(z.mean().item()) < 2e-3
+    assert abs(z.var().item() - 0.25) < 2e-3
+    # tails of N(0, 1/4): P(|z| > 1) = P(|N(0,1)| > 2) ~ 4.55 %
+    assert abs((z.abs() > 1).float().mean().item() - 0.0455) < 2e-3
+    # successive elements are uncorrelated
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < 5e-3
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_fast_and_reference_noise_agree(kind):
+    for start in (0, 1, 3, 4097):
+        for n in (1, 2, 3, 5, 7, 1023, 70000):
+            fast, ref = torch.empty(n), torch.empty(n)
+            _C.noise_fill(fast, KINDS[kind], 77, start, 2)
+            _C.noise_fill(ref, KINDS[kind], 77, start, 1, reference=True)
+            tol = 0 if kind == "uniform" else 4e-6  # polynomial log/sincos vs libm
+            assert (fast - ref).abs().max().item() <= tol
+
+
+def train_forward_outputs(threads, seed=0, steps=2):
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(300, 700)  # 210k weights: several kernel chunks
+    model = torch.nn.Sequential(layer)
+    quantizer = diffq_c.DiffQuantizer(model, group_size=4, min_size=0)
+    quantizer.no_optimizer()
+    captured = []
+    # the inner layer sees the noisy weight the quantizer swapped in
+    layer.register_forward_hook(lambda m, i, o: captured.append(m.weight.detach().clone()))
+    x = torch.randn(2, 300)
+    for _ in range(steps):
+        model(x).sum().backward()
+    assert not torch.equal(captured[0], layer.weight)
+    return captured, layer.weight.grad.clone(), layer.weight_diffq.grad.clone()
+
+
+def test_noise_same_for_one_and_two_threads():
+    one = train_forward_outputs(1)
+    two = train_forward_outputs(2)
+    for a, b in zip(one[0], two[0]):
+        assert torch.equal(a, b)
+    # gradients through the kernels do not depend on threads either
+    assert torch.equal(one[1], two[1]) or torch.allclose(one[1], two[1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(one[2], two[2])
+
+
+def test_manual_seed_reproduces_and_steps_differ():
+    first = train_forward_outputs(2, seed=3)
+    again = train_forward_outputs(2, seed=3)
+    other = train_forward_outputs(2, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))
+    assert not torch.equal(first[0][0], other[0][0])
+    assert not torch.equal(first[0][0], first[0][1])  # fresh noise every step
+
+
+def test_philox_known_answers():
+    assert _C.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)
+    assert _C.philox4x32_10((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0)) == \
+        (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)
+
+
+def test_cpu_float64_and_fallback_path_match_formula():
+    """Non-float32 parameters take the pure torch path with the same math."""
+    layer = torch.nn.Linear(16, 8).double()
+    model = torch.nn.Sequential(layer)
+    q = diffq_c.DiffQuantizer(model, min_size=0, group_size=8)
+    q.no_optimizer()
+    before = layer.weight.detach().clone()
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(m.weight.detach().clone()))
+    model(torch.randn(3, 16, dtype=torch.float64)).sum().backward()
+    noise = seen[0] - before
+    step = (before.max() - before.min()) / (2 ** 8 - 1)
+    assert seen[0].dtype == torch.float64
+    assert 0 < noise.abs().max() < 3 * step  # gaussian / 2 times the step
+    assert layer.weight_diffq.grad is not None and layer.weight.grad is not None

@@ -1,0 +1,193 @@
+"""Training and eval behaviour: swapping weights, a real Adam loop, and the
+quantizer's public methods."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import diffq
+import pytest
+import torch
+
+import diffq_c
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_net():
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def test_eval_train_swapping_leaves_weights_untouched():
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0.0005, float16=True, group_size=4)
+    q.no_optimizer()
+    assert q._float16, "the small bias should stay float16 here"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(5, 32)
+    model.eval()
+    quantized_out = model(x)
+    model.train()
+    model(x)
+    model.eval()
+    assert torch.equal(model(x), quantized_out)
+    model.train()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_diffq_rounds_float16_params_for_good_we_do_not():
+    """diffq's eval forward leaves float16 parameters rounded to half
+    precision after model.train(); ours restores them."""
+    model = small_net()
+    twin = copy.deepcopy(model)
+    ours = diffq_c.DiffQuantizer(model, min_size=0.0005, float16=True)
+    theirs = diffq.DiffQuantizer(twin, min_size=0.0005, float16=True)
+    x = torch.randn(5, 32)
+    for m in (model, twin):
+        bias_before = m[2].bias.detach().clone()
+        m.eval()
+        m(x)
+        m.train()
+        changed = not torch.equal(m[2].bias, bias_before)
+        assert changed == (m is twin)
+    # the eval outputs themselves agree
+    model.eval()
+    twin.eval()
+    assert torch.equal(model(x), twin(x))
+
+
+def test_adam_loop_moves_weights_and_bits():
+    torch.manual_seed(0)
+    model = small_net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q = diffq_c.DiffQuantizer(model, min_size=0, group_size=4)
+    q.setup_optimizer(opt, lr=5e-2)
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    w0 = model[0].weight.detach().clone()
+    bits0 = q._get_bits(q._qparams[0].logit).mean().item()
+    size0 = q.true_model_size()
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y) + 1.0 * q.model_size()
+        loss.backward()
+        q.check_unused()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert not torch.equal(model[0].weight, w0)
+    assert q._get_bits(q._qparams[0].logit).mean().item() < bits0 - 0.5
+    assert q.true_model_size() < size0
+    assert loss.item() < first
+
+
+def test_training_needs_setup_optimizer():
+    model = small_net()
+    diffq_c.DiffQuantizer(model, min_size=0)
+    with pytest.raises(RuntimeError, match="setup_optimizer"):
+        model(torch.randn(2, 32))
+
+
+def test_setup_and_clear_optimizer_groups():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.setup_optimizer(opt, lr=1e-3, momentum=0.5)
+    group = opt.param_groups[-1]
+    assert group["weight_decay"] == 0 and group["lr"] == 1e-3 and group["momentum"] == 0.5
+    assert len(group["params"]) == len(q._qparams)
+    with pytest.raises(RuntimeError):
+        q.setup_optimizer(opt)
+    q.clear_optimizer(opt)
+    assert all(not any(p is qp.logit for qp in q._qparams) for g in opt.param_groups for p in g["params"])
+
+
+def test_optimizer_built_after_quantizer_is_refused():
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(RuntimeError, match="before the quantizer"):
+        q.setup_optimizer(opt)
+
+
+def test_check_unused_zeroes_logit_grads_of_unused_params():
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.no_optimizer()
+    q.model_size().backward()
+    assert all(qp.logit.grad is not None and qp.logit.grad.abs().sum() > 0 for qp in q._qparams)
+    q.check_unused()
+    assert all(qp.logit.grad.abs().sum() == 0 for qp in q._qparams)
+
+
+def test_quantize_unquantize_and_enter_quantize():
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0, group_size=4)
+    before = model[0].weight.detach().clone()
+    with q.enter_quantize():
+        quantized = model[0].weight.detach().clone()
+        assert not torch.equal(quantized, before)
+        assert quantized.unique().numel() <= 2 ** 15
+    assert torch.equal(model[0].weight, before)
+    assert q.quantize() is True and q.quantize() is False
+    q.unquantize()
+    assert torch.equal(model[0].weight, before)
+
+
+def test_size_methods_agree_with_diffq():
+    model = small_net()
+    twin = copy.deepcopy(model)
+    ours = diffq_c.DiffQuantizer(model, min_size=0, group_size=4)
+    theirs = diffq.DiffQuantizer(twin, min_size=0, group_size=4)
+    assert ours.true_model_size() == theirs.true_model_size()
+    assert abs(ours.packed_model_size() - theirs.packed_model_size()) < 2e-3
+    assert abs(ours.compressed_model_size() - theirs.compressed_model_size()) < 2e-3
+
+
+def test_lstm_trains_and_evaluates():
+    torch.manual_seed(0)
+    model = torch.nn.LSTM(8, 16, num_layers=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    q = diffq_c.DiffQuantizer(model, min_size=0, group_size=4)
+    q.setup_optimizer(opt)
+    x = torch.randn(5, 3, 8)
+    weights = [p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_diffq")]
+    out, _ = model(x)
+    out.pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    eval_out, _ = model(x)
+    assert torch.isfinite(eval_out).all()
+    model.train()
+    after = [p for n, p in model.named_parameters() if not n.endswith("_diffq")]
+    assert any(not torch.equal(a, b) for a, b in zip(weights, after))
+
+
+def test_extension_does_not_link_libtorch():
+    from diffq_c import _C
+    out = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in out.splitlines() if "NEEDED" in line]
+    assert needed, out
+    assert not any("torch" in line or "c10" in line for line in needed), needed
+
+
+def test_extension_imports_without_torch():
+    """The compiled module stands alone: loading it needs no torch."""
+    from diffq_c import _C
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['torch'] = None\n"
+        f"spec = importlib.util.spec_from_file_location('_C', {_C.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.philox4x32_10((0, 0, 0, 0), (0, 0))[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(0x6627e8d5)
+
+
+def test_c_kernel_tests_pass():
+    """The C-level tests (fast kernels against their references, known
+    answers, thread invariance), built and run without Python."""
+    out = subprocess.run(["make", "-s", "-C", str(ROOT / "csrc"), "test"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " 0 failed" in out.stdout
