@@ -63,6 +63,14 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
                           float *restrict bits, float *restrict step,
                           float *restrict dstep);
 
+/* The same for logits [start, start + count), written at the same indices,
+ * with a polynomial exp2 (bits mode; the noise mode uses the reference). */
+void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float *restrict step, float *restrict dstep);
+/* bits and d(bits)/d(logit) of logits [start, start + count); either output may be NULL. */
+void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float *restrict bits, float *restrict dbits);
+
 /* noisy[i] = p[i] + step_scale[g] * noise(seed, i), g = i / group_size,
  * where step_scale[g] = (max(p) - min(p)) * step[g] was precomputed. While
  * reading p it also counts the elements equal to mn and to mx (the ties that

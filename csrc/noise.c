@@ -39,6 +39,92 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
     }
 }
 
+/* ---- fast bits and step: branch-free exp2 so the loops vectorize. */
+
+/* 2^x for x in [-126, 126]: the nearest integer goes into the exponent, a
+ * degree-6 Taylor polynomial takes the rest in [-1/2, 1/2] (relative error
+ * below 2e-7 there). */
+static inline float fast_exp2f(float x) {
+    x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
+    int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
+    float f = x - (float)i;
+    float p = 1.5403530393e-4f;
+    p = p * f + 1.3333558146e-3f;
+    p = p * f + 9.6181291076e-3f;
+    p = p * f + 5.5504108665e-2f;
+    p = p * f + 2.4022650696e-1f;
+    p = p * f + 6.9314718056e-1f;
+    p = p * f + 1.0f;
+    return p * dq_bits_float((uint32_t)(i + 127) << 23);
+}
+
+static inline float fast_sigmoid(float x) {
+    return 1.0f / (1.0f + fast_exp2f(-x * 1.44269504088896341f));
+}
+
+/* Not cloned for AVX2: on the AMD EPYC machine this was measured on, the
+ * 256-bit divisions made that clone 2.4x slower than the baseline one. */
+void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float *restrict step, float *restrict dstep) {
+    if (prm->mode != DQ_PARAM_BITS) {
+        /* the noise mode needs log2 and exp of a blend: the scalar path */
+        dq_logit_to_step_ref(prm, logit + start, count, NULL, step ? step + start : NULL,
+                             dstep ? dstep + start : NULL);
+        return;
+    }
+    const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
+    /* one loop per set of outputs: a store under a condition would keep the
+     * compiler from vectorizing */
+    if (step && dstep) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = fast_sigmoid(logit[i]);
+            float one_minus_t = 1.0f - t;
+            float s = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            step[i] = s;
+            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+        }
+    } else if (step) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = fast_sigmoid(logit[i]);
+            float one_minus_t = 1.0f - t;
+            step[i] = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+        }
+    } else if (dstep) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = fast_sigmoid(logit[i]);
+            float one_minus_t = 1.0f - t;
+            float s = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+        }
+    }
+}
+
+void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float *restrict bits, float *restrict dbits) {
+    if (prm->mode != DQ_PARAM_BITS) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float d;
+            float b = dq_logit_to_bits(prm, logit[i], &d);
+            if (bits)
+                bits[i] = b;
+            if (dbits)
+                dbits[i] = d;
+        }
+        return;
+    }
+    const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
+    if (bits)
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = fast_sigmoid(logit[i]);
+            bits[i] = hi * t + (1.0f - t) * lo;
+        }
+    if (dbits)
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = fast_sigmoid(logit[i]);
+            dbits[i] = span * (t * (1.0f - t));
+        }
+}
+
 void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
                           int64_t group_size, int kind, uint64_t seed, int64_t start,
                           int64_t count, float *restrict noisy, float mn, float mx,
@@ -172,15 +258,20 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
     float *step_scale = malloc((size_t)ngroups * sizeof(float));
     if (!step_scale)
         return DQ_ERR_NOMEM;
-    float scale = range->max - range->min;
-    dq_logit_to_step_ref(prm, logit, ngroups, NULL, step_scale, NULL);
-    for (int64_t g = 0; g < ngroups; ++g)
-        step_scale[g] = scale * step_scale[g];
+    const float scale = range->max - range->min;
+    int64_t chunks = dq_num_chunks(ngroups, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK, len = DQ_MIN(DQ_CHUNK, ngroups - start);
+        dq_logit_to_step_fast(prm, logit, start, len, step_scale, NULL);
+        for (int64_t g = start; g < start + len; ++g)
+            step_scale[g] = scale * step_scale[g];
+    }
 
-    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    chunks = dq_num_chunks(n, DQ_CHUNK);
     int64_t nmin = 0, nmax = 0;
     const float mn = range->min, mx = range->max;
-    (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1) \
     reduction(+ : nmin, nmax)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -256,7 +347,12 @@ int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
         free(step);
         return err;
     }
-    dq_logit_to_step_ref(prm, logit, ngroups, NULL, step, dstep);
+    int64_t step_chunks = dq_num_chunks(ngroups, DQ_CHUNK);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (step_chunks > 1)
+    for (int64_t c = 0; c < step_chunks; ++c) {
+        int64_t start = c * DQ_CHUNK;
+        dq_logit_to_step_fast(prm, logit, start, DQ_MIN(DQ_CHUNK, ngroups - start), step, dstep);
+    }
     const float scale = range->max - range->min;
     /* d/d(scale) of sum(grad * noisy) = sum_g step[g] * dot[g] */
     double through_scale = 0;

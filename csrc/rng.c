@@ -74,9 +74,9 @@ static inline float fast_logf(float x) {
     uint32_t u = dq_float_bits(x);
     int32_t e = (int32_t)((u >> 23) & 0xff) - 126;
     float m = dq_bits_float((u & 0x007fffffu) | 0x3f000000u); /* [0.5, 1) */
-    int small = m < 0.70710678118654752440f;
+    int32_t small = m < 0.70710678118654752440f;
     e -= small;
-    m = small ? m + m : m;
+    m = m + (float)small * m;
     float f = m - 1.0f;
     float z = f * f;
     float y = 7.0376836292e-2f;
@@ -113,11 +113,16 @@ static inline void fast_sincos_turns(float v, float *s, float *c) {
     cp = cp * x2 + 4.16666667e-2f;
     cp = cp * x2 + -0.5f;
     float cx = 1.0f + x2 * cp;
-    int quadrant = (int)q & 3;
-    float sv = (quadrant & 1) ? cx : sx;
-    float cv = (quadrant & 1) ? sx : cx;
-    *s = (quadrant & 2) ? -sv : sv;
-    *c = ((quadrant + 1) & 2) ? -cv : cv;
+    /* quadrant rotation with arithmetic blends instead of branches, so the
+     * loop around this stays vectorizable */
+    int32_t quadrant = (int32_t)q & 3;
+    float odd = (float)(quadrant & 1);
+    float sv = odd * cx + (1.0f - odd) * sx;
+    float cv = odd * sx + (1.0f - odd) * cx;
+    float s_sign = 1.0f - (float)(quadrant & 2);              /* q 2, 3: negative sin */
+    float c_sign = 1.0f - (float)((quadrant + 1) & 2);        /* q 1, 2: negative cos */
+    *s = s_sign * sv;
+    *c = c_sign * cv;
 }
 
 static inline void philox_batch(uint64_t seed, int64_t first_block, int nblocks,

@@ -48,7 +48,10 @@ def test_gradients_equal_autograd_of_diffq_formula(kind, param, group_size, n):
     p_ref = p.detach().clone().requires_grad_()
     logit_ref = logit.detach().clone().requires_grad_()
     ref = diffq_formula(p_ref, logit_ref, group_size, our_noise(kind, seed, n), prm)
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    # the kernels' step uses a polynomial exp2 (relative error ~2e-7); the
+    # noise recovered as noisy - p carries one rounding of p + noise
+    one_rounding = torch.finfo(torch.float32).eps * p.detach().abs().max().item()
+    torch.testing.assert_close(ours - p.detach(), ref.detach() - p.detach(), rtol=1e-5, atol=one_rounding)
     upstream = torch.randn(n, generator=gen)
     ours.backward(upstream)
     ref.backward(upstream)

@@ -1,0 +1,215 @@
+"""diffq 0.2.4 vs diffq_c, side by side in one run.
+
+Runs of the two are interleaved and each figure is the median of several
+repeats, so the ratios hold on a shared, noisy machine. Peak memory is
+measured in a fresh process per case.
+
+    python benchmarks/compare.py                      # Linear(4096, 4096), group_size 1 and 8
+    python benchmarks/compare.py --models linear lstm transformer --group-sizes 1 8 0
+    python benchmarks/compare.py --memory             # adds peak memory per training step
+"""
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import diffq
+import diffq_c
+
+
+# ---------------------------------------------------------------- models
+
+
+def make_model(name):
+    if name == "linear":
+        return torch.nn.Linear(4096, 4096), lambda: torch.randn(1, 4096)
+    if name == "lstm":
+        return torch.nn.LSTM(1024, 1024, num_layers=2), lambda: torch.randn(4, 1, 1024)
+    if name == "transformer":
+        layer = torch.nn.TransformerEncoderLayer(512, 8, dim_feedforward=2048, batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, num_layers=8, enable_nested_tensor=False)
+        return model, lambda: torch.randn(1, 16, 512)
+    raise ValueError(name)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def interleaved(cases, repeats):
+    """{name: median ms}, running the cases round-robin so drifts in machine
+    load hit them all alike."""
+    samples = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+class Setup:
+    """A model with a quantizer of one library and an Adam optimizer."""
+
+    def __init__(self, lib, model_name, group_size, base_model=None):
+        self.model, self.make_input = make_model(model_name)
+        if base_model is not None:
+            self.model.load_state_dict(base_model.state_dict())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.quantizer = None
+        if lib is not None:
+            self.quantizer = lib.DiffQuantizer(self.model, group_size=group_size)
+            self.quantizer.setup_optimizer(self.opt)
+        self.x = self.make_input()
+
+    def step(self):
+        self.model.train()
+        self.opt.zero_grad()
+        output_tensor(self.model(self.x)).sum().backward()
+        self.opt.step()
+
+    def noise_forward(self):
+        with torch.no_grad():
+            self.quantizer._pre_forward_train()
+            self.quantizer._post_forward_train()
+
+    def eval_forward(self):
+        self.model.eval()
+        with torch.no_grad():
+            self.model(self.x)
+        self.model.train()
+
+    def model_size(self):
+        self.quantizer.model_size().backward()
+
+    def get_state(self):
+        return self.quantizer.get_quantized_state(packed=True)
+
+
+def time_case(model_name, group_size, repeats):
+    torch.manual_seed(0)
+    plain = Setup(None, model_name, group_size)
+    theirs = Setup(diffq, model_name, group_size, plain.model)
+    ours = Setup(diffq_c, model_name, group_size, plain.model)
+    weight = max((p for p in plain.model.parameters()), key=lambda p: p.numel())
+    state_theirs, state_ours = theirs.get_state(), ours.get_state()
+    rows = {}
+    steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, repeats)
+    rows["train step overhead"] = (steps["diffq"] - steps["plain"], steps["diffq_c"] - steps["plain"])
+    noise = interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
+                         "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
+                        repeats)
+    rows["noise forward"] = (noise["diffq"], noise["diffq_c"])
+    rows["  (clone of all params)"] = (noise["clone"], noise["clone"])
+    evals = interleaved({"plain": plain.eval_forward, "diffq": theirs.eval_forward,
+                         "diffq_c": ours.eval_forward}, repeats)
+    rows["eval forward"] = (evals["diffq"], evals["diffq_c"])
+    sizes = interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size}, repeats)
+    rows["model_size fwd+bwd"] = (sizes["diffq"], sizes["diffq_c"])
+    gets = interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state}, repeats)
+    rows["get_quantized_state"] = (gets["diffq"], gets["diffq_c"])
+    restores = interleaved({
+        "diffq": lambda: theirs.quantizer.restore_quantized_state(state_theirs),
+        "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats)
+    rows["restore_quantized_state"] = (restores["diffq"], restores["diffq_c"])
+    return rows, steps["plain"], count_params(plain.model), weight.numel()
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_child(lib_name, model_name, group_size):
+    """In a fresh process: how far a training step raises the resident set
+    above what it was right before (optimizer state already allocated)."""
+    torch.manual_seed(0)
+    lib = {"plain": None, "diffq": diffq, "diffq_c": diffq_c}[lib_name]
+    setup = Setup(lib, model_name, group_size)
+    setup.step()
+    setup.opt.zero_grad(set_to_none=True)
+    import gc
+    gc.collect()
+    # writing 5 to clear_refs resets the peak (VmHWM) to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    setup.step()
+    print(json.dumps({"peak_kb": _status_kb("VmHWM") - base}))
+
+
+def peak_memory(model_name, group_size):
+    out = {}
+    for lib_name in ("plain", "diffq", "diffq_c"):
+        res = subprocess.run([sys.executable, __file__, "--_peak", lib_name, model_name, str(group_size)],
+                             capture_output=True, text=True, check=True)
+        out[lib_name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["linear"], choices=["linear", "lstm", "transformer"])
+    parser.add_argument("--group-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory of a step")
+    parser.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._peak:
+        _peak_child(args._peak[0], args._peak[1], int(args._peak[2]))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, diffq {diffq.__version__}, "
+          f"diffq_c {diffq_c.__version__}")
+    for model_name in args.models:
+        for group_size in args.group_sizes:
+            rows, plain_step, nparams, biggest = time_case(model_name, group_size, args.repeats)
+            print(f"\n## {model_name} ({nparams / 1e6:.1f}M params), group_size={group_size}, "
+                  f"plain train step {plain_step:.1f} ms")
+            print(f"| {'measure':<26} | {'diffq ms':>10} | {'diffq_c ms':>10} | {'speed-up':>8} |")
+            print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
+            for name, (a, b) in rows.items():
+                ratio = f"{a / b:.1f}x" if b > 0 and not name.startswith("  ") else ""
+                print(f"| {name:<26} | {a:>10.1f} | {b:>10.1f} | {ratio:>8} |")
+            if args.memory:
+                peaks = peak_memory(model_name, group_size)
+                weight_bytes = nparams * 4
+                print(f"| {'extra peak memory / params':<26} | "
+                      f"{(peaks['diffq'] - peaks['plain']) / weight_bytes:>9.2f}x | "
+                      f"{(peaks['diffq_c'] - peaks['plain']) / weight_bytes:>9.2f}x | {'':>8} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
