@@ -8,6 +8,9 @@ import diffq.torch_pack as diffq_torch_pack
 import diffq_c
 from diffq_c import torch_pack
 
+# torch 2.13 deprecates TorchScript; scripting it is the point here
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
 STORAGE = [torch.int16, torch.uint8, torch.int32, torch.int64]
 
 
