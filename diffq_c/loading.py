@@ -29,7 +29,8 @@ _OURS = [DiffQuantizer, UniformQuantizer, LSQ]
 
 def _safe_globals_available() -> bool:
     serialization = torch.serialization
-    return hasattr(serialization, "safe_globals") and hasattr(serialization, "add_safe_globals")
+    return all(hasattr(serialization, name)
+               for name in ("safe_globals", "add_safe_globals", "get_safe_globals"))
 
 
 def load(path_or_file: tp.Any, map_location: tp.Any = None) -> tp.Any:
@@ -37,8 +38,11 @@ def load(path_or_file: tp.Any, map_location: tp.Any = None) -> tp.Any:
     or by diffq, with weights_only rules and without importing diffq. Give
     the result to `diffq_c.restore_quantized_state(model, state)`."""
     if _safe_globals_available():
-        aliases = [(klass, name) for name, klass in _DIFFQ_NAMES.items()]
-        with torch.serialization.safe_globals(aliases + _OURS):
+        wanted = [(klass, name) for name, klass in _DIFFQ_NAMES.items()] + _OURS
+        # the context removes what it added on exit: hand it only what is
+        # not registered already (diffq_c registers its classes at import)
+        present = set(torch.serialization.get_safe_globals())
+        with torch.serialization.safe_globals([g for g in wanted if g not in present]):
             return torch.load(path_or_file, map_location=map_location, weights_only=True)
     # torch < 2.5 cannot alias a global name: an unpickler of our own with
     # the same allow-list idea
