@@ -143,6 +143,14 @@ def test_conv_biases_diffq_fails_ours_exports(tmp_path):
     with torch.no_grad():
         assert (torch.jit.load(str(path))(x) - expected).abs().max().item() <= 1e-5
 
+    # our export also takes diffq's own quantizer objects
+    model = ConvNet(width=16)
+    theirs = diffq.DiffQuantizer(model, min_size=0)
+    diffq_c.ts_export.export(theirs, path)
+    expected = eval_output(model, x)
+    with torch.no_grad():
+        assert (torch.jit.load(str(path))(x) - expected).abs().max().item() <= 1e-5
+
 
 def test_mlp_same_as_diffq_export(tmp_path):
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
