@@ -79,7 +79,12 @@ def quantize(tensor: torch.Tensor, scale: torch.Tensor, bits: int):
     grad_scale = _grad_scale(tensor.numel(), bits)
     if ops.on_kernel_path(tensor, scale) and scale.numel() == 1:
         values = _LSQValues.apply(tensor, scale, bits, grad_scale)
-        return values, lsq_indexes(tensor, scale, bits).float()
+        index, nans = _kernel_indexes(tensor.detach(), scale.detach(), bits, grad_scale)
+        index = index.float()
+        if nans:
+            # NaN levels come out as NaN, as from diffq's formula
+            index[torch.isnan(values.detach())] = float("nan")
+        return values, index
     values, index = _quantize_torch(tensor, scale, bits, grad_scale)
     return values, index.detach()
 
@@ -97,18 +102,24 @@ def lsq_indexes(tensor: torch.Tensor, scale: torch.Tensor, bits: int, name: str 
     grad_scale = _grad_scale(tensor.numel(), bits)
     tensor, scale = tensor.detach(), scale.detach()
     if ops.on_kernel_path(tensor, scale) and scale.numel() == 1:
-        effective = ops._C.lsq_effective_scale(float(scale), grad_scale)
-        index = torch.empty(tensor.shape, dtype=torch.int16)
-        nans = ops._C.lsq_forward(ops._flat(tensor), effective, bits, index=index.view(-1),
-                                  nthreads=ops.num_threads())
+        index, nans = _kernel_indexes(tensor, scale, bits, grad_scale)
     else:
         index = _quantize_torch(tensor, scale, bits, grad_scale)[1]
         nans = int(torch.isnan(index).sum())
-        index = index.short()
     if nans:
         raise ValueError(f"parameter {name!r}: {nans} weights have no LSQ index (NaN weights, "
                          f"or a zero scale on zero weights; scale = {float(scale)})")
-    return index
+    return index.short()
+
+
+def _kernel_indexes(tensor, scale, bits, grad_scale) -> tp.Tuple[torch.Tensor, int]:
+    """int16 indexes from the C forward, and the count of NaN levels (their
+    index is 0)."""
+    effective = ops._C.lsq_effective_scale(float(scale), grad_scale)
+    index = torch.empty(tensor.shape, dtype=torch.int16)
+    nans = ops._C.lsq_forward(ops._flat(tensor), effective, bits, index=index.view(-1),
+                              nthreads=ops.num_threads())
+    return index, nans
 
 
 class LSQ(BaseQuantizer):

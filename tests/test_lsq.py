@@ -33,8 +33,9 @@ class Tied(torch.nn.Module):
 
 
 def diffq_reference(x, scale, bits, dtype=torch.float32):
-    """Values, indexes and gradients by torch autograd of diffq's own
-    formula (diffq.lsq.quantize) for the upstream gradient `upstream`."""
+    """Leaf copies of x and scale in `dtype`, and diffq's own formula
+    (diffq.lsq.quantize) applied to them: values and indexes, ready for
+    torch autograd."""
     x = x.detach().to(dtype).requires_grad_()
     scale = scale.detach().to(dtype).requires_grad_()
     values, index = diffq_lsq.quantize(x, scale, bits)
@@ -83,7 +84,7 @@ def test_scales_registered_and_initialised_like_diffq(bits):
     assert "0.weight_s" in names_theirs
     for (_, p), (_, q) in zip(theirs.named_parameters(), ours.named_parameters()):
         assert p.shape == q.shape and torch.equal(p, q)
-    assert repr(quantizer).startswith("LSQ(") and f"suffix=_s" in repr(quantizer)
+    assert repr(quantizer).startswith("LSQ(") and "suffix=_s" in repr(quantizer)
 
 
 # ------------------------------------------------------------ the kernels
@@ -112,6 +113,18 @@ def test_forward_bit_identical_to_diffq(bits):
         assert torch.equal(ours_index, index.detach())
         stored = ours_lsq.lsq_indexes(x, scale, bits)
         assert stored.dtype == torch.int16 and torch.equal(stored, index.detach().short())
+
+
+def test_nan_weights_give_nan_like_diffq():
+    x = torch.tensor([0.1, float("nan"), -0.3, 0.0])
+    scale = torch.tensor(0.05)
+    _, _, values, index = diffq_reference(x, scale, 4)
+    ours_values, ours_index = ours_lsq.quantize(x, scale, 4)
+    assert torch.equal(ours_values.isnan(), values.isnan())
+    assert torch.equal(ours_index.isnan(), index.isnan())
+    keep = ~values.isnan()
+    assert torch.equal(ours_values[keep], values.detach()[keep])
+    assert torch.equal(ours_index[keep], index.detach()[keep])
 
 
 def test_infinite_weights_clamp_like_torch():
