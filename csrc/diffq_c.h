@@ -212,6 +212,40 @@ void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int
 /* bits value and d(bits)/d(logit) of one logit. */
 float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits);
 
+/* ------------------------------------------------------------------ lsq.c */
+
+/* Learnt step size quantization (Esser et al. 2019) of weights. With s the
+ * effective scale (below), low = -2^(bits-1) and high = 2^(bits-1) - 1:
+ *   c = x / s,  index = round_half_even(clamp(c, low, high)),  q = index * s,
+ * in float32 with exactly that operation order, so q and index match a torch
+ * evaluation bit for bit. clamp lets NaN through, as torch's does. */
+
+/* (s - s*g) + s*g in float32: the value the gradient-scaling trick gives the
+ * scale in the forward, g being the gradient scale 1 / sqrt(numel * high). */
+float dq_lsq_effective_scale(float scale, float grad_scale);
+
+/* q and/or index (either may be NULL) of x[start, start + count). Returns
+ * the count of NaN levels (NaN x, or 0 / 0); their index is written as 0. */
+int64_t dq_lsq_forward_ref(const float *restrict x, float scale, int bits, int64_t start,
+                           int64_t count, float *restrict q, int16_t *restrict index);
+int64_t dq_lsq_forward_fast(const float *restrict x, float scale, int bits, int64_t start,
+                            int64_t count, float *restrict q, int16_t *restrict index);
+int64_t dq_lsq_forward(const float *restrict x, int64_t n, float scale, int bits,
+                       float *restrict q, int16_t *restrict index, int nthreads);
+
+/* Backward of q for an upstream gradient `grad`. grad_x[i] = grad[i] where
+ * low <= c <= high, else 0 (grad_x may be NULL). Returns, summed in double,
+ * grad[i] * (round(c) - c) inside that range and grad[i] * bound outside:
+ * the gradient of sum(grad * q) with respect to s. */
+double dq_lsq_backward_ref(const float *restrict x, const float *restrict grad, float scale,
+                           int bits, int64_t start, int64_t count, float *restrict grad_x);
+double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad, float scale,
+                            int bits, int64_t start, int64_t count, float *restrict grad_x);
+/* The driver returns the gradient for the raw scale: grad_scale times the
+ * sum over all n elements (chunk sums added in chunk order). */
+float dq_lsq_backward(const float *restrict x, const float *restrict grad, int64_t n, float scale,
+                      int bits, float grad_scale, float *restrict grad_x, int nthreads);
+
 #ifdef __cplusplus
 }
 #undef restrict

@@ -373,6 +373,108 @@ static void test_size(void) {
     }
 }
 
+/* ---------------------------------------------------------------- lsq.c */
+
+static void test_lsq_known_answer(void) {
+    /* s = 0.5, bits = 2: levels -2..1. c = x / s is exact for these values;
+     * the halves round to even and out-of-range values clamp first. */
+    const float x[] = {-3.0f, -0.75f, -0.25f, 0.25f, 0.3f, 0.75f, 0.5f, 5.0f, NAN};
+    const float want_q[] = {-1.0f, -1.0f, -0.0f, 0.0f, 0.5f, 0.5f, 0.5f, 0.5f};
+    const int16_t want_index[] = {-2, -2, 0, 0, 1, 1, 1, 1, 0};
+    const float want_gx[] = {0, 1, 1, 1, 1, 0, 1, 0};
+    float q[9], gx[8], ones[9];
+    int16_t index[9];
+    for (int i = 0; i < 9; ++i)
+        ones[i] = 1.0f;
+    for (int fast = 0; fast < 2; ++fast) {
+        int64_t nans = fast ? dq_lsq_forward_fast(x, 0.5f, 2, 0, 9, q, index)
+                            : dq_lsq_forward_ref(x, 0.5f, 2, 0, 9, q, index);
+        CHECK(nans == 1 && isnan(q[8]), "lsq forward NaN count %lld (fast %d)", (long long)nans, fast);
+        CHECK(memcmp(q, want_q, sizeof want_q) == 0 && memcmp(index, want_index, sizeof want_index) == 0,
+              "lsq forward known answer (fast %d)", fast);
+        /* c = 1 sits on the upper bound: inside, gradient passes, term 0 */
+        double acc = fast ? dq_lsq_backward_fast(x, ones, 0.5f, 2, 0, 8, gx)
+                          : dq_lsq_backward_ref(x, ones, 0.5f, 2, 0, 8, gx);
+        /* terms: -2, -0.5, 0.5, -0.5, 1 - 0.6f, 1, 0, 1 */
+        double want = -2 - 0.5 + 0.5 - 0.5 + (1.0 - (double)(0.3f / 0.5f)) + 1 + 0 + 1;
+        CHECK(fabs(acc - want) < 1e-12, "lsq backward sum %.17g, want %.17g (fast %d)", acc, want, fast);
+        CHECK(memcmp(gx, want_gx, sizeof want_gx) == 0, "lsq backward grad_x (fast %d)", fast);
+    }
+    /* a NaN level makes the scale gradient NaN, as torch's autograd does */
+    CHECK(isnan(dq_lsq_backward_ref(x, ones, 0.5f, 2, 0, 9, NULL)), "lsq backward NaN");
+}
+
+static void test_lsq_fast_and_threads(void) {
+    const int bit_widths[] = {1, 2, 4, 8, 15};
+    for (int bi = 0; bi < 5; ++bi)
+        for (int s = 0; s < NSIZES; ++s) {
+            int bits = bit_widths[bi];
+            int64_t n = SIZES[s];
+            float scale = 0.37f / (float)(1 << (bits - 1));
+            float *x = xmalloc(n * 4), *g = xmalloc(n * 4), *q1 = xmalloc(n * 4), *q2 = xmalloc(n * 4);
+            float *gx1 = xmalloc(n * 4), *gx2 = xmalloc(n * 4);
+            int16_t *i1 = xmalloc(n * 2), *i2 = xmalloc(n * 2), *i3 = xmalloc(n * 2);
+            for (int64_t i = 0; i < n; ++i) {
+                x[i] = frand() * 0.5f;
+                g[i] = frand();
+                /* exact halves of the step hit the round-half-even rule */
+                if (i % 7 == 3)
+                    x[i] = ((float)(int)(frand() * 8) + 0.5f) * scale;
+            }
+            if (n > 4)
+                x[4] = INFINITY;
+            int64_t a = dq_lsq_forward_ref(x, scale, bits, 0, n, q1, i1);
+            int64_t b = dq_lsq_forward_fast(x, scale, bits, 0, n, q2, i2);
+            int64_t c = dq_lsq_forward_fast(x, scale, bits, 0, n, NULL, i3);
+            int64_t d = dq_lsq_forward_fast(x, scale, bits, 0, n, q2, NULL);
+            CHECK(a == 0 && b == 0 && c == 0 && d == 0, "lsq nan counts");
+            CHECK(memcmp(q1, q2, n * 4) == 0 && memcmp(i1, i2, n * 2) == 0 && memcmp(i1, i3, n * 2) == 0,
+                  "lsq forward fast bits %d n %lld", bits, (long long)n);
+            int ok = 1;
+            for (int64_t i = 0; i < n && ok; ++i)
+                ok = i1[i] >= -(1 << (bits - 1)) && i1[i] < (1 << (bits - 1)) && q1[i] == (float)i1[i] * scale;
+            CHECK(ok, "lsq index range / q = index * s, bits %d", bits);
+            double r1 = dq_lsq_backward_ref(x, g, scale, bits, 0, n, gx1);
+            double r2 = dq_lsq_backward_fast(x, g, scale, bits, 0, n, gx2);
+            double mag = 0;
+            for (int64_t i = 0; i < n; ++i)
+                mag += fabs((double)g[i]) * (1 << (bits - 1));
+            CHECK(fabs(r1 - r2) <= 1e-12 * (mag + 1), "lsq backward fast sum bits %d n %lld: %g vs %g", bits,
+                  (long long)n, r1, r2);
+            CHECK(memcmp(gx1, gx2, n * 4) == 0, "lsq backward fast grad_x bits %d n %lld", bits, (long long)n);
+            free(x), free(g), free(q1), free(q2), free(gx1), free(gx2), free(i1), free(i2), free(i3);
+        }
+    /* the drivers give the same bits for any thread count */
+    int64_t n = 2 * DQ_CHUNK + 5;
+    float *x = xmalloc(n * 4), *g = xmalloc(n * 4), *q1 = xmalloc(n * 4), *q2 = xmalloc(n * 4);
+    float *gx1 = xmalloc(n * 4), *gx2 = xmalloc(n * 4);
+    int16_t *i1 = xmalloc(n * 2), *i2 = xmalloc(n * 2);
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = frand();
+        g[i] = frand();
+    }
+    float scale = 0.01f, gscale = 1.0f / sqrtf((float)n * 127.0f);
+    int64_t a = dq_lsq_forward(x, n, scale, 8, q1, i1, 1);
+    int64_t b = dq_lsq_forward(x, n, scale, 8, q2, i2, 2);
+    CHECK(a == 0 && b == 0 && memcmp(q1, q2, n * 4) == 0 && memcmp(i1, i2, n * 2) == 0, "lsq forward threads");
+    float s1 = dq_lsq_backward(x, g, n, scale, 8, gscale, gx1, 1);
+    float s2 = dq_lsq_backward(x, g, n, scale, 8, gscale, gx2, 2);
+    CHECK(s1 == s2 && memcmp(gx1, gx2, n * 4) == 0, "lsq backward threads");
+    double ref = dq_lsq_backward_ref(x, g, scale, 8, 0, n, NULL) * gscale;
+    CHECK(fabs(s1 - ref) <= 1e-6 * fabs(ref) + 1e-9, "lsq backward driver %g vs ref %g", s1, ref);
+    free(x), free(g), free(q1), free(q2), free(gx1), free(gx2), free(i1), free(i2);
+    /* the effective scale stays within one ulp of the scale */
+    int ok = 1, differs = 0;
+    for (int t = 0; t < 10000 && ok; ++t) {
+        float sc = fabsf(frand()) + 1e-3f, gs = fabsf(frand()) * 0.1f + 1e-4f;
+        float e = dq_lsq_effective_scale(sc, gs);
+        ok = fabsf(e - sc) <= nextafterf(sc, INFINITY) - sc;
+        differs += e != sc;
+    }
+    CHECK(ok, "lsq effective scale more than one ulp away");
+    printf("lsq: effective scale differed from the scale in %d of 10000 draws\n", differs);
+}
+
 int main(void) {
     test_philox_kat();
     test_noise_fill();
@@ -382,6 +484,8 @@ int main(void) {
     test_bitpack();
     test_noise_forward_backward();
     test_size();
+    test_lsq_known_answer();
+    test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

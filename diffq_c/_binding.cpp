@@ -425,6 +425,67 @@ void size_backward(py::handle logit_obj, py::handle grad_obj, float scale,
                      reinterpret_cast<float *>(grad.data), nthreads);
 }
 
+// ---- lsq.c
+
+int lsq_bits(int bits) {
+    if (bits < 1 || bits > 15)
+        value_error("bits must be in 1..15, got " + std::to_string(bits));
+    return bits;
+}
+
+float lsq_effective_scale(float scale, float grad_scale) { return dq_lsq_effective_scale(scale, grad_scale); }
+
+// q and index are optional (None); returns the count of NaN levels.
+int64_t lsq_forward(py::handle x_obj, float scale, int bits, py::object q_obj, py::object index_obj, int nthreads,
+                    bool reference) {
+    Buffer x = view(x_obj, "x", DType::f32);
+    lsq_bits(bits);
+    threads(nthreads);
+    Buffer q, index;
+    float *qp = nullptr;
+    int16_t *ip = nullptr;
+    if (!q_obj.is_none()) {
+        q = view(q_obj, "q", DType::f32, x.numel);
+        no_overlap(q, "q", x, "x");
+        qp = reinterpret_cast<float *>(q.data);
+    }
+    if (!index_obj.is_none()) {
+        index = view(index_obj, "index", DType::i16, x.numel);
+        no_overlap(index, "index", x, "x");
+        if (qp)
+            no_overlap(index, "index", q, "q");
+        ip = reinterpret_cast<int16_t *>(index.data);
+    }
+    const float *xp = reinterpret_cast<const float *>(x.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        return dq_lsq_forward_ref(xp, scale, bits, 0, x.numel, qp, ip);
+    return dq_lsq_forward(xp, x.numel, scale, bits, qp, ip, nthreads);
+}
+
+// grad_x is optional (None); returns the gradient for the raw scale.
+float lsq_backward(py::handle x_obj, py::handle grad_obj, float scale, int bits, float grad_scale,
+                   py::object grad_x_obj, int nthreads, bool reference) {
+    Buffer x = view(x_obj, "x", DType::f32);
+    Buffer grad = view(grad_obj, "grad", DType::f32, x.numel);
+    lsq_bits(bits);
+    threads(nthreads);
+    Buffer grad_x;
+    float *gxp = nullptr;
+    if (!grad_x_obj.is_none()) {
+        grad_x = view(grad_x_obj, "grad_x", DType::f32, x.numel);
+        no_overlap(grad_x, "grad_x", x, "x");
+        no_overlap(grad_x, "grad_x", grad, "grad");
+        gxp = reinterpret_cast<float *>(grad_x.data);
+    }
+    const float *xp = reinterpret_cast<const float *>(x.data);
+    const float *gp = reinterpret_cast<const float *>(grad.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        return (float)((double)grad_scale * dq_lsq_backward_ref(xp, gp, scale, bits, 0, x.numel, gxp));
+    return dq_lsq_backward(xp, gp, x.numel, scale, bits, grad_scale, gxp, nthreads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -459,4 +520,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("size_forward", &size_forward, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
     m.def("size_backward", &size_backward, py::arg("logit"), py::arg("grad"), py::arg("scale"), py::arg("param"),
           py::arg("nthreads") = 1);
+    m.def("lsq_effective_scale", &lsq_effective_scale, py::arg("scale"), py::arg("grad_scale"));
+    m.def("lsq_forward", &lsq_forward, py::arg("x"), py::arg("scale"), py::arg("bits"), py::arg("q") = py::none(),
+          py::arg("index") = py::none(), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("lsq_backward", &lsq_backward, py::arg("x"), py::arg("grad"), py::arg("scale"), py::arg("bits"),
+          py::arg("grad_scale"), py::arg("grad_x") = py::none(), py::arg("nthreads") = 1,
+          py::arg("reference") = false);
 }
