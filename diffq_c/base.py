@@ -15,7 +15,7 @@ import zlib
 import torch
 
 from . import bitpack
-from .utils import QuantizerConfigError
+
 
 
 class BaseQuantizer:
@@ -190,6 +190,25 @@ class BaseQuantizer:
 
     def _bit_unpack_param(self, qparam, packed: tp.Any, unpack_fn: tp.Any) -> tp.Any:
         return packed
+
+    # ----------------------------------------------------------- optimizer
+
+    def _add_optimizer_group(self, optimizer, params, what: str, group: dict) -> None:
+        """Give the quantizer's own parameters (`what`: bit logits, scales)
+        their own group in `optimizer`, once."""
+        if self._optimizer_setup:
+            raise RuntimeError("setup_optimizer() or no_optimizer() was already called")
+        for existing in optimizer.param_groups:
+            if any(p is q for p in existing["params"] for q in params):
+                raise RuntimeError(f"the optimizer already holds the {what}: create the "
+                                   "optimizer before the quantizer, then call setup_optimizer()")
+        optimizer.add_param_group(dict(group, params=params))
+        self._optimizer_setup = True
+
+    @staticmethod
+    def _remove_from_optimizer(optimizer, params) -> None:
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if not any(p is q for q in params)]
 
     # ------------------------------------------------------------- states
 

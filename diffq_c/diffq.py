@@ -128,17 +128,8 @@ class DiffQuantizer(BaseQuantizer):
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs):
         """Add the logits to `optimizer` as their own group: learning rate `lr`
         (1e-3 suits Adam), no weight decay, `kwargs` overriding the rest."""
-        if self._optimizer_setup:
-            raise RuntimeError("setup_optimizer() or no_optimizer() was already called")
-        logits = self._logits()
-        for group in optimizer.param_groups:
-            if any(p is q for p in group["params"] for q in logits):
-                raise RuntimeError("the optimizer already holds the bit logits: create the "
-                                   "optimizer before the quantizer, then call setup_optimizer()")
-        group = {"params": logits, "lr": lr, "weight_decay": 0}
-        group.update(kwargs)
-        optimizer.add_param_group(group)
-        self._optimizer_setup = True
+        self._add_optimizer_group(optimizer, self._logits(), "bit logits",
+                                  dict({"lr": lr, "weight_decay": 0}, **kwargs))
 
     def no_optimizer(self):
         """Train without learning the bits."""
@@ -146,9 +137,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def clear_optimizer(self, optimizer: torch.optim.Optimizer):
         """Remove the logits from every group of `optimizer`."""
-        logits = self._logits()
-        for group in optimizer.param_groups:
-            group["params"][:] = [p for p in group["params"] if not any(p is q for q in logits)]
+        self._remove_from_optimizer(optimizer, self._logits())
 
     def check_unused(self):
         """Zero the logit gradients of parameters that got no gradient (unused

@@ -181,17 +181,7 @@ class LSQ(BaseQuantizer):
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs):
         """Add the scales to `optimizer` as their own group. As in the paper
         they train with the optimizer's own settings; `kwargs` override them."""
-        if self._optimizer_setup:
-            raise RuntimeError("setup_optimizer() or no_optimizer() was already called")
-        scales = self._scales()
-        for group in optimizer.param_groups:
-            if any(p is q for p in group["params"] for q in scales):
-                raise RuntimeError("the optimizer already holds the LSQ scales: create the "
-                                   "optimizer before the quantizer, then call setup_optimizer()")
-        group = {"params": scales}
-        group.update(kwargs)
-        optimizer.add_param_group(group)
-        self._optimizer_setup = True
+        self._add_optimizer_group(optimizer, self._scales(), "LSQ scales", dict(kwargs))
 
     def no_optimizer(self):
         """Train without learning the scales."""
@@ -199,9 +189,7 @@ class LSQ(BaseQuantizer):
 
     def clear_optimizer(self, optimizer: torch.optim.Optimizer):
         """Remove the scales from every group of `optimizer`."""
-        scales = self._scales()
-        for group in optimizer.param_groups:
-            group["params"][:] = [p for p in group["params"] if not any(p is q for q in scales)]
+        self._remove_from_optimizer(optimizer, self._scales())
 
     # ---------------------------------------------------------------- sizes
 
