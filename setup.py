@@ -11,7 +11,8 @@ from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["csrc/rng.c", "csrc/noise.c", "csrc/quantize.c", "csrc/bitpack.c", "csrc/size.c"]
+KERNELS = ["csrc/rng.c", "csrc/noise.c", "csrc/quantize.c", "csrc/bitpack.c", "csrc/size.c",
+           "csrc/validate.c"]
 
 
 def _compiler_accepts(compiler, flag):
