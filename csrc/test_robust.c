@@ -314,6 +314,21 @@ static void test_bitpack_far(void) {
     }
 }
 
+/* With 0 bit planes a packed buffer of no words may claim any number of
+ * lines; unpacking walks only the lines that hold the values asked for
+ * (before, 2^50 claimed lines took days). */
+static void test_unpack_huge_line_claim(void) {
+    uint64_t no_words = 0;
+    int16_t out[5] = {9, 9, 9, 9, 9};
+    const int64_t lines = (int64_t)1 << 50;
+    CHECK(dq_validate_packed(lines, 0, 32, 0, 5) == DQ_OK, "zero-plane claim is valid");
+    dq_unpack_bits(&no_words, lines, 0, 5, out, 2);
+    int zero = 1;
+    for (int i = 0; i < 5; ++i)
+        zero &= out[i] == 0;
+    CHECK(zero, "zero planes unpack to zeros");
+}
+
 /* ------------------------------------------------------------------ size */
 
 static void test_size_far(void) {
@@ -428,6 +443,7 @@ int main(void) {
     test_range_far();
     test_quantize_far();
     test_bitpack_far();
+    test_unpack_huge_line_claim();
     test_size_far();
     test_validate_packed();
     test_validate_levels();

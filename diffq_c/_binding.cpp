@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -455,8 +456,8 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
     const auto *pw = reinterpret_cast<const uint64_t *>(packed.data);
     auto *o = reinterpret_cast<int16_t *>(out.data);
     py::gil_scoped_release nogil;
-    if (reference)
-        dq_unpack_bits_ref(pw, lines, (int)nbits, 0, lines, out.numel, o);
+    if (reference)  // only the lines that hold the values asked for (see dq_unpack_bits)
+        dq_unpack_bits_ref(pw, lines, (int)nbits, 0, std::min(lines, dq_pack_lines(out.numel)), out.numel, o);
     else
         dq_unpack_bits(pw, lines, (int)nbits, out.numel, o, nthreads);
 }

@@ -6,6 +6,7 @@ The table SPECS has one entry per entry point; a new entry point without one
 fails `test_every_entry_point_has_rejection_cases`.
 """
 import ctypes
+import threading
 import typing as tp
 
 import pytest
@@ -326,3 +327,18 @@ def test_requires_grad_tensor_is_refused_by_its_producer():
     that into a TypeError naming the argument instead of crashing."""
     with pytest.raises(TypeError, match="x cannot be read"):
         _C.value_range(torch.zeros(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_zero_plane_packed_tensor_claiming_huge_line_count_returns_at_once(reference):
+    """A [2^50, 0, 32] tensor holds no words, so any line count is a valid
+    shape. Unpacking must walk only the lines holding the values asked for;
+    walking the claimed lines would take days (a denial of service)."""
+    packed = torch.empty(2 ** 50, 0, 32, dtype=torch.int64)
+    out = torch.full((5,), 3, dtype=torch.int16)
+    worker = threading.Thread(target=_C.unpack_bits, args=(packed, out),
+                              kwargs={"reference": reference}, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "unpack_bits walks the claimed lines"
+    assert torch.equal(out, torch.zeros(5, dtype=torch.int16))
