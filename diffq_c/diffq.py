@@ -139,7 +139,9 @@ class DiffQuantizer(BaseQuantizer):
     # ------------------------------------------------------------ optimizer
 
     def _logits(self):
-        return [qp.logit for qp in self._qparams]
+        # a tied tensor's entries share one logit: list it once, or the
+        # optimizer would step it twice (and torch warns of the duplicate)
+        return [qp.logit for qp in self._qparams if qp.other is None]
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs):
         """Add the logits to `optimizer` as their own group: learning rate `lr`

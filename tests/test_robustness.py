@@ -288,6 +288,9 @@ def test_tied_weights(detect_bound):
     optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "diffq" not in n],
                                  lr=1e-2)
     quantizer.setup_optimizer(optimizer)
+    logits = optimizer.param_groups[-1]["params"]
+    # one logit per stored tensor, each once: a duplicate would be stepped twice
+    assert len({id(p) for p in logits}) == len(logits) == (3 if detect_bound else 4)
     x = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0))
     model.train()
     for _ in range(3):
@@ -576,3 +579,25 @@ def test_corrupted_uniform_packed_state():
         with pytest.raises(ValueError, match=r"'fc\.weight'"):
             diffq_c.restore_quantized_state(target, bad)
         snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("kind", ["diffq", "uniform"])
+def test_strict_checks_accept_real_diffq_states(packed, kind):
+    """The checks above refuse nothing diffq 0.2.4 writes: its states
+    restore into diffq_c with the weights diffq itself restores."""
+    source = Net()
+    if kind == "diffq":
+        quantizer = diffq.DiffQuantizer(source, min_size=0.001, group_size=4, float16=True)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            for qparam in quantizer._qparams:
+                qparam.logit.uniform_(-1.5, 1.5, generator=g)
+    else:
+        quantizer = diffq.UniformQuantizer(source, bits=5, min_size=0.001)
+    state = quantizer.get_quantized_state(packed=packed)
+    ours, theirs = Net(seed=7), Net(seed=7)
+    diffq_c.restore_quantized_state(ours, state)
+    diffq.restore_quantized_state(theirs, state)
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, b), name
