@@ -160,6 +160,10 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
     b.data = static_cast<char *>(t.data) + t.byte_offset;
     if (b.numel > 0 && !t.data)
         value_error(std::string(name) + " has no data");
+    // kernels dereference typed pointers: a misaligned one is undefined
+    // behaviour (torch never exports one; other producers may)
+    if (b.numel > 0 && reinterpret_cast<uintptr_t>(b.data) % b.elem_size)
+        value_error(std::string(name) + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
     b.capsule = std::move(cap);
     return b;
 }

@@ -175,6 +175,30 @@ class OtherDevice:
         return capsule
 
 
+class Misaligned:
+    """A tensor exported with its data one byte past an element boundary
+    (DLTensor.byte_offset += 1). Never dereferenced when refused."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+    def __dlpack__(self, *args, **kwargs):
+        capsule = self.tensor.__dlpack__()
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype = ctypes.c_void_p
+        get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        managed = get(capsule, b"dltensor")
+        # data, device (2 x int32), ndim (int32), dtype (4 bytes), shape,
+        # strides, then uint64 byte_offset
+        ptr = ctypes.sizeof(ctypes.c_void_p)
+        offset_at = managed + ptr + 8 + 4 + 4 + 2 * ptr
+        ctypes.c_uint64.from_address(offset_at).value += 1
+        return capsule
+
+
 def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
     wide = torch.zeros(*t.shape, 2, dtype=t.dtype)
     view = wide[..., 0]
@@ -251,6 +275,20 @@ def test_wrong_device_is_value_error(name):
         _expect(name, spec, {arg: OtherDevice(t)}, ValueError, match=f"{arg} must be a CPU tensor")
         _expect(name, spec, {arg: OtherDevice(t, admit_cpu=True)}, ValueError,
                 match=f"{arg} must be a CPU tensor")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_misaligned_is_value_error(name):
+    spec = SPECS[name]
+    for arg in spec.tensors:
+        t = spec.make()[arg]
+        if t.element_size() == 1:
+            continue  # bytes are always aligned
+        # one spare element so even the shifted view stays inside the storage
+        room = torch.zeros(t.numel() + 1, dtype=t.dtype)
+        room[:t.numel()] = t.reshape(-1)
+        view = room[:t.numel()].view(t.shape)
+        _expect(name, spec, {arg: Misaligned(view)}, ValueError, match=f"{arg} is not aligned")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))

@@ -18,8 +18,6 @@ from torch import nn
 import diffq_c
 from diffq_c import bitpack
 
-torch.set_num_threads(1)
-
 
 # ------------------------------------------------------------- helpers
 
