@@ -76,12 +76,12 @@ struct Buffer {
 };
 
 [[noreturn]] void type_error(const std::string &msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string &msg) { throw py::value_error(msg); }
 
 // "Type: message" of a Python exception, without the traceback what() adds.
 std::string exception_text(py::error_already_set &e) {
     return std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
 }
-[[noreturn]] void value_error(const std::string &msg) { throw py::value_error(msg); }
 
 Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -1) {
     if (!py::hasattr(obj, "__dlpack__"))
