@@ -130,13 +130,17 @@ void dq_unpack_bits_fast(const uint64_t *restrict packed, int64_t lines, int nbi
 void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, int64_t n,
                     int16_t *restrict out, int nthreads) {
     assert(n <= lines * DQ_PACK_LINE);
+    /* only the lines holding the n values: with nbits 0 a buffer of no
+     * words may claim any number of lines, and walking them all would take
+     * as long as the claim is large */
+    int64_t used = DQ_MIN(lines, dq_pack_lines(n));
     const int64_t per_chunk = DQ_CHUNK / DQ_PACK_LINE;
-    int64_t chunks = dq_num_chunks(lines, per_chunk);
+    int64_t chunks = dq_num_chunks(used, per_chunk);
     (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t first = c * per_chunk;
-        dq_unpack_bits_fast(packed, lines, nbits, first, DQ_MIN(per_chunk, lines - first), n,
+        dq_unpack_bits_fast(packed, lines, nbits, first, DQ_MIN(per_chunk, used - first), n,
                             out);
     }
 }

@@ -246,6 +246,42 @@ double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad,
 float dq_lsq_backward(const float *restrict x, const float *restrict grad, int64_t n, float scale,
                       int bits, float grad_scale, float *restrict grad_x, int nthreads);
 
+/* ------------------------------------------------------------- validate.c */
+
+/* Checks of untrusted sizes and contents (a quantized state read from disk,
+ * buffers from Python). The binding and the fuzz target both call these, so
+ * what the fuzzer proves safe is what the binding accepts. Each returns
+ * DQ_OK or a negative DQ_ERR_* code; dq_error_message describes it. */
+#define DQ_OK 0
+#define DQ_ERR_NBITS (-3)       /* bit planes outside 0..16 */
+#define DQ_ERR_PACK_SHAPE (-4)  /* not [lines, nbits, 32], or the word count disagrees */
+#define DQ_ERR_PACK_SHORT (-5)  /* fewer packed values than asked for */
+#define DQ_ERR_OVERFLOW (-6)    /* a size product does not fit in int64 */
+#define DQ_ERR_GROUPS (-7)      /* group_size does not divide n, or wrong group count */
+#define DQ_ERR_BITS (-8)        /* a bit width outside 1..15 */
+#define DQ_ERR_LEVEL (-9)       /* a level >= 2^bits of its group, or negative */
+#define DQ_ERR_LEVEL_BYTES (-10) /* levels neither uint8 nor int16, or uint8 with > 8 bits */
+#define DQ_ERR_SIZE (-11)       /* a negative size */
+
+const char *dq_error_message(int err);
+
+/* a * b into *out; 0 (and *out untouched) when it overflows or a, b < 0. */
+int dq_mul_size(int64_t a, int64_t b, int64_t *out);
+
+/* A packed buffer of `words` uint64 with shape [lines, nbits, block], from
+ * which n values are to be unpacked: block is 32, 0 <= nbits <= 16,
+ * words == lines * nbits * 32 and n <= lines * 2048, without overflow. */
+int dq_validate_packed(int64_t lines, int64_t nbits, int64_t block, int64_t words, int64_t n);
+
+/* Grouped levels for dq_quantize / dq_dequantize: n >= 0, group_size >= 0
+ * (0: one group), n == ngroups * group_size, every bits[g] in 1..15,
+ * level_bytes 1 (only with bits <= 8) or 2. When `levels` is not NULL their
+ * values are checked too: 0 <= level < 2^bits[g]. On failure *where (if not
+ * NULL) is the offending group (DQ_ERR_BITS, DQ_ERR_LEVEL_BYTES) or element
+ * (DQ_ERR_LEVEL), else -1. */
+int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t group_size,
+                       const uint8_t *bits, int64_t ngroups, int64_t *where);
+
 #ifdef __cplusplus
 }
 #undef restrict

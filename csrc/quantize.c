@@ -117,8 +117,10 @@ void dq_quantize_ref(const float *restrict p, int64_t group_size, const uint8_t 
         float level = 0.0f;
         if (range != 0.0f) {
             level = rintf(((p[i] - mn) / range) / step_of_bits(b));
-            /* only reachable by rounding at the ends; keeps levels in their width */
-            level = level < 0.0f ? 0.0f : (level > top ? top : level);
+            /* only reachable by rounding at the ends; keeps levels in their width.
+             * Written so that NaN (a NaN weight or range) becomes 0: casting
+             * NaN to an integer would be undefined behaviour. */
+            level = level > 0.0f ? (level < top ? level : top) : 0.0f;
         }
         store_level(levels, level_bytes, i, level);
     }
@@ -144,14 +146,14 @@ void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t
             uint8_t *restrict out = (uint8_t *)levels;
             for (int64_t k = i; k < seg_end; ++k) {
                 float level = rintf(((p[k] - mn) / range) / step);
-                level = level < 0.0f ? 0.0f : (level > top ? top : level);
+                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
                 out[k] = (uint8_t)(int32_t)level;
             }
         } else {
             int16_t *restrict out = (int16_t *)levels;
             for (int64_t k = i; k < seg_end; ++k) {
                 float level = rintf(((p[k] - mn) / range) / step);
-                level = level < 0.0f ? 0.0f : (level > top ? top : level);
+                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
                 out[k] = (int16_t)(int32_t)level;
             }
         }

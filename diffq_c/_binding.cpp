@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -76,15 +78,39 @@ struct Buffer {
 [[noreturn]] void type_error(const std::string &msg) { throw py::type_error(msg); }
 [[noreturn]] void value_error(const std::string &msg) { throw py::value_error(msg); }
 
+// "Type: message" of a Python exception, without the traceback what() adds.
+std::string exception_text(py::error_already_set &e) {
+    return std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
+}
+
 Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -1) {
     if (!py::hasattr(obj, "__dlpack__"))
         type_error(std::string(name) + " must be a tensor, got " +
                    std::string(py::str(py::type::of(obj).attr("__name__"))));
+    // Ask for the device first, as the DLPack protocol intends: producers
+    // refuse to export some devices at all (torch's meta tensors), and that
+    // is a wrong device, not a wrong type.
+    if (py::hasattr(obj, "__dlpack_device__")) {
+        py::object dev;
+        try {
+            dev = obj.attr("__dlpack_device__")();
+        } catch (py::error_already_set &e) {
+            value_error(std::string(name) + " must be a CPU tensor: " + exception_text(e));
+        }
+        int32_t device_type = -1;
+        try {
+            device_type = py::cast<int32_t>(dev[py::int_(0)]);
+        } catch (std::exception &) {
+            value_error(std::string(name) + " reported an unreadable device");
+        }
+        if (device_type != kDLCPU)
+            value_error(std::string(name) + " must be a CPU tensor (device type " + std::to_string(device_type) + ")");
+    }
     py::object cap;
     try {
         cap = obj.attr("__dlpack__")();
     } catch (py::error_already_set &e) {
-        type_error(std::string(name) + " cannot be read as a buffer: " + e.what());
+        type_error(std::string(name) + " cannot be read as a buffer: " + exception_text(e));
     }
     if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
         type_error(std::string(name) + " did not export a DLPack tensor");
@@ -110,17 +136,23 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
     Buffer b;
     b.elem_size = t.dtype.bits / 8;
     b.numel = 1;
-    int64_t expected_stride = 1;
-    for (int d = t.ndim - 1; d >= 0; --d) {
+    if (t.ndim < 0 || (t.ndim > 0 && !t.shape))
+        value_error(std::string(name) + " has no shape");
+    for (int d = 0; d < t.ndim; ++d) {
         if (t.shape[d] < 0)
             value_error(std::string(name) + " has a negative dimension");
+        b.shape.push_back(t.shape[d]);
+        // the byte size must fit too: kernels compute data + numel * elem_size
+        if (!dq_mul_size(b.numel, t.shape[d], &b.numel) || b.numel > INT64_MAX / 8)
+            value_error(std::string(name) + " is too large to index with 64 bits");
+    }
+    // an empty tensor has no layout to check; strides of size-1 dimensions
+    // carry no meaning
+    int64_t expected_stride = 1;
+    for (int d = t.ndim - 1; d >= 0 && b.numel > 0; --d) {
         if (t.strides && t.shape[d] != 1 && t.strides[d] != expected_stride)
             value_error(std::string(name) + " must be contiguous");
         expected_stride *= t.shape[d];
-    }
-    for (int d = 0; d < t.ndim; ++d) {
-        b.shape.push_back(t.shape[d]);
-        b.numel *= t.shape[d];
     }
     if (want_numel >= 0 && b.numel != want_numel)
         value_error(std::string(name) + " has " + std::to_string(b.numel) + " elements, expected " +
@@ -128,6 +160,10 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
     b.data = static_cast<char *>(t.data) + t.byte_offset;
     if (b.numel > 0 && !t.data)
         value_error(std::string(name) + " has no data");
+    // kernels dereference typed pointers: a misaligned one is undefined
+    // behaviour (torch never exports one; other producers may)
+    if (b.numel > 0 && reinterpret_cast<uintptr_t>(b.data) % b.elem_size)
+        value_error(std::string(name) + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
     b.capsule = std::move(cap);
     return b;
 }
@@ -139,10 +175,37 @@ void no_overlap(const Buffer &a, const char *an, const Buffer &b, const char *bn
         value_error(std::string(an) + " must not overlap " + bn);
 }
 
+// OpenMP starts as many threads as asked; an absurd count would abort the
+// process when thread creation fails.
+constexpr int kMaxThreads = 1024;
+
 int threads(int nthreads) {
-    if (nthreads < 1)
-        value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+    if (nthreads < 1 || nthreads > kMaxThreads)
+        value_error("nthreads must be in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(nthreads));
     return nthreads;
+}
+
+void finite(float x, const char *name) {
+    if (!std::isfinite(x))
+        value_error(std::string(name) + " must be finite, got " + std::to_string(x));
+}
+
+// The message of a dq_validate_levels failure, naming the offending entry.
+[[noreturn]] void levels_error(int err, int64_t where, const Buffer &levels, const Buffer &bits,
+                               int64_t group_size, const char *levels_name) {
+    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
+    if (err == DQ_ERR_BITS)
+        value_error("bits[" + std::to_string(where) + "] = " + std::to_string(bp[where]) + " is outside 1..15");
+    if (err == DQ_ERR_LEVEL_BYTES)
+        type_error(std::string(levels_name) + " is uint8 but a group has " + std::to_string(bp[where]) + " bits");
+    if (err == DQ_ERR_LEVEL) {
+        int64_t gs = group_size ? group_size : levels.numel;
+        int v = levels.elem_size == 1 ? reinterpret_cast<const uint8_t *>(levels.data)[where]
+                                      : reinterpret_cast<const int16_t *>(levels.data)[where];
+        value_error(std::string(levels_name) + "[" + std::to_string(where) + "] = " + std::to_string(v) +
+                    " does not fit in " + std::to_string(bp[where / gs]) + " bits");
+    }
+    value_error(std::string(levels_name) + ": " + dq_error_message(err));
 }
 
 int noise_kind(int kind) {
@@ -175,23 +238,6 @@ int64_t groups_of(int64_t n, int64_t group_size, const char *what) {
     return n / group_size;
 }
 
-void check_bits(const Buffer &bits, const char *name) {
-    const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
-    for (int64_t g = 0; g < bits.numel; ++g)
-        if (b[g] < 1 || b[g] > 15)
-            value_error(std::string(name) + "[" + std::to_string(g) + "] = " + std::to_string(b[g]) +
-                        " is outside 1..15");
-}
-
-void check_level_bytes(const Buffer &levels, const Buffer &bits, const char *name) {
-    if (levels.elem_size == 1) {
-        const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
-        for (int64_t g = 0; g < bits.numel; ++g)
-            if (b[g] > 8)
-                type_error(std::string(name) + " is uint8 but a group has " + std::to_string(b[g]) + " bits");
-    }
-}
-
 std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> philox(std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> ctr,
                                                           std::tuple<uint32_t, uint32_t> key) {
     uint32_t c[4] = {std::get<0>(ctr), std::get<1>(ctr), std::get<2>(ctr), std::get<3>(ctr)};
@@ -205,8 +251,8 @@ void noise_fill(py::handle out_obj, int kind, uint64_t seed, int64_t start, int 
     Buffer out = view(out_obj, "out", DType::f32);
     noise_kind(kind);
     threads(nthreads);
-    if (start < 0)
-        value_error("start must be >= 0");
+    if (start < 0 || start > INT64_MAX - out.numel)
+        value_error("start must be in 0..2^63 - 1 - out.numel(), got " + std::to_string(start));
     float *o = reinterpret_cast<float *>(out.data);
     py::gil_scoped_release nogil;
     if (reference)
@@ -265,6 +311,9 @@ void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj,
     Buffer grad_logit = view(grad_logit_obj, "grad_logit", DType::f32, ngroups);
     no_overlap(grad_p, "grad_p", grad, "grad");
     no_overlap(grad_p, "grad_p", p, "p");
+    no_overlap(grad_p, "grad_p", logit, "logit");
+    no_overlap(grad_logit, "grad_logit", grad, "grad");
+    no_overlap(grad_logit, "grad_logit", p, "p");
     no_overlap(grad_logit, "grad_logit", logit, "logit");
     no_overlap(grad_logit, "grad_logit", grad_p, "grad_p");
     noise_kind(kind);
@@ -297,6 +346,12 @@ void logit_to_step(py::handle logit_obj, py::handle bits_obj, py::handle step_ob
     Buffer bits = view(bits_obj, "bits", DType::f32, logit.numel);
     Buffer step = view(step_obj, "step", DType::f32, logit.numel);
     Buffer dstep = view(dstep_obj, "dstep", DType::f32, logit.numel);
+    no_overlap(bits, "bits", logit, "logit");
+    no_overlap(step, "step", logit, "logit");
+    no_overlap(dstep, "dstep", logit, "logit");
+    no_overlap(bits, "bits", step, "step");
+    no_overlap(bits, "bits", dstep, "dstep");
+    no_overlap(step, "step", dstep, "dstep");
     dq_bits_param prm = bits_param(prm_t);
     py::gil_scoped_release nogil;
     dq_logit_to_step_ref(&prm, reinterpret_cast<const float *>(logit.data), logit.numel,
@@ -311,9 +366,15 @@ void quantize(py::handle p_obj, py::handle bits_obj, py::handle levels_obj, int6
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer levels = view(levels_obj, "levels", DType::u8_or_i16, p.numel);
     no_overlap(levels, "levels", p, "p");
+    no_overlap(levels, "levels", bits, "bits");
     threads(nthreads);
-    check_bits(bits, "bits");
-    check_level_bytes(levels, bits, "levels");
+    finite(mn, "mn");
+    finite(range, "range");
+    const uint8_t *bits_data = reinterpret_cast<const uint8_t *>(bits.data);
+    int64_t where;
+    int err = dq_validate_levels(nullptr, levels.elem_size, p.numel, group_size, bits_data, ngroups, &where);
+    if (err != DQ_OK)
+        levels_error(err, where, levels, bits, group_size, "levels");
     const float *pp = reinterpret_cast<const float *>(p.data);
     const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
     py::gil_scoped_release nogil;
@@ -331,21 +392,20 @@ void dequantize(py::handle levels_obj, py::handle bits_obj, py::handle out_obj, 
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer out = view(out_obj, "out", DType::f32, levels.numel);
     no_overlap(out, "out", levels, "levels");
+    no_overlap(out, "out", bits, "bits");
     threads(nthreads);
-    check_bits(bits, "bits");
+    finite(mn, "mn");
+    finite(range, "range");
     const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
-    int64_t bad;
+    int64_t where;
+    int err;
     {
+        // the same checks as the fuzz target: levels come from untrusted states
         py::gil_scoped_release nogil;
-        bad = dq_check_levels(levels.data, levels.elem_size, levels.numel, group_size, bp);
+        err = dq_validate_levels(levels.data, levels.elem_size, levels.numel, group_size, bp, ngroups, &where);
     }
-    if (bad >= 0) {
-        int64_t gs = group_size ? group_size : levels.numel;
-        int v = levels.elem_size == 1 ? reinterpret_cast<const uint8_t *>(levels.data)[bad]
-                                      : reinterpret_cast<const int16_t *>(levels.data)[bad];
-        value_error("levels[" + std::to_string(bad) + "] = " + std::to_string(v) + " does not fit in " +
-                    std::to_string(bp[bad / gs]) + " bits");
-    }
+    if (err != DQ_OK)
+        levels_error(err, where, levels, bits, group_size, "levels");
     float *o = reinterpret_cast<float *>(out.data);
     py::gil_scoped_release nogil;
     if (reference)
@@ -359,8 +419,10 @@ void pack_bits(py::handle x_obj, py::handle out_obj, int nbits, int nthreads, bo
     Buffer x = view(x_obj, "x", DType::i16);
     if (nbits < 0 || nbits > 16)
         value_error("nbits must be in 0..16, got " + std::to_string(nbits));
-    int64_t lines = dq_pack_lines(x.numel);
-    Buffer out = view(out_obj, "out", DType::i64, lines * nbits * DQ_PACK_BLOCK);
+    int64_t lines = dq_pack_lines(x.numel), words;
+    if (!dq_mul_size(lines, (int64_t)nbits * DQ_PACK_BLOCK, &words))
+        value_error("x is too large to pack");
+    Buffer out = view(out_obj, "out", DType::i64, words);
     no_overlap(out, "out", x, "x");
     threads(nthreads);
     // values must fit in nbits: the packed layout would silently drop bits
@@ -383,19 +445,23 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
         value_error("packed must have shape [lines, nbits, 32]");
     int64_t lines = packed.shape[0];
     int64_t nbits = packed.shape[1];
-    if (nbits > 16)
-        value_error("packed holds " + std::to_string(nbits) + " bit planes, at most 16 are supported");
     Buffer out = view(out_obj, "out", DType::i16);
-    if (out.numel > lines * DQ_PACK_LINE)
+    // the same checks as the fuzz target
+    int err = dq_validate_packed(lines, nbits, packed.shape[2], packed.numel, out.numel);
+    if (err == DQ_ERR_NBITS)
+        value_error("packed holds " + std::to_string(nbits) + " bit planes, at most 16 are supported");
+    if (err == DQ_ERR_PACK_SHORT)
         value_error("packed holds " + std::to_string(lines * DQ_PACK_LINE) + " values, " +
                     std::to_string(out.numel) + " were asked for");
+    if (err != DQ_OK)
+        value_error(std::string("packed: ") + dq_error_message(err));
     no_overlap(out, "out", packed, "packed");
     threads(nthreads);
     const auto *pw = reinterpret_cast<const uint64_t *>(packed.data);
     auto *o = reinterpret_cast<int16_t *>(out.data);
     py::gil_scoped_release nogil;
-    if (reference)
-        dq_unpack_bits_ref(pw, lines, (int)nbits, 0, lines, out.numel, o);
+    if (reference)  // only the lines that hold the values asked for (see dq_unpack_bits)
+        dq_unpack_bits_ref(pw, lines, (int)nbits, 0, std::min(lines, dq_pack_lines(out.numel)), out.numel, o);
     else
         dq_unpack_bits(pw, lines, (int)nbits, out.numel, o, nthreads);
 }

@@ -19,6 +19,10 @@ from . import bitpack
 
 
 class BaseQuantizer:
+    # constructor arguments not stored in a state's meta: the model, and
+    # run-time objects that neither pickle nor load under weights_only
+    _STATE_EXCLUDED_KWARGS = ("model", "generator")
+
     @dataclass
     class _QuantizedParam:
         name: str
@@ -46,7 +50,13 @@ class BaseQuantizer:
         self._full_names: tp.Dict[int, str] = {}
         self._find_params()
         self._pre_handle = self.model.register_forward_pre_hook(self._forward_pre_hook)
-        self._post_handle = self.model.register_forward_hook(self._forward_hook)
+        try:
+            # the post hook also runs when the forward raises, so a failed
+            # forward never leaves noisy or quantized weights in the model
+            self._post_handle = self.model.register_forward_hook(self._forward_hook,
+                                                                 always_call=True)
+        except TypeError:  # torch < 2.1
+            self._post_handle = self.model.register_forward_hook(self._forward_hook)
 
     # ------------------------------------------------------------ discovery
 
@@ -63,7 +73,9 @@ class BaseQuantizer:
                 self._rnns.append(module)
             for name, param in list(module.named_parameters(recurse=False)):
                 full_name = f"{module_name}.{name}"
-                if param.numel() <= min_numel or self._excluded(full_name, name):
+                # an empty tensor has no range to quantize, whatever min_size says
+                if (param.numel() <= min_numel or param.numel() == 0
+                        or self._excluded(full_name, name)):
                     if id(param) in seen:
                         continue
                     if self.detect_bound:
@@ -93,7 +105,14 @@ class BaseQuantizer:
         if self.model.training:
             self._quantized_state = None
             self.unquantize()
-            if self._pre_forward_train():
+            try:
+                swapped = self._pre_forward_train()
+            except BaseException:
+                # a parameter was refused (non-finite weights) after others
+                # were swapped: put every real parameter back
+                self._post_forward_train()
+                raise
+            if swapped:
                 self._fix_rnns()
         else:
             if self._need_unquantize is not None:
@@ -217,7 +236,7 @@ class BaseQuantizer:
         if torch_pack:
             from . import torch_pack as torch_pack_mod
             return torch_pack_mod.pack, torch_pack_mod.unpack
-        return bitpack.pack, bitpack.unpack
+        return bitpack.pack, unpack_state
 
     def get_quantized_state(self, packed=True, torch_pack=False):
         """The quantized weights, bit-packed when `packed` (with the
@@ -232,7 +251,8 @@ class BaseQuantizer:
                 quantized = self._bit_pack_param(qparam, quantized, pack_fn=pack_fn)
             all_quantized.append(quantized)
         kwargs = dict(self._init_kwargs)
-        kwargs.pop("model", None)
+        for key in self._STATE_EXCLUDED_KWARGS:
+            kwargs.pop(key, None)
         return {
             "quantized": all_quantized,
             "float16": [p.data.half() for p in self._float16],
@@ -250,7 +270,10 @@ class BaseQuantizer:
             raise ValueError("not a quantized state: expected a dict with a 'quantized' entry")
         for key, params in (("quantized", self._unique_qparams()), ("float16", self._float16),
                             ("others", self._others)):
-            got = len(state.get(key, []))
+            entries = state.get(key, [])
+            if not isinstance(entries, (list, tuple)):
+                raise ValueError(f"state[{key!r}] must be a list, got {type(entries).__name__}")
+            got = len(entries)
             if got != len(params):
                 raise ValueError(f"state has {got} {key!r} tensors, the model has {len(params)}: "
                                  "is it a state of another model or quantizer setting?")
@@ -275,18 +298,27 @@ class BaseQuantizer:
                 if meta.get("packed", False):
                     quantized = self._bit_unpack_param(qparam, quantized, unpack_fn)
                 value = self._unquantize_param(qparam, quantized)
-            except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as exc:
+            except (ValueError, TypeError, RuntimeError, IndexError, KeyError,
+                    AttributeError) as exc:
                 raise ValueError(f"cannot restore parameter {name!r}: {exc}") from exc
             if value.numel() != qparam.param.numel():
                 raise ValueError(f"cannot restore parameter {name!r}: state holds {value.numel()} "
                                  f"values, the parameter has {qparam.param.numel()}")
-            new_values.append(value)
+            new_values.append(value.view_as(qparam.param))
+        # converted before any write too: a tensor that cannot become the
+        # parameter (meta device, complex) must not leave a half-restored model
+        plain_values = []
+        for kind, params in (("float16", self._float16), ("others", self._others)):
+            for i, (p, q) in enumerate(zip(params, state[kind])):
+                try:
+                    plain_values.append(q.to(p))
+                except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+                    raise ValueError(f"state[{kind!r}][{i}] cannot be loaded into its "
+                                     f"parameter: {exc}") from exc
         for qparam, value in zip(self._unique_qparams(), new_values):
-            qparam.param.data.copy_(value.view_as(qparam.param))
-        for p, q in zip(self._float16, state["float16"]):
-            p.data.copy_(q.to(p))
-        for p, q in zip(self._others, state["others"]):
-            p.data.copy_(q)
+            qparam.param.data.copy_(value)
+        for p, value in zip(self._float16 + self._others, plain_values):
+            p.data.copy_(value)
         self._fix_rnns()
 
     def detach(self) -> None:
@@ -328,6 +360,38 @@ class BaseQuantizer:
         return total / 2 ** 20
 
 
+def packed_planes(packed: tp.Any) -> tp.Optional[int]:
+    """Bit planes of a packed tensor: bitpack's [lines, nbits, 32] or
+    torch_pack's [nbits, words]; None for anything else."""
+    if isinstance(packed, torch.Tensor):
+        if packed.dim() == 3:
+            return packed.shape[1]
+        if packed.dim() == 2:
+            return packed.shape[0]
+    return None
+
+
+def unpack_state(packed: tp.Any, length: int) -> torch.Tensor:
+    """`bitpack.unpack` for a tensor read from a state: it must be exactly
+    what `pack` writes for `length` values (an int64 [lines, nbits, 32]
+    tensor of ceil(length / 2048) lines, padded with zeros), so that a
+    truncated tensor, or one written for another layout or group count, is
+    refused rather than decoded into wrong weights."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed levels must be a tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.int64 or packed.dim() != 3 or packed.shape[2] != 32:
+        raise ValueError(f"packed tensor must be int64 [lines, nbits, 32], got {packed.dtype} "
+                         f"of shape {tuple(packed.shape)}")
+    lines = -(-length // bitpack.LINE)
+    if packed.shape[0] != lines:
+        raise ValueError(f"packed tensor has {packed.shape[0]} lines, {length} values "
+                         f"take {lines}")
+    values = bitpack.unpack(packed)
+    if bool(values[length:].any()):
+        raise ValueError(f"packed tensor holds non-zero values past the {length} expected")
+    return values[:length]
+
+
 def _our_class(klass):
     """Map a quantizer class saved by diffq (diffq.diffq.DiffQuantizer, ...)
     to ours, so diffq's states restore without diffq installed."""
@@ -347,8 +411,16 @@ def restore_quantized_state(model: torch.nn.Module, state: dict) -> None:
     if not isinstance(state, dict) or "meta" not in state:
         raise ValueError("state has no 'meta' entry: was it made by get_quantized_state()?")
     meta = state["meta"]
+    if not isinstance(meta, dict) or "klass" not in meta:
+        raise ValueError("state['meta'] must be a dict naming the quantizer class ('klass')")
     klass = _our_class(meta["klass"])
-    quantizer = klass(model, **meta["init_kwargs"])
+    # the state chooses what gets called: only a quantizer class, nothing else
+    if not (isinstance(klass, type) and issubclass(klass, BaseQuantizer)):
+        raise ValueError(f"state['meta']['klass'] is not a quantizer class: {klass!r}")
+    init_kwargs = meta.get("init_kwargs", {})
+    if not isinstance(init_kwargs, dict):
+        raise ValueError("state['meta']['init_kwargs'] must be a dict")
+    quantizer = klass(model, **init_kwargs)
     try:
         quantizer.restore_quantized_state(state)
     finally:

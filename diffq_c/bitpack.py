@@ -11,6 +11,9 @@ import torch
 
 from . import ops
 
+# values per packed line with the default block size of 32
+LINE = 64 * 32
+
 
 def _auto_nbits(x: torch.Tensor) -> int:
     return int(math.ceil(math.log2(1 + int(x.max().item())))) if x.numel() else 0
@@ -59,6 +62,8 @@ def pack(x: torch.Tensor, nbits: int = 0, block_size: int = 32) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, length: tp.Optional[int] = None) -> torch.Tensor:
     """int16 values back from `pack`; `length` trims the padding."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
     if packed.dtype != torch.int64 or packed.dim() != 3:
         raise ValueError(f"packed must be a 3-D int64 tensor, got {packed.dtype} "
                          f"of shape {tuple(packed.shape)}")

@@ -13,7 +13,7 @@ import typing as tp
 import torch
 
 from . import ops
-from .base import BaseQuantizer
+from .base import BaseQuantizer, packed_planes
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
 MAX_STORED_BITS = 15
@@ -29,7 +29,8 @@ class DiffQuantizer(BaseQuantizer):
                  group_size: int = 1, min_bits: float = 2, max_bits: float = 15,
                  param="bits", noise="gaussian",
                  init_bits: float = 8, extra_bits: float = 0, suffix: str = "_diffq",
-                 exclude: tp.List[str] = [], detect_bound: bool = True):
+                 exclude: tp.List[str] = [], detect_bound: bool = True,
+                 generator: tp.Optional[torch.Generator] = None):
         """Differentiable quantizer.
 
         Args:
@@ -49,6 +50,12 @@ class DiffQuantizer(BaseQuantizer):
             suffix: name suffix of the logit parameters.
             exclude: fnmatch patterns of parameter names to leave unquantized.
             detect_bound: quantize a tensor used by several modules only once.
+            generator: where the noise seed of each training forward comes
+                from (not part of diffq). None draws it from torch's global
+                generator, as diffq does; that one is shared by all threads,
+                so models trained in parallel threads get seeds in whatever
+                order the threads reach it. A generator per quantizer makes
+                each run reproducible on its own. It is not saved in states.
 
         Call `setup_optimizer` (or `no_optimizer`) before training, and use
         model.train() / model.eval(): eval forwards see quantized weights.
@@ -78,7 +85,16 @@ class DiffQuantizer(BaseQuantizer):
             if name.endswith(suffix):
                 raise RuntimeError(f"the model already has a parameter ending in {suffix!r} "
                                    f"({name}): was a DiffQuantizer applied to it twice?")
-        super().__init__(model, min_size, float16, exclude, detect_bound)
+        self._generator = generator
+        try:
+            super().__init__(model, min_size, float16, exclude, detect_bound)
+        except BaseException:
+            # a parameter refused midway (group_size) must not leave the logits
+            # of the ones before it on the model
+            for qparam in getattr(self, "_qparams", []):
+                if qparam.other is None and hasattr(qparam.module, qparam.name + suffix):
+                    delattr(qparam.module, qparam.name + suffix)
+            raise
 
     # ------------------------------------------------------- bits and logits
 
@@ -123,7 +139,9 @@ class DiffQuantizer(BaseQuantizer):
     # ------------------------------------------------------------ optimizer
 
     def _logits(self):
-        return [qp.logit for qp in self._qparams]
+        # a tied tensor's entries share one logit: list it once, or the
+        # optimizer would step it twice (and torch warns of the duplicate)
+        return [qp.logit for qp in self._qparams if qp.other is None]
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs):
         """Add the logits to `optimizer` as their own group: learning rate `lr`
@@ -181,14 +199,15 @@ class DiffQuantizer(BaseQuantizer):
         if not self._optimizer_setup:
             raise RuntimeError("call setup_optimizer() on your optimizer (or no_optimizer()) "
                                "before training")
-        base_seed = ops.draw_seed()
+        base_seed = ops.draw_seed(self._generator)
         for index, qparam in enumerate(self._qparams):
             if qparam.other is not None:
                 noisy = qparam.other.module._parameters[qparam.other.name]
             else:
                 noisy = ops.noisy_weight(qparam.param, qparam.logit, self.group_size, self.noise,
                                          self._bits_param, ops._derive_seed(base_seed, index),
-                                         name=self._param_name(qparam))
+                                         name=self._param_name(qparam),
+                                         generator=self._generator)
             # bypass nn.Module's check that parameters are leaves
             qparam.module._parameters[qparam.name] = noisy
         return True
@@ -210,7 +229,27 @@ class DiffQuantizer(BaseQuantizer):
         levels, scales = ops.quantize_levels(rows, bits[:, None], name=self._param_name(qparam))
         return levels, scales, bits
 
+    def _check_quantized(self, qparam, quantized: tp.Any) -> None:
+        """The layout of one parameter's quantized value (it may come from a
+        state on disk): (levels [groups, group_size], (min, max), bits [groups])."""
+        if not isinstance(quantized, (tuple, list)) or len(quantized) != 3:
+            raise ValueError("expected (levels, scales, bits), got "
+                             f"{type(quantized).__name__}"
+                             + (f" of length {len(quantized)}" if isinstance(quantized, (tuple, list))
+                                else ""))
+        levels, _, bits = quantized
+        for what, t in (("levels", levels), ("bits", bits)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+        groups = qparam.logit.numel()
+        shape = (groups, self._group_size_of(qparam.param))
+        if tuple(levels.shape) != shape:
+            raise ValueError(f"levels have shape {tuple(levels.shape)}, expected {shape}")
+        if bits.numel() != groups or bits.dim() not in (1, 2):
+            raise ValueError(f"bits have shape {tuple(bits.shape)}, expected ({groups},)")
+
     def _unquantize_param(self, qparam, quantized: tp.Any) -> torch.Tensor:
+        self._check_quantized(qparam, quantized)
         levels, scales, bits = quantized
         if bits.dim() == 1:
             bits = bits[:, None]
@@ -242,7 +281,12 @@ class DiffQuantizer(BaseQuantizer):
         return (all_packed, scales, packed_bits)
 
     def _bit_unpack_param(self, qparam, packed, unpack_fn):
+        if not isinstance(packed, (tuple, list)) or len(packed) != 3:
+            raise ValueError("expected (packed levels, scales, packed bits), got "
+                             f"{type(packed).__name__}")
         all_packed, scales, packed_bits = packed
+        if not isinstance(all_packed, (tuple, list)):
+            raise TypeError(f"packed levels must be a list, got {type(all_packed).__name__}")
         groups = qparam.logit.numel()
         group_size = self._group_size_of(qparam.param)
         bits = unpack_fn(packed_bits, groups).to(torch.int16) + self._bits_offset()
@@ -258,6 +302,9 @@ class DiffQuantizer(BaseQuantizer):
             width = index + 1
             if packed_levels is None:
                 continue
+            planes = packed_planes(packed_levels)
+            if planes is not None and planes != width:
+                raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
             mask = bits == width
             count = int(mask.sum())
             levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \

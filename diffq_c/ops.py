@@ -21,9 +21,13 @@ NOISE_KINDS = {"uniform": 0, "gaussian": 1}
 PARAM_MODES = {"bits": 0, "noise": 1}
 
 
+# the binding refuses more (OpenMP would try to start them all)
+MAX_THREADS = 1024
+
+
 def num_threads() -> int:
     """Threads for the kernels: torch's own setting, so we never oversubscribe it."""
-    return max(1, torch.get_num_threads())
+    return min(MAX_THREADS, max(1, torch.get_num_threads()))
 
 
 def kernels_available() -> bool:
@@ -114,29 +118,35 @@ class _NoisyWeight(torch.autograd.Function):
         return grad_p, grad_logit, None, None, None, None, None
 
 
-def _noisy_weight_torch(p, logit, group_size, noise, prm):
-    """The same formula with torch's RNG, for devices and dtypes the kernels
-    do not take."""
+def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
+    """The same formula with torch's RNG (or `generator`), for devices and
+    dtypes the kernels do not take."""
     bits = bits_from_logit(logit, prm)[:, None]
     rows = p.reshape(1 if group_size == 0 else -1, p.numel() if group_size == 0 else group_size)
     scale = rows.max() - rows.min()
     step = 1 / (2 ** bits - 1)
-    if noise == "uniform":
-        source = torch.rand_like(rows) - 0.5
+    if generator is None:
+        source = torch.rand_like(rows) if noise == "uniform" else torch.randn_like(rows)
     else:
-        source = torch.randn_like(rows) / 2
+        draw = torch.rand if noise == "uniform" else torch.randn
+        source = draw(rows.shape, generator=generator, device=generator.device,
+                      dtype=rows.dtype).to(rows.device)
+    source = source - 0.5 if noise == "uniform" else source / 2
     return (rows + scale * step * source).view_as(p)
 
 
 def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,
-                 prm: BitsParam, seed: int, name: str = "?") -> torch.Tensor:
-    """The weight with pseudo quantization noise, differentiable in p and logit."""
+                 prm: BitsParam, seed: int, name: str = "?",
+                 generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
+    """The weight with pseudo quantization noise, differentiable in p and logit.
+    The kernels derive the noise from `seed`; the torch path draws it from
+    `generator` (torch's global one when None)."""
     if on_kernel_path(p, logit):
         return _NoisyWeight.apply(p, logit, group_size, NOISE_KINDS[noise], seed, prm, name)
     if not torch.isfinite(p).all():
         raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
                          "cannot add quantization noise")
-    return _noisy_weight_torch(p, logit, group_size, noise, prm)
+    return _noisy_weight_torch(p, logit, group_size, noise, prm, generator)
 
 
 # ---------------------------------------------------------------- size
@@ -230,15 +240,43 @@ def quantize_levels(p: torch.Tensor, bits: torch.Tensor, name: str = "?"):
     return levels, (mn, mx)
 
 
+def _check_scales(scales, name: str) -> tp.Tuple[float, float]:
+    """(min, max) of a quantized tensor as two finite floats, min <= max."""
+    try:
+        if len(scales) != 2:
+            raise ValueError
+        mn, mx = float(scales[0]), float(scales[1])
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"quantized state of {name!r}: scales must be (min, max), got "
+                         f"{scales!r}") from None
+    if not (math.isfinite(mn) and math.isfinite(mx) and mn <= mx):
+        raise ValueError(f"quantized state of {name!r}: scales must be finite with "
+                         f"min <= max, got ({mn}, {mx})")
+    return mn, mx
+
+
 def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
                       bits: torch.Tensor, name: str = "?") -> torch.Tensor:
-    """Float32 weights back from levels: level * step * (max - min) + min."""
-    mn, mx = float(scales[0]), float(scales[1])
+    """Float32 weights back from levels: level * step * (max - min) + min.
+    Levels and scales may come from a state on disk: levels outside
+    [0, 2^bits) and non-finite scales are refused."""
+    if not isinstance(levels, torch.Tensor):
+        raise TypeError(f"quantized state of {name!r}: levels must be a tensor, "
+                        f"got {type(levels).__name__}")
+    mn, mx = _check_scales(scales, name)
     bits = torch.as_tensor(bits)
     rows = None
     if _C is not None and levels.device.type == "cpu" and levels.dtype in (torch.uint8, torch.int16):
         rows = _row_bits(levels, bits)
     if rows is None:
+        if levels.dtype.is_floating_point or levels.dtype.is_complex or levels.dtype == torch.bool:
+            raise TypeError(f"quantized state of {name!r}: levels must be integers, "
+                            f"got {levels.dtype}")
+        if bits.numel() and (bool((bits < 1).any()) or bool((bits > 15).any())):
+            raise ValueError(f"quantized state of {name!r}: bits must lie in 1..15")
+        top = (2 ** bits.float()).floor() - 1
+        if levels.numel() and (bool((levels < 0).any()) or bool((levels.float() > top).any())):
+            raise ValueError(f"quantized state of {name!r}: levels outside [0, 2^bits)")
         step = 1 / (2 ** bits.float() - 1)
         return levels.float() * step * (mx - mn) + mn
     b, group_size = rows

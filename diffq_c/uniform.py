@@ -4,7 +4,7 @@ import typing as tp
 import torch
 
 from . import ops
-from .base import BaseQuantizer
+from .base import BaseQuantizer, packed_planes
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
 
@@ -72,7 +72,14 @@ class UniformQuantizer(BaseQuantizer):
                                    name=self._param_name(qparam))
 
     def _unquantize_param(self, qparam, quantized):
+        if not isinstance(quantized, (tuple, list)) or len(quantized) != 2:
+            raise ValueError(f"expected (levels, scales), got {type(quantized).__name__}")
         levels, scales = quantized
+        if not isinstance(levels, torch.Tensor):
+            raise TypeError(f"levels must be a tensor, got {type(levels).__name__}")
+        if levels.shape != qparam.param.shape:
+            raise ValueError(f"levels have shape {tuple(levels.shape)}, the parameter has "
+                             f"{tuple(qparam.param.shape)}")
         return ops.dequantize_levels(levels, scales, torch.tensor(self.bits),
                                      name=self._param_name(qparam))
 
@@ -81,7 +88,12 @@ class UniformQuantizer(BaseQuantizer):
         return (pack_fn(levels, self.bits), scales)
 
     def _bit_unpack_param(self, qparam, packed, unpack_fn):
+        if not isinstance(packed, (tuple, list)) or len(packed) != 2:
+            raise ValueError(f"expected (packed levels, scales), got {type(packed).__name__}")
         packed_levels, scales = packed
+        planes = packed_planes(packed_levels)
+        if planes is not None and planes != int(self.bits):
+            raise ValueError(f"packed levels have {planes} bit planes, expected {int(self.bits)}")
         levels = unpack_fn(packed_levels, qparam.param.numel())
         return (levels.to(qparam.param.device).view_as(qparam.param), scales)
 

@@ -1,0 +1,400 @@
+"""Every entry point of diffq_c._C refuses bad buffers before a kernel runs:
+wrong dtype (TypeError), wrong device, size, layout or overlapping outputs
+(ValueError), and bad scalars. Refused calls leave their outputs untouched.
+
+The table SPECS has one entry per entry point; a new entry point without one
+fails `test_every_entry_point_has_rejection_cases`.
+"""
+import ctypes
+import threading
+import typing as tp
+
+import pytest
+import torch
+
+from diffq_c import _C
+
+PARAM = (0, 2.0, 15.0, -10.4, -1.1)  # (mode, min_bits, max_bits, log_min_noise, log_max_noise)
+N, GS, NG = 24, 4, 6  # elements, group size, groups
+SENTINEL = 77
+
+# a dtype of the same shape that each expected dtype must refuse
+WRONG_DTYPE = {torch.float32: torch.float64, torch.uint8: torch.int8, torch.int16: torch.int32,
+               torch.int64: torch.int32}
+
+
+class Spec(tp.NamedTuple):
+    """How to call one entry point with valid arguments, and what to break."""
+    make: tp.Callable[[], dict]       # fresh valid keyword arguments
+    tensors: tp.Tuple[str, ...]       # buffer arguments
+    outputs: tp.Tuple[str, ...]       # buffers the entry point writes
+    any_size: tp.Tuple[str, ...]      # buffers whose size nothing constrains
+    overlaps: tp.Tuple[tp.Tuple[str, str], ...]  # (output, other) pairs that must not overlap
+    bad_scalars: tp.Tuple[tp.Tuple[dict, type], ...]  # overrides and the error they raise
+
+
+def _f32(n, lo=-1.0, hi=1.0):
+    return torch.linspace(lo, hi, n)
+
+
+def _levels(n, dtype=torch.int16):
+    return (torch.arange(n) % 4).to(dtype)
+
+
+def _out(n, dtype):
+    return torch.full((n,), SENTINEL, dtype=dtype)
+
+
+SPECS: tp.Dict[str, Spec] = {
+    "philox4x32_10": Spec(
+        make=lambda: dict(ctr=(1, 2, 3, 4), key=(5, 6)),
+        tensors=(), outputs=(), any_size=(), overlaps=(),
+        bad_scalars=(({"ctr": (1, 2, 3, 2 ** 32)}, TypeError), ({"ctr": (-1, 0, 0, 0)}, TypeError),
+                     ({"key": (1, 2, 3)}, TypeError), ({"ctr": "abcd"}, TypeError))),
+    "noise_fill": Spec(
+        make=lambda: dict(out=_out(N, torch.float32), kind=0, seed=3, start=0, nthreads=1),
+        tensors=("out",), outputs=("out",), any_size=("out",), overlaps=(),
+        bad_scalars=(({"kind": 2}, ValueError), ({"start": -1}, ValueError),
+                     ({"start": 2 ** 63 - 2}, ValueError), ({"nthreads": 0}, ValueError),
+                     ({"nthreads": 10 ** 6}, ValueError), ({"seed": -1}, TypeError))),
+    "value_range": Spec(
+        make=lambda: dict(x=_f32(N), nthreads=1),
+        tensors=("x",), outputs=(), any_size=("x",), overlaps=(),
+        bad_scalars=(({"nthreads": -3}, ValueError),)),
+    "noise_forward": Spec(
+        make=lambda: dict(p=_f32(N), logit=torch.zeros(NG), noisy=_out(N, torch.float32),
+                          group_size=GS, kind=1, seed=9, param=PARAM, nthreads=1),
+        tensors=("p", "logit", "noisy"), outputs=("noisy",), any_size=(),
+        overlaps=(("noisy", "p"), ("noisy", "logit")),
+        bad_scalars=(({"group_size": 5}, ValueError), ({"group_size": -4}, ValueError),
+                     ({"kind": -1}, ValueError), ({"param": (7,) + PARAM[1:]}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
+    "noise_backward": Spec(
+        make=lambda: dict(grad=_f32(N), p=_f32(N), logit=torch.zeros(NG),
+                          grad_p=_out(N, torch.float32), grad_logit=_out(NG, torch.float32),
+                          group_size=GS, kind=0, seed=9, param=PARAM,
+                          range=(-1.0, 1.0, 1, 1, 0), nthreads=1),
+        tensors=("grad", "p", "logit", "grad_p", "grad_logit"), outputs=("grad_p", "grad_logit"),
+        any_size=(),
+        overlaps=(("grad_p", "grad"), ("grad_p", "p"), ("grad_p", "logit"),
+                  ("grad_logit", "grad"), ("grad_logit", "p"), ("grad_logit", "logit"),
+                  ("grad_logit", "grad_p")),
+        bad_scalars=(({"range": (-1.0, 1.0, N + 1, 1, 0)}, ValueError),
+                     ({"range": (-1.0, 1.0, 1, -1, 0)}, ValueError),
+                     ({"group_size": 7}, ValueError), ({"kind": 5}, ValueError),
+                     ({"param": (2,) + PARAM[1:]}, ValueError))),
+    "logit_to_step": Spec(
+        make=lambda: dict(logit=_f32(N), bits=_out(N, torch.float32), step=_out(N, torch.float32),
+                          dstep=_out(N, torch.float32), param=PARAM),
+        tensors=("logit", "bits", "step", "dstep"), outputs=("bits", "step", "dstep"),
+        any_size=(),
+        overlaps=(("bits", "logit"), ("step", "logit"), ("dstep", "logit"), ("bits", "step"),
+                  ("bits", "dstep"), ("step", "dstep")),
+        bad_scalars=(({"param": (-1,) + PARAM[1:]}, ValueError), ({"param": (0, 1.0)}, TypeError))),
+    "quantize": Spec(
+        make=lambda: dict(p=_f32(N), bits=torch.full((NG,), 8, dtype=torch.uint8),
+                          levels=_out(N, torch.int16), group_size=GS, mn=-1.0, range=2.0,
+                          nthreads=1),
+        tensors=("p", "bits", "levels"), outputs=("levels",), any_size=(),
+        overlaps=(("levels", "p"), ("levels", "bits")),
+        bad_scalars=(({"bits": torch.tensor([8, 8, 0, 8, 8, 8], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.tensor([8, 8, 16, 8, 8, 8], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.full((NG,), 9, dtype=torch.uint8),
+                       "levels": _out(N, torch.uint8)}, TypeError),
+                     ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
+                     ({"group_size": 5}, ValueError), ({"nthreads": 2000}, ValueError))),
+    "dequantize": Spec(
+        make=lambda: dict(levels=_levels(N), bits=torch.full((NG,), 3, dtype=torch.uint8),
+                          out=_out(N, torch.float32), group_size=GS, mn=-1.0, range=2.0,
+                          nthreads=1),
+        tensors=("levels", "bits", "out"), outputs=("out",), any_size=(),
+        overlaps=(("out", "levels"), ("out", "bits")),
+        bad_scalars=(({"levels": _levels(N) + 8}, ValueError),
+                     ({"levels": _levels(N) - 1}, ValueError),
+                     ({"bits": torch.tensor([3, 3, 3, 0, 3, 3], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.full((NG,), 9, dtype=torch.uint8),
+                       "levels": _levels(N, torch.uint8)}, TypeError),
+                     ({"mn": float("-inf")}, ValueError), ({"range": float("nan")}, ValueError),
+                     ({"group_size": -1}, ValueError))),
+    "pack_bits": Spec(
+        make=lambda: dict(x=_levels(N), out=_out(3 * 32, torch.int64), nbits=3, nthreads=1),
+        # x sets the number of lines; one more value still fits in the one line
+        tensors=("x", "out"), outputs=("out",), any_size=("x",), overlaps=(("out", "x"),),
+        bad_scalars=(({"x": _levels(N) * 3}, ValueError), ({"x": _levels(N) - 1}, ValueError),
+                     ({"nbits": 17}, ValueError), ({"nbits": -1}, ValueError))),
+    "unpack_bits": Spec(
+        make=lambda: dict(packed=torch.arange(2 * 3 * 32, dtype=torch.int64).view(2, 3, 32),
+                          out=_out(4000, torch.int16), nthreads=1),
+        # out may be any size up to what packed holds (beyond: a bad scalar case)
+        tensors=("packed", "out"), outputs=("out",), any_size=("out",),
+        overlaps=(("out", "packed"),),
+        bad_scalars=(({"packed": torch.zeros(2, 3, 31, dtype=torch.int64)}, ValueError),
+                     ({"packed": torch.zeros(2, 17, 32, dtype=torch.int64)}, ValueError),
+                     ({"packed": torch.zeros(6, 32, dtype=torch.int64)}, ValueError),
+                     ({"out": _out(2 * 2048 + 1, torch.int16)}, ValueError))),
+    "lsq_effective_scale": Spec(
+        make=lambda: dict(scale=0.1, grad_scale=0.01),
+        tensors=(), outputs=(), any_size=(), overlaps=(),
+        bad_scalars=(({"scale": "a"}, TypeError), ({"grad_scale": None}, TypeError))),
+    "lsq_forward": Spec(
+        make=lambda: dict(x=_f32(N), scale=0.1, bits=4, q=_out(N, torch.float32),
+                          index=_out(N, torch.int16), nthreads=1),
+        tensors=("x", "q", "index"), outputs=("q", "index"), any_size=("x",),
+        overlaps=(("q", "x"), ("index", "x"), ("index", "q")),
+        bad_scalars=(({"bits": 0}, ValueError), ({"bits": 16}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
+    "lsq_backward": Spec(
+        make=lambda: dict(x=_f32(N), grad=_f32(N, 0.5, 1.5), scale=0.1, bits=4, grad_scale=0.01,
+                          grad_x=_out(N, torch.float32), nthreads=1),
+        tensors=("x", "grad", "grad_x"), outputs=("grad_x",), any_size=("x",),
+        overlaps=(("grad_x", "x"), ("grad_x", "grad")),
+        bad_scalars=(({"bits": 0}, ValueError), ({"bits": 16}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
+    "size_forward": Spec(
+        make=lambda: dict(logit=_f32(N), param=PARAM, nthreads=1),
+        tensors=("logit",), outputs=(), any_size=("logit",), overlaps=(),
+        bad_scalars=(({"param": (3,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError))),
+    "size_backward": Spec(
+        make=lambda: dict(logit=_f32(N), grad=_out(N, torch.float32), scale=0.5, param=PARAM,
+                          nthreads=1),
+        tensors=("logit", "grad"), outputs=("grad",), any_size=(), overlaps=(("grad", "logit"),),
+        bad_scalars=(({"param": (3,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError))),
+}
+
+
+def entry_points():
+    return sorted(name for name in dir(_C)
+                  if not name.startswith("_") and callable(getattr(_C, name)))
+
+
+# ----------------------------------------------------------- fake buffers
+
+
+class OtherDevice:
+    """A CPU tensor exported through DLPack as if it lived on another device
+    (device type 2, CUDA). With `admit_cpu`, __dlpack_device__ lies and says
+    CPU, so only the check of the exported capsule can catch it."""
+
+    def __init__(self, tensor: torch.Tensor, admit_cpu: bool = False):
+        self.tensor = tensor
+        self.admit_cpu = admit_cpu
+
+    def __dlpack_device__(self):
+        return (1, 0) if self.admit_cpu else (2, 0)
+
+    def __dlpack__(self, *args, **kwargs):
+        capsule = self.tensor.__dlpack__()
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype = ctypes.c_void_p
+        get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        managed = get(capsule, b"dltensor")
+        # DLTensor starts with `void *data`, then DLDevice {int32 type, int32 id}
+        ctypes.c_int32.from_address(managed + ctypes.sizeof(ctypes.c_void_p)).value = 2
+        return capsule
+
+
+class Misaligned:
+    """A tensor exported with its data one byte past an element boundary
+    (DLTensor.byte_offset += 1). Never dereferenced when refused."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+    def __dlpack__(self, *args, **kwargs):
+        capsule = self.tensor.__dlpack__()
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype = ctypes.c_void_p
+        get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        managed = get(capsule, b"dltensor")
+        # data, device (2 x int32), ndim (int32), dtype (4 bytes), shape,
+        # strides, then uint64 byte_offset
+        ptr = ctypes.sizeof(ctypes.c_void_p)
+        offset_at = managed + ptr + 8 + 4 + 4 + 2 * ptr
+        ctypes.c_uint64.from_address(offset_at).value += 1
+        return capsule
+
+
+def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    wide = torch.zeros(*t.shape, 2, dtype=t.dtype)
+    view = wide[..., 0]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+def _resized(t: torch.Tensor) -> torch.Tensor:
+    flat = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    flat[:t.numel()] = t.reshape(-1)
+    return flat
+
+
+def _call(name, kwargs):
+    return getattr(_C, name)(**kwargs)
+
+
+def _outputs_untouched(spec, kwargs, replaced):
+    for out in spec.outputs:
+        if out in replaced:
+            continue
+        t = kwargs[out]
+        assert bool((t == SENTINEL).all()), f"{out} was written by a refused call"
+
+
+def _expect(name, spec, overrides, error, match=None):
+    kwargs = spec.make()
+    kwargs.update(overrides)
+    with pytest.raises(error, match=match):
+        _call(name, kwargs)
+    _outputs_untouched(spec, kwargs, overrides)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_every_entry_point_has_rejection_cases():
+    assert entry_points() == sorted(SPECS), (
+        "entry points of diffq_c._C and the rejection table differ: add a Spec for "
+        f"{sorted(set(entry_points()) - set(SPECS))}, drop {sorted(set(SPECS) - set(entry_points()))}")
+    for name, spec in SPECS.items():
+        assert spec.tensors or spec.bad_scalars, name
+        assert spec.bad_scalars, f"{name} has no bad scalar case"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_valid_call_succeeds(name):
+    """The baseline every rejection case varies: it must pass, so a refusal
+    below is caused by the one thing changed."""
+    spec = SPECS[name]
+    kwargs = spec.make()
+    _call(name, kwargs)
+    for out in spec.outputs:
+        assert not bool((kwargs[out] == SENTINEL).all()), f"{name} did not write {out}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_wrong_dtype_is_type_error(name):
+    spec = SPECS[name]
+    for arg in spec.tensors:
+        t = spec.make()[arg]
+        _expect(name, spec, {arg: t.to(WRONG_DTYPE[t.dtype])}, TypeError, match=arg)
+        _expect(name, spec, {arg: t.tolist()}, TypeError, match=arg)  # not a tensor at all
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_wrong_device_is_value_error(name):
+    spec = SPECS[name]
+    for arg in spec.tensors:
+        t = spec.make()[arg]
+        _expect(name, spec, {arg: torch.empty(t.shape, dtype=t.dtype, device="meta")},
+                ValueError, match=f"{arg} must be a CPU tensor")
+        _expect(name, spec, {arg: OtherDevice(t)}, ValueError, match=f"{arg} must be a CPU tensor")
+        _expect(name, spec, {arg: OtherDevice(t, admit_cpu=True)}, ValueError,
+                match=f"{arg} must be a CPU tensor")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_misaligned_is_value_error(name):
+    spec = SPECS[name]
+    for arg in spec.tensors:
+        t = spec.make()[arg]
+        if t.element_size() == 1:
+            continue  # bytes are always aligned
+        # one spare element so even the shifted view stays inside the storage
+        room = torch.zeros(t.numel() + 1, dtype=t.dtype)
+        room[:t.numel()] = t.reshape(-1)
+        view = room[:t.numel()].view(t.shape)
+        _expect(name, spec, {arg: Misaligned(view)}, ValueError, match=f"{arg} is not aligned")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_non_contiguous_is_value_error(name):
+    spec = SPECS[name]
+    for arg in spec.tensors:
+        t = spec.make()[arg]
+        _expect(name, spec, {arg: _non_contiguous(t)}, ValueError, match="contiguous")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
+def test_wrong_size_is_value_error(name):
+    spec = SPECS[name]
+    sized = [a for a in spec.tensors if a not in spec.any_size]
+    if not sized:
+        # nothing constrains the size of its only buffer: any size is valid
+        kwargs = spec.make()
+        for arg in spec.tensors:
+            kwargs[arg] = _resized(kwargs[arg])
+        _call(name, kwargs)
+        return
+    for arg in sized:
+        t = spec.make()[arg]
+        _expect(name, spec, {arg: _resized(t)}, ValueError)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].overlaps))
+def test_overlapping_output_is_value_error(name):
+    spec = SPECS[name]
+    for out, other in spec.overlaps:
+        kwargs = spec.make()
+        o, i = kwargs[out], kwargs[other]
+        size = max(o.numel() * o.element_size(), i.numel() * i.element_size())
+        shared = torch.zeros(size, dtype=torch.uint8)
+        # both views start at the same byte, so they overlap whatever their sizes
+        i_view = shared[:i.numel() * i.element_size()].view(i.dtype).view(i.shape)
+        i_view.copy_(i)
+        o_view = shared[:o.numel() * o.element_size()].view(o.dtype).view(o.shape)
+        kwargs[out], kwargs[other] = o_view, i_view
+        before = shared.clone()
+        with pytest.raises(ValueError, match="overlap"):
+            _call(name, kwargs)
+        assert torch.equal(shared, before), f"{name}: refused call wrote {out}"
+        # a partial overlap (the output starting inside the other buffer)
+        if i.numel() * i.element_size() >= 16 and o.element_size() <= 8:
+            shared = torch.zeros(size + 8 + o.numel() * o.element_size(), dtype=torch.uint8)
+            i_view = shared[:i.numel() * i.element_size()].view(i.dtype).view(i.shape)
+            i_view.copy_(i)
+            o_view = shared[8:8 + o.numel() * o.element_size()].view(o.dtype).view(o.shape)
+            kwargs[out], kwargs[other] = o_view, i_view
+            with pytest.raises(ValueError, match="overlap"):
+                _call(name, kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_bad_scalars(name):
+    spec = SPECS[name]
+    for overrides, error in spec.bad_scalars:
+        _expect(name, spec, overrides, error)
+
+
+def test_empty_buffers_are_valid():
+    """Zero-size buffers pass the checks whatever their strides (an empty
+    tensor has no layout) and the kernels do nothing with them."""
+    empty = torch.empty(0, 3).t()
+    assert _C.value_range(empty.contiguous().view(-1))[2] == 0
+    _C.size_backward(torch.empty(0), torch.empty(0), 1.0, PARAM)
+    _C.noise_fill(torch.empty(3, 0).t(), 0, 1)
+    _C.unpack_bits(torch.empty(0, 3, 32, dtype=torch.int64), torch.empty(0, dtype=torch.int16))
+
+
+def test_requires_grad_tensor_is_refused_by_its_producer():
+    """torch refuses to export tensors that require grad; the binding turns
+    that into a TypeError naming the argument instead of crashing."""
+    with pytest.raises(TypeError, match="x cannot be read"):
+        _C.value_range(torch.zeros(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_zero_plane_packed_tensor_claiming_huge_line_count_returns_at_once(reference):
+    """A [2^50, 0, 32] tensor holds no words, so any line count is a valid
+    shape. Unpacking must walk only the lines holding the values asked for;
+    walking the claimed lines would take days (a denial of service)."""
+    packed = torch.empty(2 ** 50, 0, 32, dtype=torch.int64)
+    out = torch.full((5,), 3, dtype=torch.int16)
+    worker = threading.Thread(target=_C.unpack_bits, args=(packed, out),
+                              kwargs={"reference": reference}, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "unpack_bits walks the claimed lines"
+    assert torch.equal(out, torch.zeros(5, dtype=torch.int16))
