@@ -4,7 +4,7 @@
 _Static_assert(DQ_PACK_LINE == 2048, "a packed line is 64 words of 32 values");
 _Static_assert(sizeof(uint64_t) * 8 == DQ_PACK_STORAGE, "one storage word is 64 bits");
 
-static inline uint16_t value_at(const int16_t *restrict x, int64_t n, int64_t i) {
+DQ_INLINE uint16_t value_at(const int16_t *restrict x, int64_t n, int64_t i) {
     return i < n ? (uint16_t)x[i] : 0;
 }
 
@@ -26,7 +26,7 @@ void dq_pack_bits_ref(const int16_t *restrict x, int64_t n, int nbits, int64_t l
 /* One full line: value k*32 + j goes to bit k of word b*32 + j for each of
  * its bits b. The inner loop runs over the 32 words of a bit plane, which
  * the compiler turns into wide shifts and ors. */
-static inline void pack_line(const uint16_t *restrict v, int nbits, uint64_t *restrict words) {
+DQ_INLINE void pack_line(const uint16_t *restrict v, int nbits, uint64_t *restrict words) {
     uint64_t acc[16][DQ_PACK_BLOCK];
     for (int b = 0; b < nbits; ++b)
         for (int j = 0; j < DQ_PACK_BLOCK; ++j)
@@ -94,7 +94,7 @@ void dq_unpack_bits_ref(const uint64_t *restrict packed, int64_t lines, int nbit
     }
 }
 
-static inline void unpack_line(const uint64_t *restrict words, int nbits, uint16_t *restrict v) {
+DQ_INLINE void unpack_line(const uint64_t *restrict words, int nbits, uint16_t *restrict v) {
     for (int k = 0; k < DQ_PACK_STORAGE; ++k) {
         uint16_t *restrict row = v + k * DQ_PACK_BLOCK;
         for (int j = 0; j < DQ_PACK_BLOCK; ++j)

@@ -108,16 +108,31 @@ typedef struct {
  * or infinities, or DQ_ERR_NOMEM.
  *
  * dq_noise_backward: gradients of sum(grad * noisy) for p and the logits,
- * the noise regenerated from seed. `range` is the one the forward filled. */
+ * the noise regenerated from seed. `range` is the one the forward filled.
+ * grad_p may be grad itself (the gradient is then updated in place: only
+ * the extrema change), so neither is restrict. */
 #define DQ_ERR_NONFINITE (-1)
 #define DQ_ERR_NOMEM (-2)
 int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,
                      const float *restrict logit, int64_t group_size, int kind,
                      uint64_t seed, float *restrict noisy, dq_range *range, int nthreads);
-int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
-                      const float *restrict p, int64_t n, const float *restrict logit,
-                      int64_t group_size, int kind, uint64_t seed, const dq_range *range,
-                      float *restrict grad_p, float *restrict grad_logit, int nthreads);
+int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *restrict p,
+                      int64_t n, const float *restrict logit, int64_t group_size, int kind,
+                      uint64_t seed, const dq_range *range, float *grad_p,
+                      float *restrict grad_logit, int nthreads);
+
+/* The chunk kernels the drivers run: the forward with the steps computed
+ * from the logits on the fly, and the backward over whole groups (returns
+ * sum_g step_g * dot_g and writes grad_logit of those groups). */
+void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
+                            const float *restrict logit, float scale, int64_t group_size,
+                            int kind, uint64_t seed, int64_t start, int64_t count,
+                            float *restrict noisy, float mn, float mx, int64_t *count_min,
+                            int64_t *count_max);
+double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
+                               const float *restrict logit, float scale, int64_t group_size,
+                               int kind, uint64_t seed, int64_t start, int64_t count,
+                               float *restrict grad_logit);
 
 /* ------------------------------------------------------------- quantize.c */
 

@@ -19,20 +19,24 @@
  * the same bits. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(DQ_NO_CLONES)
-#define DQ_FAST __attribute__((target_clones("avx2", "default")))
+#define DQ_FAST __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DQ_FAST
 #endif
 
+/* Helpers called from the fast kernels are forced inline, so each clone
+ * compiles them for its own instruction set. */
+#define DQ_INLINE static inline __attribute__((always_inline))
+
 #define DQ_MIN(a, b) ((a) < (b) ? (a) : (b))
 
-static inline uint32_t dq_float_bits(float x) {
+DQ_INLINE uint32_t dq_float_bits(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
     return u;
 }
 
-static inline float dq_bits_float(uint32_t u) {
+DQ_INLINE float dq_bits_float(uint32_t u) {
     float x;
     memcpy(&x, &u, sizeof x);
     return x;

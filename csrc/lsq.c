@@ -11,11 +11,11 @@ float dq_lsq_effective_scale(float scale, float grad_scale) {
     return rest + scaled;
 }
 
-static inline float lsq_low(int bits) { return -(float)(1 << (bits - 1)); }
-static inline float lsq_high(int bits) { return (float)((1 << (bits - 1)) - 1); }
+DQ_INLINE float lsq_low(int bits) { return -(float)(1 << (bits - 1)); }
+DQ_INLINE float lsq_high(int bits) { return (float)((1 << (bits - 1)) - 1); }
 
 /* clamp that lets NaN through, as torch.clamp does */
-static inline float lsq_clamp(float c, float low, float high) {
+DQ_INLINE float lsq_clamp(float c, float low, float high) {
     return c < low ? low : (c > high ? high : c);
 }
 

@@ -44,7 +44,7 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
 /* 2^x for x in [-126, 126]: the nearest integer goes into the exponent, a
  * degree-6 Taylor polynomial takes the rest in [-1/2, 1/2] (relative error
  * below 2e-7 there). */
-static inline float fast_exp2f(float x) {
+DQ_INLINE float fast_exp2f(float x) {
     x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
     int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
     float f = x - (float)i;
@@ -58,7 +58,7 @@ static inline float fast_exp2f(float x) {
     return p * dq_bits_float((uint32_t)(i + 127) << 23);
 }
 
-static inline float fast_sigmoid(float x) {
+DQ_INLINE float fast_sigmoid(float x) {
     return 1.0f / (1.0f + fast_exp2f(-x * 1.44269504088896341f));
 }
 
@@ -240,6 +240,115 @@ void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int 
     }
 }
 
+/* ------------------------------------------------- fused chunk kernels */
+
+/* Steps of groups [g0, g0 + ng) times `scale` into ss[0..ng), and their
+ * derivatives into ds when not NULL. */
+DQ_INLINE void span_steps(const dq_bits_param *prm, const float *restrict logit, int64_t g0,
+                          int64_t ng, float scale, float *restrict ss, float *restrict ds) {
+    dq_logit_to_step_fast(prm, logit + g0, 0, ng, ss, ds);
+    for (int64_t k = 0; k < ng; ++k)
+        ss[k] = scale * ss[k];
+}
+
+DQ_FAST
+void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
+                            const float *restrict logit, float scale, int64_t group_size,
+                            int kind, uint64_t seed, int64_t start, int64_t count,
+                            float *restrict noisy, float mn, float mx, int64_t *count_min,
+                            int64_t *count_max) {
+    assert(group_size > 0);
+    float z[SPAN], ss[SPAN + 1];
+    int64_t nmin = 0, nmax = 0;
+    for (int64_t off = 0; off < count; off += SPAN) {
+        int64_t i0 = start + off;
+        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+        dq_noise_fill_fast(kind, seed, i0, len, z);
+        int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
+        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL);
+        const float *restrict ps = p + i0;
+        float *restrict out = noisy + i0;
+        if (group_size == 1) {
+            for (int64_t j = 0; j < len; ++j)
+                out[j] = ps[j] + ss[j] * z[j];
+        } else {
+            int64_t j = 0;
+            while (j < len) {
+                int64_t g = (i0 + j) / group_size;
+                int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
+                const float s = ss[g - g0];
+                for (int64_t k = j; k < seg_end; ++k)
+                    out[k] = ps[k] + s * z[k];
+                j = seg_end;
+            }
+        }
+        int32_t cmin = 0, cmax = 0;
+        for (int64_t j = 0; j < len; ++j) {
+            cmin += ps[j] == mn;
+            cmax += ps[j] == mx;
+        }
+        nmin += cmin;
+        nmax += cmax;
+    }
+    *count_min = nmin;
+    *count_max = nmax;
+}
+
+/* For whole groups in [start, start + count): dot_g = sum grad * noise,
+ * grad_logit[g] = scale * dot_g * dstep_g, and the return value
+ * sum_g step_g * dot_g (the gradient through the noise scale). */
+DQ_FAST
+double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
+                               const float *restrict logit, float scale, int64_t group_size,
+                               int kind, uint64_t seed, int64_t start, int64_t count,
+                               float *restrict grad_logit) {
+    assert(group_size > 0 && start % group_size == 0 && count % group_size == 0);
+    float z[SPAN], st[SPAN + 1], ds[SPAN + 1];
+    double through_scale = 0, pending = 0; /* pending: dot of a group cut by a span end */
+    for (int64_t off = 0; off < count; off += SPAN) {
+        int64_t i0 = start + off;
+        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+        dq_noise_fill_fast(kind, seed, i0, len, z);
+        const float *restrict gs = grad + i0;
+        int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
+        dq_logit_to_step_fast(prm, logit + g0, 0, g1 - g0 + 1, st, ds);
+        if (group_size == 1) {
+            double acc = 0;
+            for (int64_t j = 0; j < len; ++j) {
+                float dot = gs[j] * z[j];
+                grad_logit[i0 + j] = (scale * dot) * ds[j];
+                acc += (double)(st[j] * dot);
+            }
+            through_scale += acc;
+            continue;
+        }
+        int64_t j = 0;
+        while (j < len) {
+            int64_t g = (i0 + j) / group_size;
+            int64_t group_end = (g + 1) * group_size - i0;
+            int64_t seg_end = DQ_MIN(len, group_end);
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int64_t k = j;
+            for (; k + 4 <= seg_end; k += 4) {
+                s0 += (double)gs[k] * (double)z[k];
+                s1 += (double)gs[k + 1] * (double)z[k + 1];
+                s2 += (double)gs[k + 2] * (double)z[k + 2];
+                s3 += (double)gs[k + 3] * (double)z[k + 3];
+            }
+            for (; k < seg_end; ++k)
+                s0 += (double)gs[k] * (double)z[k];
+            pending += (s0 + s1) + (s2 + s3);
+            if (seg_end == group_end) {
+                grad_logit[g] = (float)((double)scale * pending * (double)ds[g - g0]);
+                through_scale += (double)st[g - g0] * pending;
+                pending = 0;
+            }
+            j = seg_end;
+        }
+    }
+    return through_scale;
+}
+
 /* ------------------------------------------------------------- drivers */
 
 int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,
@@ -247,43 +356,29 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
                      uint64_t seed, float *restrict noisy, dq_range *range, int nthreads) {
     if (group_size <= 0)
         group_size = n > 0 ? n : 1;
-    int64_t ngroups = n / group_size;
-    assert(ngroups * group_size == n);
+    assert((n / group_size) * group_size == n);
     dq_range_all(p, n, range, nthreads);
     if (range->nonfinite)
         return DQ_ERR_NONFINITE;
     range->count_min = range->count_max = 0;
     if (n == 0)
         return 0;
-    float *step_scale = malloc((size_t)ngroups * sizeof(float));
-    if (!step_scale)
-        return DQ_ERR_NOMEM;
     const float scale = range->max - range->min;
-    int64_t chunks = dq_num_chunks(ngroups, DQ_CHUNK);
-    (void)nthreads;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        int64_t start = c * DQ_CHUNK, len = DQ_MIN(DQ_CHUNK, ngroups - start);
-        dq_logit_to_step_fast(prm, logit, start, len, step_scale, NULL);
-        for (int64_t g = start; g < start + len; ++g)
-            step_scale[g] = scale * step_scale[g];
-    }
-
-    chunks = dq_num_chunks(n, DQ_CHUNK);
-    int64_t nmin = 0, nmax = 0;
     const float mn = range->min, mx = range->max;
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    int64_t nmin = 0, nmax = 0;
+    (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1) \
     reduction(+ : nmin, nmax)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK, cmin, cmax;
-        dq_noise_forward_fast(p, step_scale, group_size, kind, seed, start,
-                              DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax);
+        dq_noise_forward_fused(prm, p, logit, scale, group_size, kind, seed, start,
+                               DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax);
         nmin += cmin;
         nmax += cmax;
     }
     range->count_min = nmin;
     range->count_max = nmax;
-    free(step_scale);
     return 0;
 }
 
@@ -323,46 +418,33 @@ static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_s
     return 0;
 }
 
-int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
-                      const float *restrict p, int64_t n, const float *restrict logit,
-                      int64_t group_size, int kind, uint64_t seed, const dq_range *range,
-                      float *restrict grad_p, float *restrict grad_logit, int nthreads) {
-    if (group_size <= 0)
-        group_size = n > 0 ? n : 1;
-    int64_t ngroups = n / group_size;
-    assert(ngroups * group_size == n);
-    if (n == 0)
-        return 0;
-    double *dot = malloc((size_t)ngroups * sizeof(double));
-    float *step = malloc((size_t)ngroups * 2 * sizeof(float));
-    if (!dot || !step) {
-        free(dot);
-        free(step);
-        return DQ_ERR_NOMEM;
-    }
-    float *dstep = step + ngroups;
-    int err = noise_grad_dot(grad, n, group_size, kind, seed, dot, nthreads);
-    if (err) {
-        free(dot);
-        free(step);
-        return err;
-    }
-    int64_t step_chunks = dq_num_chunks(ngroups, DQ_CHUNK);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (step_chunks > 1)
-    for (int64_t c = 0; c < step_chunks; ++c) {
-        int64_t start = c * DQ_CHUNK;
-        dq_logit_to_step_fast(prm, logit, start, DQ_MIN(DQ_CHUNK, ngroups - start), step, dstep);
-    }
-    const float scale = range->max - range->min;
-    /* d/d(scale) of sum(grad * noisy) = sum_g step[g] * dot[g] */
-    double through_scale = 0;
-    for (int64_t g = 0; g < ngroups; ++g) {
-        through_scale += (double)step[g] * dot[g];
-        grad_logit[g] = (float)((double)scale * dot[g] * (double)dstep[g]);
-    }
+/* Adds the gradient through max(p) and min(p) to grad_p: it goes to the
+ * extrema, shared evenly among ties. grad_p may be grad itself. With few
+ * ties only their positions are visited; otherwise every element is. */
+static void add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
+                             const dq_range *range, double through_scale, float *grad_p,
+                             int nthreads) {
     const float mn = range->min, mx = range->max;
     const float g_max = range->count_max ? (float)(through_scale / (double)range->count_max) : 0;
     const float g_min = range->count_min ? (float)(through_scale / (double)range->count_min) : 0;
+    if (grad_p == grad && range->count_min + range->count_max <= 64) {
+        int64_t left = range->count_min + range->count_max;
+        for (int64_t base = 0; base < n && left > 0; base += 1024) {
+            int64_t end = DQ_MIN(n, base + 1024);
+            int hit = 0;
+            for (int64_t i = base; i < end; ++i)
+                hit |= (p[i] == mx) | (p[i] == mn);
+            if (!hit)
+                continue;
+            for (int64_t i = base; i < end; ++i) {
+                if (p[i] == mx || p[i] == mn) {
+                    grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
+                    left -= (p[i] == mx) + (p[i] == mn);
+                }
+            }
+        }
+        return;
+    }
     int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
     (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
@@ -373,7 +455,54 @@ int dq_noise_backward(const dq_bits_param *prm, const float *restrict grad,
             grad_p[i] = grad[i] + extra;
         }
     }
-    free(dot);
-    free(step);
+}
+
+int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *restrict p,
+                      int64_t n, const float *restrict logit, int64_t group_size, int kind,
+                      uint64_t seed, const dq_range *range, float *grad_p,
+                      float *restrict grad_logit, int nthreads) {
+    if (group_size <= 0)
+        group_size = n > 0 ? n : 1;
+    int64_t ngroups = n / group_size;
+    assert(ngroups * group_size == n);
+    if (n == 0)
+        return 0;
+    const float scale = range->max - range->min;
+    double through_scale = 0;
+    (void)nthreads;
+    if (group_size <= DQ_CHUNK) {
+        /* chunks of whole groups; their sums are added in chunk order */
+        int64_t chunk = (DQ_CHUNK / group_size) * group_size;
+        int64_t chunks = dq_num_chunks(n, chunk);
+        double parts[64];
+        for (int64_t base = 0; base < chunks; base += 64) {
+            int64_t m = DQ_MIN((int64_t)64, chunks - base);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (m > 1)
+            for (int64_t c = 0; c < m; ++c) {
+                int64_t start = (base + c) * chunk;
+                parts[c] = dq_noise_backward_fused(prm, grad, logit, scale, group_size, kind, seed,
+                                                   start, DQ_MIN(chunk, n - start), grad_logit);
+            }
+            for (int64_t c = 0; c < m; ++c)
+                through_scale += parts[c];
+        }
+    } else {
+        double *dot = malloc((size_t)ngroups * sizeof(double));
+        float *step = malloc((size_t)ngroups * 2 * sizeof(float));
+        if (!dot || !step || noise_grad_dot(grad, n, group_size, kind, seed, dot, nthreads)) {
+            free(dot);
+            free(step);
+            return DQ_ERR_NOMEM;
+        }
+        float *dstep = step + ngroups;
+        dq_logit_to_step_fast(prm, logit, 0, ngroups, step, dstep);
+        for (int64_t g = 0; g < ngroups; ++g) {
+            through_scale += (double)step[g] * dot[g];
+            grad_logit[g] = (float)((double)scale * dot[g] * (double)dstep[g]);
+        }
+        free(dot);
+        free(step);
+    }
+    add_extrema_grad(grad, p, n, range, through_scale, grad_p, nthreads);
     return 0;
 }

@@ -1,7 +1,7 @@
 /* Grouped uniform quantization: per-tensor range, per-group bit widths. */
 #include "dq_internal.h"
 
-static inline int is_nonfinite(float x) {
+DQ_INLINE int is_nonfinite(float x) {
     return (dq_float_bits(x) & 0x7f800000u) == 0x7f800000u;
 }
 
@@ -92,16 +92,16 @@ void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthread
 }
 
 /* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
-static inline float step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
+DQ_INLINE float step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
 
-static inline void store_level(void *restrict levels, int level_bytes, int64_t i, float level) {
+DQ_INLINE void store_level(void *restrict levels, int level_bytes, int64_t i, float level) {
     if (level_bytes == 1)
         ((uint8_t *)levels)[i] = (uint8_t)level;
     else
         ((int16_t *)levels)[i] = (int16_t)level;
 }
 
-static inline float load_level(const void *restrict levels, int level_bytes, int64_t i) {
+DQ_INLINE float load_level(const void *restrict levels, int level_bytes, int64_t i) {
     return level_bytes == 1 ? (float)((const uint8_t *)levels)[i]
                             : (float)((const int16_t *)levels)[i];
 }

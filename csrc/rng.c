@@ -24,10 +24,10 @@ void dq_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out
 }
 
 /* 24 random bits as a float in [0, 1), exactly representable. */
-static inline float unit_from_u32(uint32_t u) { return (float)(u >> 8) * 0x1p-24f; }
+DQ_INLINE float unit_from_u32(uint32_t u) { return (float)(u >> 8) * 0x1p-24f; }
 
 /* 24 random bits as a float in (0, 1]: never 0, so its log is finite. */
-static inline float open_unit_from_u32(uint32_t u) { return (float)((u >> 8) + 1) * 0x1p-24f; }
+DQ_INLINE float open_unit_from_u32(uint32_t u) { return (float)((u >> 8) + 1) * 0x1p-24f; }
 
 static void philox_block(uint64_t seed, int64_t block, uint32_t out[4]) {
     const uint32_t ctr[4] = {(uint32_t)(uint64_t)block, (uint32_t)((uint64_t)block >> 32), 0, 0};
@@ -70,7 +70,7 @@ void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
 
 /* log(x) for x in (0, 1]: exponent split and a degree-9 polynomial on
  * [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes' logf coefficients). */
-static inline float fast_logf(float x) {
+DQ_INLINE float fast_logf(float x) {
     uint32_t u = dq_float_bits(x);
     int32_t e = (int32_t)((u >> 23) & 0xff) - 126;
     float m = dq_bits_float((u & 0x007fffffu) | 0x3f000000u); /* [0.5, 1) */
@@ -98,7 +98,7 @@ static inline float fast_logf(float x) {
 /* sin and cos of 2*pi*v for v in [0, 1): v is reduced to a quarter turn
  * r in [-1/8, 1/8] exactly (v has 24 fraction bits), then Taylor
  * polynomials on [-pi/4, pi/4] and a quadrant rotation. */
-static inline void fast_sincos_turns(float v, float *s, float *c) {
+DQ_INLINE void fast_sincos_turns(float v, float *s, float *c) {
     float q = (float)(int32_t)(v * 4.0f + 0.5f); /* nearest quarter, 0..4 */
     float r = v - q * 0.25f;
     float x = r * 6.28318530717958647692f;
@@ -125,7 +125,7 @@ static inline void fast_sincos_turns(float v, float *s, float *c) {
     *c = c_sign * cv;
 }
 
-static inline void philox_batch(uint64_t seed, int64_t first_block, int nblocks,
+DQ_INLINE void philox_batch(uint64_t seed, int64_t first_block, int nblocks,
                                 uint32_t *restrict r0, uint32_t *restrict r1,
                                 uint32_t *restrict r2, uint32_t *restrict r3) {
     const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
@@ -155,7 +155,7 @@ static inline void philox_batch(uint64_t seed, int64_t first_block, int nblocks,
 
 /* Noise of whole blocks [first_block, first_block + nblocks) into
  * out[4 * k + lane]. */
-static inline void noise_blocks(int kind, uint64_t seed, int64_t first_block, int nblocks,
+DQ_INLINE void noise_blocks(int kind, uint64_t seed, int64_t first_block, int nblocks,
                                 float *restrict out) {
     uint32_t r0[FAST_BLOCKS], r1[FAST_BLOCKS], r2[FAST_BLOCKS], r3[FAST_BLOCKS];
     assert(nblocks <= FAST_BLOCKS);

@@ -300,18 +300,27 @@ RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle nois
     return {r.min, r.max, r.count_min, r.count_max, r.nonfinite};
 }
 
-void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj, py::handle grad_p_obj,
+// grad_p None: the gradient for p is written into grad itself (only the
+// extrema change), which saves a pass and a weight-sized buffer.
+void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj, py::object grad_p_obj,
                     py::handle grad_logit_obj, int64_t group_size, int kind, uint64_t seed,
                     std::tuple<int, float, float, float, float> prm_t, RangeTuple range, int nthreads) {
     Buffer p = view(p_obj, "p", DType::f32);
     int64_t ngroups = groups_of(p.numel, group_size, "p");
     Buffer grad = view(grad_obj, "grad", DType::f32, p.numel);
     Buffer logit = view(logit_obj, "logit", DType::f32, ngroups);
-    Buffer grad_p = view(grad_p_obj, "grad_p", DType::f32, p.numel);
     Buffer grad_logit = view(grad_logit_obj, "grad_logit", DType::f32, ngroups);
-    no_overlap(grad_p, "grad_p", grad, "grad");
-    no_overlap(grad_p, "grad_p", p, "p");
-    no_overlap(grad_p, "grad_p", logit, "logit");
+    const bool in_place = grad_p_obj.is_none();
+    Buffer grad_p = in_place ? view(grad_obj, "grad", DType::f32, p.numel)
+                             : view(grad_p_obj, "grad_p", DType::f32, p.numel);
+    if (in_place) {
+        no_overlap(grad, "grad", p, "p");
+        no_overlap(grad, "grad", logit, "logit");
+    } else {
+        no_overlap(grad_p, "grad_p", grad, "grad");
+        no_overlap(grad_p, "grad_p", p, "p");
+        no_overlap(grad_p, "grad_p", logit, "logit");
+    }
     no_overlap(grad_logit, "grad_logit", grad, "grad");
     no_overlap(grad_logit, "grad_logit", p, "p");
     no_overlap(grad_logit, "grad_logit", logit, "logit");

@@ -6,6 +6,7 @@ float16/float64 parameters, an extension that failed to load) runs the same
 math in plain torch, so nothing fails where diffq works.
 """
 import math
+import sys
 import typing as tp
 import warnings
 
@@ -111,11 +112,35 @@ class _NoisyWeight(torch.autograd.Function):
     def backward(ctx, grad):
         p, logit = ctx.saved_tensors
         group_size, kind, seed, prm, rng = ctx.config
-        grad_p = torch.empty(p.shape, dtype=torch.float32)
         grad_logit = torch.empty(logit.shape, dtype=torch.float32)
-        _C.noise_backward(_flat(grad), _flat(p), _flat(logit), grad_p.view(-1), grad_logit.view(-1),
+        if _owned_by_autograd(grad):
+            # d(noisy)/dp is the identity but at the extrema: update the
+            # incoming gradient there rather than copying it whole
+            grad_p, out = grad, None
+        else:
+            grad_p = torch.empty(p.shape, dtype=torch.float32)
+            out = grad_p.view(-1)
+        _C.noise_backward(_flat(grad), _flat(p), _flat(logit), out, grad_logit.view(-1),
                           group_size, kind, seed, tuple(prm), rng, num_threads())
         return grad_p, grad_logit, None, None, None, None, None
+
+
+# references to a gradient nobody else holds, seen from _owned_by_autograd:
+# the engine's argument, backward's local, this call's argument, getrefcount's
+_FREE_GRAD_REFS = 6
+
+
+def _owned_by_autograd(grad: torch.Tensor) -> bool:
+    """Whether `grad` is a dense buffer that only the autograd engine holds,
+    so writing into it cannot be seen elsewhere: a contiguous float32 CPU
+    tensor spanning all its storage (not a slice or an expanded scalar), not
+    part of a double-backward graph, and with no Python reference besides
+    this call's (a hook that kept it would add one)."""
+    return (grad.device.type == "cpu" and grad.dtype == torch.float32
+            and grad.is_contiguous() and grad.storage_offset() == 0
+            and grad.untyped_storage().nbytes() == grad.numel() * 4
+            and not grad.requires_grad
+            and sys.getrefcount(grad) <= _FREE_GRAD_REFS)
 
 
 def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):

@@ -154,3 +154,37 @@ def test_cpu_float64_and_fallback_path_match_formula():
     assert seen[0].dtype == torch.float64
     assert 0 < noise.abs().max() < 3 * step  # gaussian / 2 times the step
     assert layer.weight_diffq.grad is not None and layer.weight.grad is not None
+
+
+def _linear_through_noise(p, logit, x, keep=None):
+    prm = ops.BitsParam.make("bits", 2, 15)
+    noisy = ops.noisy_weight(p, logit, 8, "gaussian", prm, 21)
+    if keep is not None:
+        noisy.register_hook(lambda g: keep.append(g))
+    torch.nn.functional.linear(x, noisy).pow(2).sum().backward()
+    return noisy
+
+
+@pytest.mark.parametrize("keep_in_hook", [False, True])
+def test_backward_updating_the_incoming_gradient_in_place_is_exact_and_invisible(keep_in_hook):
+    """The backward writes the extrema correction into the incoming gradient
+    when nothing else holds it (saves a weight-sized copy). The result must
+    equal autograd of the formula, and a hook that kept the gradient must
+    still see the unmodified one."""
+    gen = torch.Generator().manual_seed(5)
+    p = with_ties(64 * 32, gen).view(64, 32).requires_grad_()
+    logit = (torch.rand(256, generator=gen) * 4 - 2).requires_grad_()
+    x = torch.randn(7, 32, generator=gen)
+    kept = [] if keep_in_hook else None
+    noisy = _linear_through_noise(p, logit, x, kept)
+    p_ref = p.detach().clone().requires_grad_()
+    logit_ref = logit.detach().clone().requires_grad_()
+    prm = ops.BitsParam.make("bits", 2, 15)
+    ref = diffq_formula(p_ref, logit_ref, 8, our_noise("gaussian", 21, p.numel()), prm)
+    torch.nn.functional.linear(x, ref).pow(2).sum().backward()
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-5, atol=1e-7)
+    if keep_in_hook:
+        upstream = 2 * torch.nn.functional.linear(x, noisy.detach()).t() @ x
+        torch.testing.assert_close(kept[0], upstream, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(kept[0], p.grad)  # the extrema terms are not in the kept one
