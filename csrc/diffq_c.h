@@ -175,6 +175,23 @@ void dq_dequantize(const void *restrict levels, int level_bytes, int64_t n,
 int64_t dq_check_levels(const void *restrict levels, int level_bytes, int64_t n,
                         int64_t group_size, const uint8_t *restrict bits);
 
+/* The bits stored for quantization from sigmoid outputs t (bits mode):
+ * clamp(round_half_even(extra + (max_bits * t + (1 - t) * min_bits)), 1, 15)
+ * in float32 in that order, as torch evaluates it; NaN gives 0. */
+void dq_stored_bits_ref(const float *restrict t, int64_t n, float min_bits, float max_bits,
+                        float extra_bits, uint8_t *restrict out);
+void dq_stored_bits_fast(const float *restrict t, int64_t start, int64_t count, float min_bits,
+                         float max_bits, float extra_bits, uint8_t *restrict out);
+void dq_stored_bits(const float *restrict t, int64_t n, float min_bits, float max_bits,
+                    float extra_bits, uint8_t *restrict out, int nthreads);
+
+/* out = dequantize(quantize(p)) in one pass, bit-identical to the two
+ * kernels in a row; out may be p itself (eval swaps weights in place). */
+void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restrict bits, float mn,
+                        float range, int64_t start, int64_t count, float *out);
+void dq_requantize(const float *p, int64_t n, int64_t group_size, const uint8_t *restrict bits,
+                   float mn, float range, float *out, int nthreads);
+
 /* -------------------------------------------------------------- bitpack.c */
 
 /* diffq's packed layout. Values are padded with zeros to whole lines of
@@ -204,6 +221,33 @@ void dq_unpack_bits_fast(const uint64_t *restrict packed, int64_t lines, int nbi
                          int16_t *restrict out);
 void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, int64_t n,
                     int16_t *restrict out, int nthreads);
+
+/* Groups ordered by bit width (a stable counting sort): counts[w] groups
+ * have width w (bits taken mod 16), and order lists group indices by width,
+ * increasing within a width: the order of diffq's `levels[bits == w]`. */
+void dq_order_groups(const uint8_t *restrict bits, int64_t ngroups, int64_t counts[16],
+                     int64_t *restrict order);
+
+/* Packs, as one stream of nbits values, the levels (uint8 or int16, rows of
+ * group_size) of the groups listed in `groups` (ngroups of them), in that
+ * order: what dq_pack_bits gives for levels[bits == w], without the copy. */
+void dq_pack_groups_ref(const void *restrict levels, int level_bytes, int64_t group_size,
+                        const int64_t *restrict groups, int64_t ngroups, int nbits,
+                        int64_t line_start, int64_t line_count, uint64_t *restrict out);
+void dq_pack_groups_fast(const void *restrict levels, int level_bytes, int64_t group_size,
+                         const int64_t *restrict groups, int64_t ngroups, int nbits,
+                         int64_t line_start, int64_t line_count, uint64_t *restrict out);
+void dq_pack_groups(const void *restrict levels, int level_bytes, int64_t group_size,
+                    const int64_t *restrict groups, int64_t ngroups, int nbits,
+                    uint64_t *restrict out, int nthreads);
+/* The reverse: scatters the stream back into the listed groups' rows of an
+ * int16 levels buffer. `packed` holds ceil(ngroups * group_size / 2048) lines. */
+void dq_unpack_groups_fast(const uint64_t *restrict packed, int nbits, int64_t group_size,
+                           const int64_t *restrict groups, int64_t ngroups, int64_t line_start,
+                           int64_t line_count, int16_t *restrict levels);
+void dq_unpack_groups(const uint64_t *restrict packed, int nbits, int64_t group_size,
+                      const int64_t *restrict groups, int64_t ngroups, int16_t *restrict levels,
+                      int nthreads);
 
 /* ----------------------------------------------------------------- size.c */
 

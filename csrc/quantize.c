@@ -236,3 +236,80 @@ int64_t dq_check_levels(const void *restrict levels, int level_bytes, int64_t n,
     }
     return -1;
 }
+
+/* ------------------------------------------- stored bits, requantization */
+
+void dq_stored_bits_ref(const float *restrict t, int64_t n, float min_bits, float max_bits,
+                        float extra_bits, uint8_t *restrict out) {
+    for (int64_t i = 0; i < n; ++i) {
+        float b = extra_bits + (max_bits * t[i] + (1.0f - t[i]) * min_bits);
+        b = rintf(b);
+        b = b < 1.0f ? 1.0f : (b > 15.0f ? 15.0f : b);
+        /* NaN (a NaN logit) stays NaN through the clamp: store 0, which no
+         * valid width has, so the caller can refuse it */
+        out[i] = b == b ? (uint8_t)(int32_t)b : 0;
+    }
+}
+
+DQ_FAST
+void dq_stored_bits_fast(const float *restrict t, int64_t start, int64_t count, float min_bits,
+                         float max_bits, float extra_bits, uint8_t *restrict out) {
+    for (int64_t i = start; i < start + count; ++i) {
+        float b = extra_bits + (max_bits * t[i] + (1.0f - t[i]) * min_bits);
+        b = rintf(b);
+        b = b < 1.0f ? 1.0f : (b > 15.0f ? 15.0f : b);
+        b = b == b ? b : 0.0f;
+        out[i] = (uint8_t)(int32_t)b;
+    }
+}
+
+void dq_stored_bits(const float *restrict t, int64_t n, float min_bits, float max_bits,
+                    float extra_bits, uint8_t *restrict out, int nthreads) {
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK;
+        dq_stored_bits_fast(t, start, DQ_MIN(DQ_CHUNK, n - start), min_bits, max_bits, extra_bits,
+                            out);
+    }
+}
+
+/* out = dequantize(quantize(p)) in one pass; out may be p itself. */
+DQ_FAST
+void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restrict bits, float mn,
+                        float range, int64_t start, int64_t count, float *out) {
+    assert(group_size > 0);
+    int64_t i = start, end = start + count;
+    while (i < end) {
+        int64_t g = i / group_size;
+        int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
+        int b = bits[g];
+        assert(b >= 1 && b <= 15);
+        const float step = step_of_bits(b), top = (float)((1 << b) - 1);
+        if (range == 0.0f) {
+            for (int64_t k = i; k < seg_end; ++k)
+                out[k] = (0.0f * step) * range + mn;
+        } else {
+            for (int64_t k = i; k < seg_end; ++k) {
+                float level = rintf(((p[k] - mn) / range) / step);
+                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
+                out[k] = (level * step) * range + mn;
+            }
+        }
+        i = seg_end;
+    }
+}
+
+void dq_requantize(const float *p, int64_t n, int64_t group_size, const uint8_t *restrict bits,
+                   float mn, float range, float *out, int nthreads) {
+    if (group_size <= 0)
+        group_size = n > 0 ? n : 1;
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK;
+        dq_requantize_fast(p, group_size, bits, mn, range, start, DQ_MIN(DQ_CHUNK, n - start), out);
+    }
+}

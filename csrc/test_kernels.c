@@ -475,6 +475,87 @@ static void test_lsq_fast_and_threads(void) {
     printf("lsq: effective scale differed from the scale in %d of 10000 draws\n", differs);
 }
 
+static void test_grouped_packing_and_requantize(void) {
+    const int64_t group_sizes[] = {1, 3, 8, 5000};
+    for (int gi = 0; gi < 4; ++gi)
+        for (int s = 0; s < NSIZES; s += 3) {
+            int64_t gs = group_sizes[gi], ng = SIZES[s], n = ng * gs;
+            uint8_t *bits = xmalloc(ng);
+            int16_t *levels = xmalloc(n * 2), *back = xmalloc(n * 2), *stream = xmalloc(n * 2);
+            int64_t *order = xmalloc(ng * 8), counts[16];
+            for (int64_t g = 0; g < ng; ++g)
+                bits[g] = (uint8_t)(1 + lcg() % 15);
+            for (int64_t i = 0; i < n; ++i)
+                levels[i] = (int16_t)(lcg() & ((1u << bits[i / gs]) - 1));
+            dq_order_groups(bits, ng, counts, order);
+            int sorted = 1;
+            int64_t off = 0, total = 0;
+            for (int w = 0; w < 16; ++w) {
+                for (int64_t k = 0; k < counts[w]; ++k) {
+                    sorted &= bits[order[off + k]] == w;
+                    if (k)
+                        sorted &= order[off + k] > order[off + k - 1];
+                }
+                off += counts[w];
+                total += counts[w];
+            }
+            CHECK(sorted && total == ng, "order groups gs %lld n %lld", (long long)gs, (long long)ng);
+            memset(back, 0xff, n * 2);
+            off = 0;
+            for (int w = 1; w < 16; ++w) {
+                int64_t cnt = counts[w], m = cnt * gs;
+                /* the reference: gather the stream, then pack it */
+                for (int64_t k = 0; k < cnt; ++k)
+                    memcpy(stream + k * gs, levels + order[off + k] * gs, gs * 2);
+                int64_t lines = dq_pack_lines(m), words = lines * w * DQ_PACK_BLOCK;
+                uint64_t *want = xmalloc(words * 8 + 8), *got = xmalloc(words * 8 + 8),
+                         *ref = xmalloc(words * 8 + 8);
+                dq_pack_bits_ref(stream, m, w, 0, lines, want);
+                dq_pack_groups(levels, 2, gs, order + off, cnt, w, got, 2);
+                dq_pack_groups_ref(levels, 2, gs, order + off, cnt, w, 0, lines, ref);
+                CHECK(memcmp(want, got, words * 8) == 0 && memcmp(want, ref, words * 8) == 0,
+                      "pack groups w %d gs %lld", w, (long long)gs);
+                dq_unpack_groups(got, w, gs, order + off, cnt, back, 2);
+                free(want);
+                free(got);
+                free(ref);
+                off += cnt;
+            }
+            CHECK(memcmp(back, levels, n * 2) == 0, "unpack groups gs %lld n %lld", (long long)gs,
+                  (long long)ng);
+            /* requantize equals dequantize(quantize(.)), also in place */
+            float *p = xmalloc(n * 4), *d = xmalloc(n * 4), *r = xmalloc(n * 4);
+            for (int64_t i = 0; i < n; ++i)
+                p[i] = frand();
+            dq_range rg;
+            dq_range_all(p, n, &rg, 1);
+            float range = (float)((double)rg.max - (double)rg.min);
+            dq_quantize(p, n, gs, bits, rg.min, range, levels, 2, 2);
+            dq_dequantize(levels, 2, n, gs, bits, rg.min, range, d, 2);
+            dq_requantize(p, n, gs, bits, rg.min, range, r, 2);
+            CHECK(memcmp(d, r, n * 4) == 0, "requantize gs %lld", (long long)gs);
+            dq_requantize(p, n, gs, bits, rg.min, range, p, 2);
+            CHECK(memcmp(d, p, n * 4) == 0, "requantize in place gs %lld", (long long)gs);
+            free(p);
+            free(d);
+            free(r);
+            free(bits);
+            free(levels);
+            free(back);
+            free(stream);
+            free(order);
+        }
+    /* stored bits: fast equals reference, NaN gives 0 */
+    float t[7] = {0.0f, 1.0f, 0.5f, 0.4615385f, 0.999f, NAN, 0.0001f};
+    uint8_t a[7], b[7];
+    dq_stored_bits_ref(t, 7, 2.0f, 15.0f, 0.0f, a);
+    dq_stored_bits(t, 7, 2.0f, 15.0f, 0.0f, b, 1);
+    CHECK(memcmp(a, b, 7) == 0 && a[0] == 2 && a[1] == 15 && a[2] == 8 && a[5] == 0,
+          "stored bits %d %d %d %d", a[0], a[1], a[2], a[5]);
+    dq_stored_bits_ref(t, 7, 2.0f, 15.0f, -3.0f, a);
+    CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
+}
+
 int main(void) {
     test_philox_kat();
     test_noise_fill();
@@ -484,6 +565,7 @@ int main(void) {
     test_bitpack();
     test_noise_forward_backward();
     test_size();
+    test_grouped_packing_and_requantize();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

@@ -475,6 +475,145 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
         dq_unpack_bits(pw, lines, (int)nbits, out.numel, o, nthreads);
 }
 
+// ---- grouped packing, stored bits, requantization
+
+// Each listed group index within [0, ngroups), none twice (two writers to
+// one row would race).
+void check_groups(const Buffer &groups, int64_t ngroups, const char *name) {
+    const int64_t *g = reinterpret_cast<const int64_t *>(groups.data);
+    std::vector<bool> seen((size_t)ngroups, false);
+    for (int64_t k = 0; k < groups.numel; ++k) {
+        if (g[k] < 0 || g[k] >= ngroups)
+            value_error(std::string(name) + "[" + std::to_string(k) + "] = " + std::to_string(g[k]) +
+                        " is not a group index below " + std::to_string(ngroups));
+        if (seen[(size_t)g[k]])
+            value_error(std::string(name) + " lists group " + std::to_string(g[k]) + " twice");
+        seen[(size_t)g[k]] = true;
+    }
+}
+
+// counts[w] for w in 0..15; order (int64, one per group) sorted by width
+std::vector<int64_t> order_groups(py::handle bits_obj, py::handle order_obj) {
+    Buffer bits = view(bits_obj, "bits", DType::u8);
+    Buffer order = view(order_obj, "order", DType::i64, bits.numel);
+    no_overlap(order, "order", bits, "bits");
+    const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
+    for (int64_t g = 0; g < bits.numel; ++g)
+        if (b[g] > 15)
+            value_error("bits[" + std::to_string(g) + "] = " + std::to_string(b[g]) + " is above 15");
+    std::vector<int64_t> counts(16);
+    py::gil_scoped_release nogil;
+    dq_order_groups(b, bits.numel, counts.data(), reinterpret_cast<int64_t *>(order.data));
+    return counts;
+}
+
+void pack_groups(py::handle levels_obj, py::handle groups_obj, py::handle out_obj, int64_t group_size, int nbits,
+                 int nthreads, bool reference) {
+    Buffer levels = view(levels_obj, "levels", DType::u8_or_i16);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
+    Buffer groups = view(groups_obj, "groups", DType::i64);
+    if (nbits < 0 || nbits > 16)
+        value_error("nbits must be in 0..16, got " + std::to_string(nbits));
+    check_groups(groups, ngroups, "groups");
+    int64_t values = groups.numel * group_size, words;
+    if (!dq_mul_size(dq_pack_lines(values), (int64_t)nbits * DQ_PACK_BLOCK, &words))
+        value_error("groups are too large to pack");
+    Buffer out = view(out_obj, "out", DType::i64, words);
+    no_overlap(out, "out", levels, "levels");
+    no_overlap(out, "out", groups, "groups");
+    threads(nthreads);
+    // the listed values must fit in nbits: the layout would drop bits silently
+    const int64_t *g = reinterpret_cast<const int64_t *>(groups.data);
+    for (int64_t k = 0; k < groups.numel && nbits < 16; ++k)
+        for (int64_t j = 0; j < group_size; ++j) {
+            int64_t i = g[k] * group_size + j;
+            unsigned v = levels.elem_size == 1 ? reinterpret_cast<const uint8_t *>(levels.data)[i]
+                                               : reinterpret_cast<const uint16_t *>(levels.data)[i];
+            if (v >> nbits)
+                value_error("levels[" + std::to_string(i) + "] does not fit in " + std::to_string(nbits) + " bits");
+        }
+    auto *o = reinterpret_cast<uint64_t *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_pack_groups_ref(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, 0,
+                           dq_pack_lines(values), o);
+    else
+        dq_pack_groups(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, o, nthreads);
+}
+
+void unpack_groups(py::handle packed_obj, py::handle groups_obj, py::handle levels_obj, int64_t group_size,
+                   int nthreads) {
+    Buffer packed = view(packed_obj, "packed", DType::i64);
+    Buffer levels = view(levels_obj, "levels", DType::i16);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
+    Buffer groups = view(groups_obj, "groups", DType::i64);
+    check_groups(groups, ngroups, "groups");
+    if (packed.shape.size() != 3 || packed.shape[2] != DQ_PACK_BLOCK)
+        value_error("packed must have shape [lines, nbits, 32]");
+    int64_t lines = packed.shape[0], nbits = packed.shape[1];
+    int64_t values = groups.numel * group_size;
+    int err = dq_validate_packed(lines, nbits, packed.shape[2], packed.numel, values);
+    if (err != DQ_OK)
+        value_error(std::string("packed: ") + dq_error_message(err));
+    if (lines != dq_pack_lines(values))
+        value_error("packed has " + std::to_string(lines) + " lines, " + std::to_string(values) + " values take " +
+                    std::to_string(dq_pack_lines(values)));
+    no_overlap(levels, "levels", packed, "packed");
+    no_overlap(levels, "levels", groups, "groups");
+    threads(nthreads);
+    py::gil_scoped_release nogil;
+    dq_unpack_groups(reinterpret_cast<const uint64_t *>(packed.data), (int)nbits, group_size,
+                     reinterpret_cast<const int64_t *>(groups.data), groups.numel,
+                     reinterpret_cast<int16_t *>(levels.data), nthreads);
+}
+
+void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
+                 int nthreads, bool reference) {
+    Buffer t = view(t_obj, "t", DType::f32);
+    Buffer out = view(out_obj, "out", DType::u8, t.numel);
+    no_overlap(out, "out", t, "t");
+    finite(min_bits, "min_bits");
+    finite(max_bits, "max_bits");
+    finite(extra_bits, "extra_bits");
+    threads(nthreads);
+    const float *tp = reinterpret_cast<const float *>(t.data);
+    auto *o = reinterpret_cast<uint8_t *>(out.data);
+    py::gil_scoped_release nogil;
+    if (reference)
+        dq_stored_bits_ref(tp, t.numel, min_bits, max_bits, extra_bits, o);
+    else
+        dq_stored_bits(tp, t.numel, min_bits, max_bits, extra_bits, o, nthreads);
+}
+
+// out None: p is requantized in place
+void requantize(py::handle p_obj, py::handle bits_obj, py::object out_obj, int64_t group_size, float mn,
+                float range, int nthreads) {
+    Buffer p = view(p_obj, "p", DType::f32);
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    const bool in_place = out_obj.is_none();
+    Buffer out = in_place ? view(p_obj, "p", DType::f32, p.numel) : view(out_obj, "out", DType::f32, p.numel);
+    if (!in_place)
+        no_overlap(out, "out", p, "p");
+    no_overlap(out, "out", bits, "bits");
+    threads(nthreads);
+    finite(mn, "mn");
+    finite(range, "range");
+    int64_t where;
+    int err = dq_validate_levels(nullptr, 2, p.numel, group_size, reinterpret_cast<const uint8_t *>(bits.data),
+                                 ngroups, &where);
+    if (err != DQ_OK)
+        value_error(std::string("bits: ") + dq_error_message(err) + " (group " + std::to_string(where) + ")");
+    py::gil_scoped_release nogil;
+    dq_requantize(reinterpret_cast<const float *>(p.data), p.numel, group_size,
+                  reinterpret_cast<const uint8_t *>(bits.data), mn, range, reinterpret_cast<float *>(out.data),
+                  nthreads);
+}
+
 std::tuple<double, float> size_forward(py::handle logit_obj, std::tuple<int, float, float, float, float> prm_t,
                                        int nthreads) {
     Buffer logit = view(logit_obj, "logit", DType::f32);
@@ -592,6 +731,15 @@ PYBIND11_MODULE(_C, m) {
           py::arg("reference") = false);
     m.def("unpack_bits", &unpack_bits, py::arg("packed"), py::arg("out"), py::arg("nthreads") = 1,
           py::arg("reference") = false);
+    m.def("order_groups", &order_groups, py::arg("bits"), py::arg("order"));
+    m.def("pack_groups", &pack_groups, py::arg("levels"), py::arg("groups"), py::arg("out"), py::arg("group_size"),
+          py::arg("nbits"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("unpack_groups", &unpack_groups, py::arg("packed"), py::arg("groups"), py::arg("levels"),
+          py::arg("group_size"), py::arg("nthreads") = 1);
+    m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
+          py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),
+          py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("size_forward", &size_forward, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
     m.def("size_backward", &size_backward, py::arg("logit"), py::arg("grad"), py::arg("scale"), py::arg("param"),
           py::arg("nthreads") = 1);

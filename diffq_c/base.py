@@ -158,8 +158,7 @@ class BaseQuantizer:
         self._saved_float16 = [p.data.clone() for p in self._float16]
         try:
             for qparam in self._unique_qparams():
-                quantized = self._quantize_param(qparam)
-                qparam.param.data.copy_(self._unquantize_param(qparam, quantized).view_as(qparam.param))
+                self._requantize_param(qparam)
             for p in self._float16:
                 p.data.copy_(p.data.half())
         except BaseException:
@@ -168,6 +167,12 @@ class BaseQuantizer:
         self._quantized = True
         self._fix_rnns()
         return True
+
+    def _requantize_param(self, qparam) -> None:
+        """Replace the parameter's values by their quantized ones (subclasses
+        may do it in one pass)."""
+        quantized = self._quantize_param(qparam)
+        qparam.param.data.copy_(self._unquantize_param(qparam, quantized).view_as(qparam.param))
 
     def _restore_saved(self):
         for qparam, saved in zip(self._unique_qparams(), self._saved):

@@ -12,11 +12,16 @@ import typing as tp
 
 import torch
 
-from . import ops
-from .base import BaseQuantizer, packed_planes
+from . import bitpack, ops
+from .base import BaseQuantizer, packed_planes, unpack_state
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
 MAX_STORED_BITS = 15
+
+
+def _missing_widths(missing) -> None:
+    raise ValueError(f"no packed levels for groups of {missing} bits"
+                     + (" (diffq drops 15-bit groups when packing)" if 15 in missing else ""))
 
 
 class DiffQuantizer(BaseQuantizer):
@@ -220,8 +225,14 @@ class DiffQuantizer(BaseQuantizer):
     # ------------------------------------------------------------ quantized
 
     def _stored_bits(self, qparam) -> torch.Tensor:
-        bits = (self.extra_bits + self._get_bits(qparam.logit.detach()))
-        return bits.round().clamp(1, MAX_STORED_BITS).byte()
+        return ops.stored_bits(qparam.logit, self._bits_param, self.extra_bits,
+                               name=self._param_name(qparam))
+
+    def _requantize_param(self, qparam) -> None:
+        bits = self._stored_bits(qparam)
+        if not ops.requantize_(qparam.param.data, bits, self.group_size,
+                               name=self._param_name(qparam)):
+            super()._requantize_param(qparam)
 
     def _quantize_param(self, qparam) -> tp.Any:
         bits = self._stored_bits(qparam)
@@ -270,9 +281,20 @@ class DiffQuantizer(BaseQuantizer):
         widths = range(1, MAX_STORED_BITS + 1) if bool((bits == MAX_STORED_BITS).any()) \
             else range(1, MAX_STORED_BITS)
         all_packed = []
-        for width in widths:
-            selected = levels[bits == width]
-            all_packed.append(pack_fn(selected, width) if selected.numel() else None)
+        if pack_fn is bitpack.pack and ops.kernels_available() and levels.device.type == "cpu":
+            # one counting sort of the groups by width, then each width
+            # packed straight from the levels (no masked copies)
+            order, counts = ops.order_groups(bits)
+            starts = [sum(counts[:w]) for w in range(16)]
+            group_size = levels.shape[-1] if levels.dim() == 2 else levels.numel()
+            for width in widths:
+                groups = order[starts[width]:starts[width] + counts[width]]
+                all_packed.append(ops.pack_groups(levels, groups, group_size, width)
+                                  if counts[width] else None)
+        else:
+            for width in widths:
+                selected = levels[bits == width]
+                all_packed.append(pack_fn(selected, width) if selected.numel() else None)
         offset = self._bits_offset()
         if bool((bits < offset).any()):
             raise ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
@@ -296,25 +318,63 @@ class DiffQuantizer(BaseQuantizer):
             raise ValueError(f"bits outside 1..{MAX_STORED_BITS} in the packed state")
         if len(all_packed) > MAX_STORED_BITS:
             raise ValueError(f"{len(all_packed)} packed level tensors, at most {MAX_STORED_BITS}")
-        levels = torch.zeros(groups, group_size, dtype=torch.int16)
-        filled = torch.zeros(groups, dtype=torch.bool)
-        for index, packed_levels in enumerate(all_packed):
-            width = index + 1
-            if packed_levels is None:
-                continue
-            planes = packed_planes(packed_levels)
-            if planes is not None and planes != width:
-                raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
-            mask = bits == width
-            count = int(mask.sum())
-            levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \
-                .to(torch.int16)
-            filled |= mask
-        if not bool(filled.all()):
-            missing = sorted(set(bits[~filled].tolist()))
-            raise ValueError(f"no packed levels for groups of {missing} bits"
-                             + (" (diffq drops 15-bit groups when packing)" if 15 in missing else ""))
+        if unpack_fn is unpack_state and ops.kernels_available():
+            levels = self._unpack_levels_by_width(all_packed, bits.to(torch.uint8), group_size)
+        else:
+            levels = torch.zeros(groups, group_size, dtype=torch.int16)
+            filled = torch.zeros(groups, dtype=torch.bool)
+            for index, packed_levels in enumerate(all_packed):
+                width = index + 1
+                if packed_levels is None:
+                    continue
+                planes = packed_planes(packed_levels)
+                if planes is not None and planes != width:
+                    raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
+                mask = bits == width
+                count = int(mask.sum())
+                levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \
+                    .to(torch.int16)
+                filled |= mask
+            if not bool(filled.all()):
+                _missing_widths(sorted(set(bits[~filled].tolist())))
         return (levels, scales, bits.to(torch.uint8))
+
+    @staticmethod
+    def _unpack_levels_by_width(all_packed, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Levels [groups, group_size] from diffq's per-width packed tensors,
+        each scattered straight into its groups' rows. Every group has one
+        width, so every row is written once, or an error is raised."""
+        order, counts = ops.order_groups(bits)
+        levels = torch.empty(bits.numel(), group_size, dtype=torch.int16)
+        start = 0
+        missing = []
+        for width in range(16):
+            count = counts[width]
+            groups = order[start:start + count]
+            start += count
+            if not count:
+                continue
+            packed = all_packed[width - 1] if 1 <= width <= len(all_packed) else None
+            if packed is None:
+                missing.append(width)
+                continue
+            values = count * group_size
+            planes = packed_planes(packed)
+            if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int64 \
+                    or packed.dim() != 3 or planes != width:
+                raise ValueError(f"packed levels of {width}-bit groups must be int64 "
+                                 f"[lines, {width}, 32], got "
+                                 + (f"{packed.dtype} {tuple(packed.shape)}"
+                                    if isinstance(packed, torch.Tensor) else type(packed).__name__))
+            ops.unpack_groups(packed, groups, group_size, levels)
+            # what pack writes past the last value is zeros: check the tail
+            tail = values - (packed.shape[0] - 1) * bitpack.LINE
+            if tail < bitpack.LINE and bool(bitpack.unpack(packed[-1:])[tail:].any()):
+                raise ValueError(f"packed levels of {width}-bit groups hold non-zero values "
+                                 f"past the {values} expected")
+        if missing:
+            _missing_widths(missing)
+        return levels
 
     def detach(self):
         super().detach()

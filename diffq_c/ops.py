@@ -330,3 +330,62 @@ def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
     out = torch.empty(length, dtype=torch.int16)
     _C.unpack_bits(packed.detach().cpu().contiguous(), out, num_threads())
     return out
+
+
+# ------------------------------------------------- stored bits, grouped packing
+
+
+def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: str = "?") -> torch.Tensor:
+    """Integer bits stored for each group, uint8 in 1..15:
+    clamp(round(extra_bits + bits(logit)), 1, 15), equal to torch's float32
+    evaluation of that formula (the sigmoid is torch's own)."""
+    logit = logit.detach()
+    if on_kernel_path(logit) and prm.mode == PARAM_MODES["bits"]:
+        t = torch.sigmoid(logit).contiguous().view(-1)
+        out = torch.empty(t.shape, dtype=torch.uint8)
+        _C.stored_bits(t, out, prm.min_bits, prm.max_bits, float(extra_bits), num_threads())
+        if logit.numel() and not bool(out.min() > 0):
+            raise ValueError(f"bit logits of {name!r} hold non-finite values (NaN)")
+        return out.view(logit.shape)
+    bits = extra_bits + bits_from_logit(logit, prm)
+    if not bool(torch.isfinite(bits).all()):
+        raise ValueError(f"bit logits of {name!r} hold non-finite values (NaN)")
+    return bits.round().clamp(1, 15).byte()
+
+
+def requantize_(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: str = "?") -> bool:
+    """Replace p (in place) by its quantized value, in one pass: the same
+    numbers as dequantizing its levels. False when the kernels cannot take
+    p (the caller then goes the long way)."""
+    if not (on_kernel_path(p) and p.is_contiguous() and bits.dtype == torch.uint8):
+        return False
+    flat = p.view(-1)
+    mn, mx, bad = _C.value_range(flat, num_threads())
+    if bad:
+        raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
+                         "cannot quantize it")
+    _C.requantize(flat, bits.contiguous().view(-1), None, group_size, mn, float(mx - mn), num_threads())
+    return True
+
+
+def order_groups(bits: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[int]]:
+    """Group indices sorted by width (stable) and the count of each width."""
+    flat = bits.detach().to("cpu", torch.uint8).contiguous().view(-1)
+    order = torch.empty(flat.numel(), dtype=torch.int64)
+    counts = _C.order_groups(flat, order)
+    return order, counts
+
+
+def pack_groups(levels: torch.Tensor, groups: torch.Tensor, group_size: int, nbits: int) -> torch.Tensor:
+    """What bitpack.pack(levels[groups], nbits) gives, without gathering."""
+    lines = (groups.numel() * group_size + _C.PACK_LINE - 1) // _C.PACK_LINE
+    out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
+    _C.pack_groups(_flat(levels), groups, out, group_size, nbits, num_threads())
+    return out
+
+
+def unpack_groups(packed: torch.Tensor, groups: torch.Tensor, group_size: int,
+                  levels: torch.Tensor) -> None:
+    """Scatter a packed stream back into the listed groups' rows of levels."""
+    _C.unpack_groups(packed.detach().cpu().contiguous(), groups, levels.view(-1), group_size,
+                     num_threads())
