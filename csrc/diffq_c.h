@@ -341,6 +341,13 @@ int dq_validate_packed(int64_t lines, int64_t nbits, int64_t block, int64_t word
 int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t group_size,
                        const uint8_t *bits, int64_t ngroups, int64_t *where);
 
+/* Group lists of the grouped (un)packing: strictly increasing indices
+ * below ngroups (so no row is written twice). *where: the bad position. */
+int dq_validate_groups(const int64_t *groups, int64_t count, int64_t ngroups, int64_t *where);
+/* The listed groups' levels fit in nbits. *where: the first bad list position. */
+int dq_validate_group_levels(const void *levels, int level_bytes, int64_t group_size,
+                             const int64_t *groups, int64_t count, int nbits, int64_t *where);
+
 #ifdef __cplusplus
 }
 #undef restrict

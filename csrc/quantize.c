@@ -26,48 +26,47 @@ void dq_range_ref(const float *restrict x, int64_t start, int64_t count, dq_rang
 
 DQ_FAST
 void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_range *out) {
-    /* Eight lanes of running extrema; a non-finite value is replaced by a
-     * neutral one so the select stays branch free and vectorizes. */
-    float mn[8], mx[8];
-    int32_t bad[8];
-    for (int k = 0; k < 8; ++k) {
+    /* Sixteen lanes of running extrema and a NaN flag, selects only, so the
+     * loop vectorizes. NaN never wins a comparison; infinities do, and show
+     * up as infinite extrema. Either case is rare: it is then recounted by
+     * the reference, which leaves non-finite values out. */
+    enum { L = 16 };
+    float mn[L], mx[L], nan[L]; /* nan as float: an int lane would stop the vectorizer */
+    for (int k = 0; k < L; ++k) {
         mn[k] = INFINITY;
         mx[k] = -INFINITY;
-        bad[k] = 0;
+        nan[k] = 0.0f;
     }
     const float *restrict xs = x + start;
     int64_t i = 0;
-    int64_t bad_total = 0;
-    while (i + 8 <= count) {
-        /* flush the int32 counters well before they could overflow */
-        int64_t stop = DQ_MIN(count, i + ((int64_t)1 << 30)) - 8;
-        for (; i <= stop; i += 8) {
-            for (int k = 0; k < 8; ++k) {
-                float v = xs[i + k];
-                int nf = is_nonfinite(v);
-                bad[k] += nf;
-                float lo = nf ? INFINITY : v;
-                float hi = nf ? -INFINITY : v;
-                mn[k] = lo < mn[k] ? lo : mn[k];
-                mx[k] = hi > mx[k] ? hi : mx[k];
-            }
+    for (; i + L <= count; i += L)
+        for (int k = 0; k < L; ++k) {
+            float v = xs[i + k];
+            mn[k] = v < mn[k] ? v : mn[k];
+            mx[k] = v > mx[k] ? v : mx[k];
+            nan[k] = v != v ? 1.0f : nan[k];
         }
-        for (int k = 0; k < 8; ++k) {
-            bad_total += bad[k];
-            bad[k] = 0;
-        }
+    float rmn = INFINITY, rmx = -INFINITY;
+    int32_t any_nan = 0;
+    for (; i < count; ++i) {
+        float v = xs[i];
+        rmn = v < rmn ? v : rmn;
+        rmx = v > rmx ? v : rmx;
+        any_nan |= v != v;
     }
-    dq_range tail;
-    dq_range_ref(xs, i, count - i, &tail);
-    float rmn = tail.min, rmx = tail.max;
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < L; ++k) {
         rmn = mn[k] < rmn ? mn[k] : rmn;
         rmx = mx[k] > rmx ? mx[k] : rmx;
+        any_nan |= nan[k] != 0.0f;
+    }
+    if (any_nan || is_nonfinite(rmn) || is_nonfinite(rmx)) {
+        dq_range_ref(x, start, count, out);
+        return;
     }
     out->min = rmn;
     out->max = rmx;
     out->count_min = out->count_max = 0;
-    out->nonfinite = bad_total + tail.nonfinite;
+    out->nonfinite = 0;
 }
 
 void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthreads) {
@@ -126,6 +125,26 @@ void dq_quantize_ref(const float *restrict p, int64_t group_size, const uint8_t 
     }
 }
 
+/* Per-element step and top level of a span, so that the level loop runs
+ * over whole spans whatever the group size (groups of 8 are too short to
+ * vectorize one by one). */
+DQ_INLINE void span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
+                           int64_t len, float *restrict step, float *restrict top) {
+    int64_t j = 0;
+    while (j < len) {
+        int64_t g = (i0 + j) / group_size;
+        int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
+        int b = bits[g];
+        assert(b >= 1 && b <= 15);
+        const float s = step_of_bits(b), t = (float)((1 << b) - 1);
+        for (int64_t k = j; k < seg_end; ++k) {
+            step[k] = s;
+            top[k] = t;
+        }
+        j = seg_end;
+    }
+}
+
 DQ_FAST
 void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
                       float mn, float range, int64_t start, int64_t count,
@@ -135,29 +154,27 @@ void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t
         memset((char *)levels + start * level_bytes, 0, (size_t)(count * level_bytes));
         return;
     }
-    int64_t i = start, end = start + count;
-    while (i < end) {
-        int64_t g = i / group_size;
-        int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
-        int b = bits[g];
-        assert(b >= 1 && b <= 15);
-        const float step = step_of_bits(b), top = (float)((1 << b) - 1);
-        if (level_bytes == 1) {
-            uint8_t *restrict out = (uint8_t *)levels;
-            for (int64_t k = i; k < seg_end; ++k) {
-                float level = rintf(((p[k] - mn) / range) / step);
-                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
-                out[k] = (uint8_t)(int32_t)level;
-            }
-        } else {
-            int16_t *restrict out = (int16_t *)levels;
-            for (int64_t k = i; k < seg_end; ++k) {
-                float level = rintf(((p[k] - mn) / range) / step);
-                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
-                out[k] = (int16_t)(int32_t)level;
-            }
+    enum { SPAN = 512 };
+    float step[SPAN], top[SPAN];
+    int32_t level[SPAN];
+    for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
+        const float *restrict ps = p + i0;
+        span_widths(group_size, bits, i0, len, step, top);
+        for (int64_t k = 0; k < len; ++k) {
+            float v = rintf(((ps[k] - mn) / range) / step[k]);
+            v = v > 0.0f ? (v < top[k] ? v : top[k]) : 0.0f; /* NaN -> 0 */
+            level[k] = (int32_t)v;
         }
-        i = seg_end;
+        if (level_bytes == 1) {
+            uint8_t *restrict out = (uint8_t *)levels + i0;
+            for (int64_t k = 0; k < len; ++k)
+                out[k] = (uint8_t)level[k];
+        } else {
+            int16_t *restrict out = (int16_t *)levels + i0;
+            for (int64_t k = 0; k < len; ++k)
+                out[k] = (int16_t)level[k];
+        }
     }
 }
 
@@ -224,17 +241,57 @@ void dq_dequantize(const void *restrict levels, int level_bytes, int64_t n,
     }
 }
 
+/* Whether levels [start, start + count) fit their groups' widths: an OR of
+ * the bits above each width over group segments (vectorizable), the exact
+ * index found only when something is wrong. */
+DQ_FAST
+static int64_t check_levels_chunk(const void *restrict levels, int level_bytes, int64_t group_size,
+                                  const uint8_t *restrict bits, int64_t start, int64_t count) {
+    int64_t i = start, end = start + count;
+    while (i < end) {
+        int64_t g = i / group_size;
+        int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
+        int b = bits[g];
+        if (b < 1 || b > 15)
+            return i;
+        uint32_t above = 0;
+        if (level_bytes == 1) {
+            const uint8_t *restrict lv = (const uint8_t *)levels;
+            for (int64_t k = i; k < seg_end; ++k)
+                above |= (uint32_t)lv[k] >> b;
+        } else {
+            const uint16_t *restrict lv = (const uint16_t *)levels; /* negatives: bit 15 set */
+            for (int64_t k = i; k < seg_end; ++k)
+                above |= (uint32_t)lv[k] >> b;
+        }
+        if (above) {
+            for (int64_t k = i; k < seg_end; ++k) {
+                int v = level_bytes == 1 ? ((const uint8_t *)levels)[k] : ((const int16_t *)levels)[k];
+                if (v < 0 || v >= (1 << b))
+                    return k;
+            }
+        }
+        i = seg_end;
+    }
+    return -1;
+}
+
 int64_t dq_check_levels(const void *restrict levels, int level_bytes, int64_t n,
                         int64_t group_size, const uint8_t *restrict bits) {
     if (group_size <= 0)
         group_size = n > 0 ? n : 1;
-    for (int64_t i = 0; i < n; ++i) {
-        int b = bits[i / group_size];
-        int v = level_bytes == 1 ? ((const uint8_t *)levels)[i] : ((const int16_t *)levels)[i];
-        if (b < 1 || b > 15 || v < 0 || v >= (1 << b))
-            return i;
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    int64_t first = INT64_MAX;
+    /* the first bad index over all chunks, whatever order they finish in */
+#pragma omp parallel for schedule(static) if (chunks > 1) reduction(min : first)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK;
+        int64_t bad = check_levels_chunk(levels, level_bytes, group_size, bits, start,
+                                         DQ_MIN(DQ_CHUNK, n - start));
+        if (bad >= 0 && bad < first)
+            first = bad;
     }
-    return -1;
+    return first == INT64_MAX ? -1 : first;
 }
 
 /* ------------------------------------------- stored bits, requantization */

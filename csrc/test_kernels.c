@@ -556,6 +556,31 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
+static void test_validation_of_groups_and_levels(void) {
+    /* the first bad level over several parallel chunks */
+    int64_t n = 3 * DQ_CHUNK + 17, gs = 8;
+    uint8_t *lv = calloc(n, 1), *bits = xmalloc(n / gs + 1);
+    for (int64_t g = 0; g < n / gs + 1; ++g)
+        bits[g] = 3;
+    CHECK(dq_check_levels(lv, 1, n - n % gs, gs, bits) == -1, "clean levels");
+    lv[2 * DQ_CHUNK + 5] = 8;
+    lv[DQ_CHUNK + 9] = 9;
+    CHECK(dq_check_levels(lv, 1, n - n % gs, gs, bits) == DQ_CHUNK + 9, "first bad level");
+    int64_t where;
+    int64_t groups[4] = {0, 3, 7, 9};
+    CHECK(dq_validate_groups(groups, 4, 10, &where) == DQ_OK, "increasing groups");
+    CHECK(dq_validate_groups(groups, 4, 9, &where) == DQ_ERR_GROUPS && where == 3, "group out of range");
+    groups[2] = 3;
+    CHECK(dq_validate_groups(groups, 4, 10, &where) == DQ_ERR_GROUPS && where == 2, "repeated group");
+    int64_t rows[2] = {0, (DQ_CHUNK + 9) / gs};
+    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 1, 3, &where) == DQ_OK, "rows that fit");
+    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 2, 3, &where) == DQ_ERR_LEVEL && where == 1,
+          "row that does not fit");
+    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 2, 4, &where) == DQ_OK, "wider rows fit");
+    free(lv);
+    free(bits);
+}
+
 int main(void) {
     test_philox_kat();
     test_noise_fill();
@@ -566,6 +591,7 @@ int main(void) {
     test_noise_forward_backward();
     test_size();
     test_grouped_packing_and_requantize();
+    test_validation_of_groups_and_levels();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

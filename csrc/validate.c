@@ -88,3 +88,48 @@ int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t g
     }
     return DQ_OK;
 }
+
+int dq_validate_groups(const int64_t *groups, int64_t count, int64_t ngroups, int64_t *where) {
+    if (where)
+        *where = -1;
+    if (count < 0 || ngroups < 0)
+        return DQ_ERR_SIZE;
+    int64_t bad = -1;
+    for (int64_t k = 0; k < count && bad < 0; ++k)
+        if (groups[k] < 0 || groups[k] >= ngroups || (k && groups[k] <= groups[k - 1]))
+            bad = k;
+    if (bad >= 0) {
+        if (where)
+            *where = bad;
+        return DQ_ERR_GROUPS;
+    }
+    return DQ_OK;
+}
+
+int dq_validate_group_levels(const void *levels, int level_bytes, int64_t group_size,
+                             const int64_t *groups, int64_t count, int nbits, int64_t *where) {
+    if (where)
+        *where = -1;
+    if (level_bytes != 1 && level_bytes != 2)
+        return DQ_ERR_LEVEL_BYTES;
+    if (nbits < 0 || nbits > 16)
+        return DQ_ERR_NBITS;
+    if (nbits == 16)
+        return DQ_OK;
+    for (int64_t k = 0; k < count; ++k) {
+        const int64_t row = groups[k] * group_size;
+        uint32_t above = 0;
+        if (level_bytes == 1)
+            for (int64_t j = 0; j < group_size; ++j)
+                above |= (uint32_t)((const uint8_t *)levels)[row + j] >> nbits;
+        else
+            for (int64_t j = 0; j < group_size; ++j)
+                above |= (uint32_t)((const uint16_t *)levels)[row + j] >> nbits;
+        if (above) {
+            if (where)
+                *where = k;
+            return DQ_ERR_LEVEL;
+        }
+    }
+    return DQ_OK;
+}

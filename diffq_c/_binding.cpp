@@ -477,19 +477,18 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
 
 // ---- grouped packing, stored bits, requantization
 
-// Each listed group index within [0, ngroups), none twice (two writers to
-// one row would race).
+// Listed group indices strictly increasing below ngroups: no row is
+// touched twice (two writers to one row would race).
 void check_groups(const Buffer &groups, int64_t ngroups, const char *name) {
-    const int64_t *g = reinterpret_cast<const int64_t *>(groups.data);
-    std::vector<bool> seen((size_t)ngroups, false);
-    for (int64_t k = 0; k < groups.numel; ++k) {
-        if (g[k] < 0 || g[k] >= ngroups)
-            value_error(std::string(name) + "[" + std::to_string(k) + "] = " + std::to_string(g[k]) +
-                        " is not a group index below " + std::to_string(ngroups));
-        if (seen[(size_t)g[k]])
-            value_error(std::string(name) + " lists group " + std::to_string(g[k]) + " twice");
-        seen[(size_t)g[k]] = true;
+    int64_t where;
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_validate_groups(reinterpret_cast<const int64_t *>(groups.data), groups.numel, ngroups, &where);
     }
+    if (err != DQ_OK)
+        value_error(std::string(name) + " must list group indices below " + std::to_string(ngroups) +
+                    " in strictly increasing order (position " + std::to_string(where) + ")");
 }
 
 // counts[w] for w in 0..15; order (int64, one per group) sorted by width
@@ -526,14 +525,15 @@ void pack_groups(py::handle levels_obj, py::handle groups_obj, py::handle out_ob
     threads(nthreads);
     // the listed values must fit in nbits: the layout would drop bits silently
     const int64_t *g = reinterpret_cast<const int64_t *>(groups.data);
-    for (int64_t k = 0; k < groups.numel && nbits < 16; ++k)
-        for (int64_t j = 0; j < group_size; ++j) {
-            int64_t i = g[k] * group_size + j;
-            unsigned v = levels.elem_size == 1 ? reinterpret_cast<const uint8_t *>(levels.data)[i]
-                                               : reinterpret_cast<const uint16_t *>(levels.data)[i];
-            if (v >> nbits)
-                value_error("levels[" + std::to_string(i) + "] does not fit in " + std::to_string(nbits) + " bits");
-        }
+    int64_t where;
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_validate_group_levels(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, &where);
+    }
+    if (err != DQ_OK)
+        value_error("levels of groups[" + std::to_string(where) + "] do not fit in " + std::to_string(nbits) +
+                    " bits");
     auto *o = reinterpret_cast<uint64_t *>(out.data);
     py::gil_scoped_release nogil;
     if (reference)
