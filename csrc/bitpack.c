@@ -1,4 +1,6 @@
 /* Bit-plane packing in diffq's on-disk layout (see diffq_c.h). */
+#include <stdlib.h>
+
 #include "dq_internal.h"
 
 _Static_assert(DQ_PACK_LINE == 2048, "a packed line is 64 words of 32 values");
@@ -145,140 +147,98 @@ void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, i
     }
 }
 
-/* ------------------------------------------------ packing groups by width */
+/* ------------------------------------------ splitting levels by bit width */
 
-void dq_order_groups(const uint8_t *restrict bits, int64_t ngroups, int64_t counts[16],
-                     int64_t *restrict order) {
-    int64_t next[16];
-    for (int w = 0; w < 16; ++w)
-        counts[w] = 0;
-    for (int64_t g = 0; g < ngroups; ++g)
-        ++counts[bits[g] & 15];
+/* Groups per work chunk of the split and merge: chunk c covers groups
+ * [c * G, (c + 1) * G) with G * group_size about DQ_CHUNK values. */
+DQ_INLINE int64_t groups_per_chunk(int64_t group_size) {
+    return group_size >= DQ_CHUNK ? 1 : DQ_CHUNK / group_size;
+}
+
+/* counts[c * 16 + w]: values of width w in chunk c; then turned in place
+ * into each chunk's write (or read) position of width w in the streams,
+ * streams laid out by increasing width. */
+static int64_t *width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+                                int64_t totals[16], int nthreads) {
+    const int64_t per = groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
+    int64_t *pos = calloc((size_t)(chunks > 0 ? chunks : 1) * 16, sizeof(int64_t));
+    if (!pos)
+        return NULL;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t count[16] = {0};
+        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g)
+            ++count[bits[g] & 15];
+        for (int w = 0; w < 16; ++w)
+            pos[c * 16 + w] = count[w] * group_size;
+    }
     int64_t offset = 0;
     for (int w = 0; w < 16; ++w) {
-        next[w] = offset;
-        offset += counts[w];
+        int64_t total = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t here = pos[c * 16 + w];
+            pos[c * 16 + w] = offset + total;
+            total += here;
+        }
+        totals[w] = total;
+        offset += total;
     }
-    for (int64_t g = 0; g < ngroups; ++g)
-        order[next[bits[g] & 15]++] = g;
+    return pos;
 }
 
-/* Value s of the stream made of the listed groups' levels, in list order. */
-DQ_INLINE uint16_t group_stream_value(const void *restrict levels, int level_bytes,
-                                      int64_t group_size, const int64_t *restrict groups,
-                                      int64_t s) {
-    int64_t i = groups[s / group_size] * group_size + s % group_size;
-    return level_bytes == 1 ? ((const uint8_t *)levels)[i] : (uint16_t)((const int16_t *)levels)[i];
-}
-
-void dq_pack_groups_ref(const void *restrict levels, int level_bytes, int64_t group_size,
-                        const int64_t *restrict groups, int64_t ngroups, int nbits,
-                        int64_t line_start, int64_t line_count, uint64_t *restrict out) {
-    assert(nbits >= 0 && nbits <= 16 && group_size > 0);
-    const int64_t n = ngroups * group_size;
-    for (int64_t line = line_start; line < line_start + line_count; ++line) {
-        uint64_t *restrict words = out + line * nbits * DQ_PACK_BLOCK;
-        memset(words, 0, (size_t)nbits * DQ_PACK_BLOCK * sizeof(uint64_t));
-        for (int k = 0; k < DQ_PACK_STORAGE; ++k)
-            for (int j = 0; j < DQ_PACK_BLOCK; ++j) {
-                int64_t s = line * DQ_PACK_LINE + k * DQ_PACK_BLOCK + j;
-                uint16_t v = s < n ? group_stream_value(levels, level_bytes, group_size, groups, s) : 0;
-                for (int b = 0; b < nbits; ++b)
-                    words[b * DQ_PACK_BLOCK + j] |= (uint64_t)((v >> b) & 1u) << k;
+int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t group_size,
+                      const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict streams,
+                      int64_t totals[16], int nthreads) {
+    assert(group_size > 0 && (level_bytes == 1 || level_bytes == 2));
+    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    const int64_t per = groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t *at = pos + c * 16;
+        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
+            int16_t *restrict dst = streams + at[bits[g] & 15];
+            at[bits[g] & 15] += group_size;
+            if (level_bytes == 1) {
+                const uint8_t *restrict src = (const uint8_t *)levels + g * group_size;
+                for (int64_t j = 0; j < group_size; ++j)
+                    dst[j] = src[j];
+            } else {
+                const int16_t *restrict src = (const int16_t *)levels + g * group_size;
+                for (int64_t j = 0; j < group_size; ++j)
+                    dst[j] = src[j];
             }
-    }
-}
-
-/* Gathers one line of the stream into v (zero padded), walking group
- * segments rather than dividing per value. */
-DQ_INLINE void gather_line(const void *restrict levels, int level_bytes, int64_t group_size,
-                           const int64_t *restrict groups, int64_t n, int64_t first,
-                           uint16_t *restrict v) {
-    int64_t have = DQ_MIN((int64_t)DQ_PACK_LINE, n - first);
-    int64_t j = 0;
-    while (j < have) {
-        int64_t s = first + j;
-        int64_t g = s / group_size, within = s % group_size;
-        int64_t take = DQ_MIN(group_size - within, have - j);
-        int64_t src = groups[g] * group_size + within;
-        if (level_bytes == 1) {
-            const uint8_t *restrict lv = (const uint8_t *)levels + src;
-            for (int64_t k = 0; k < take; ++k)
-                v[j + k] = lv[k];
-        } else {
-            const uint16_t *restrict lv = (const uint16_t *)levels + src;
-            for (int64_t k = 0; k < take; ++k)
-                v[j + k] = lv[k];
-        }
-        j += take;
-    }
-    for (; j < DQ_PACK_LINE; ++j)
-        v[j] = 0;
-}
-
-DQ_FAST
-void dq_pack_groups_fast(const void *restrict levels, int level_bytes, int64_t group_size,
-                         const int64_t *restrict groups, int64_t ngroups, int nbits,
-                         int64_t line_start, int64_t line_count, uint64_t *restrict out) {
-    assert(nbits >= 0 && nbits <= 16 && group_size > 0);
-    uint16_t v[DQ_PACK_LINE];
-    const int64_t n = ngroups * group_size;
-    for (int64_t line = line_start; line < line_start + line_count; ++line) {
-        gather_line(levels, level_bytes, group_size, groups, n, line * DQ_PACK_LINE, v);
-        pack_line(v, nbits, out + line * nbits * DQ_PACK_BLOCK);
-    }
-}
-
-void dq_pack_groups(const void *restrict levels, int level_bytes, int64_t group_size,
-                    const int64_t *restrict groups, int64_t ngroups, int nbits,
-                    uint64_t *restrict out, int nthreads) {
-    int64_t lines = dq_pack_lines(ngroups * group_size);
-    const int64_t per_chunk = DQ_CHUNK / DQ_PACK_LINE;
-    int64_t chunks = dq_num_chunks(lines, per_chunk);
-    (void)nthreads;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        int64_t first = c * per_chunk;
-        dq_pack_groups_fast(levels, level_bytes, group_size, groups, ngroups, nbits, first,
-                            DQ_MIN(per_chunk, lines - first), out);
-    }
-}
-
-DQ_FAST
-void dq_unpack_groups_fast(const uint64_t *restrict packed, int nbits, int64_t group_size,
-                           const int64_t *restrict groups, int64_t ngroups, int64_t line_start,
-                           int64_t line_count, int16_t *restrict levels) {
-    assert(nbits >= 0 && nbits <= 16 && group_size > 0);
-    uint16_t v[DQ_PACK_LINE];
-    const int64_t n = ngroups * group_size;
-    for (int64_t line = line_start; line < line_start + line_count; ++line) {
-        int64_t first = line * DQ_PACK_LINE;
-        unpack_line(packed + line * nbits * DQ_PACK_BLOCK, nbits, v);
-        int64_t have = DQ_MIN((int64_t)DQ_PACK_LINE, n - first);
-        int64_t j = 0;
-        while (j < have) {
-            int64_t s = first + j;
-            int64_t g = s / group_size, within = s % group_size;
-            int64_t take = DQ_MIN(group_size - within, have - j);
-            int16_t *restrict dst = levels + groups[g] * group_size + within;
-            for (int64_t k = 0; k < take; ++k)
-                dst[k] = (int16_t)v[j + k];
-            j += take;
         }
     }
+    free(pos);
+    return DQ_OK;
 }
 
-void dq_unpack_groups(const uint64_t *restrict packed, int nbits, int64_t group_size,
-                      const int64_t *restrict groups, int64_t ngroups, int16_t *restrict levels,
+int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
+                      const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads) {
-    int64_t lines = dq_pack_lines(ngroups * group_size);
-    const int64_t per_chunk = DQ_CHUNK / DQ_PACK_LINE;
-    int64_t chunks = dq_num_chunks(lines, per_chunk);
-    (void)nthreads;
+    assert(group_size > 0);
+    int64_t totals[16];
+    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    const int64_t per = groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
-        int64_t first = c * per_chunk;
-        dq_unpack_groups_fast(packed, nbits, group_size, groups, ngroups, first,
-                              DQ_MIN(per_chunk, lines - first), levels);
+        int64_t *at = pos + c * 16;
+        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
+            const int16_t *restrict src = streams + at[bits[g] & 15];
+            at[bits[g] & 15] += group_size;
+            int16_t *restrict dst = levels + g * group_size;
+            for (int64_t j = 0; j < group_size; ++j)
+                dst[j] = src[j];
+        }
     }
+    free(pos);
+    return DQ_OK;
 }

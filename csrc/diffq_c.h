@@ -222,31 +222,17 @@ void dq_unpack_bits_fast(const uint64_t *restrict packed, int64_t lines, int nbi
 void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, int64_t n,
                     int16_t *restrict out, int nthreads);
 
-/* Groups ordered by bit width (a stable counting sort): counts[w] groups
- * have width w (bits taken mod 16), and order lists group indices by width,
- * increasing within a width: the order of diffq's `levels[bits == w]`. */
-void dq_order_groups(const uint8_t *restrict bits, int64_t ngroups, int64_t counts[16],
-                     int64_t *restrict order);
-
-/* Packs, as one stream of nbits values, the levels (uint8 or int16, rows of
- * group_size) of the groups listed in `groups` (ngroups of them), in that
- * order: what dq_pack_bits gives for levels[bits == w], without the copy. */
-void dq_pack_groups_ref(const void *restrict levels, int level_bytes, int64_t group_size,
-                        const int64_t *restrict groups, int64_t ngroups, int nbits,
-                        int64_t line_start, int64_t line_count, uint64_t *restrict out);
-void dq_pack_groups_fast(const void *restrict levels, int level_bytes, int64_t group_size,
-                         const int64_t *restrict groups, int64_t ngroups, int nbits,
-                         int64_t line_start, int64_t line_count, uint64_t *restrict out);
-void dq_pack_groups(const void *restrict levels, int level_bytes, int64_t group_size,
-                    const int64_t *restrict groups, int64_t ngroups, int nbits,
-                    uint64_t *restrict out, int nthreads);
-/* The reverse: scatters the stream back into the listed groups' rows of an
- * int16 levels buffer. `packed` holds ceil(ngroups * group_size / 2048) lines. */
-void dq_unpack_groups_fast(const uint64_t *restrict packed, int nbits, int64_t group_size,
-                           const int64_t *restrict groups, int64_t ngroups, int64_t line_start,
-                           int64_t line_count, int16_t *restrict levels);
-void dq_unpack_groups(const uint64_t *restrict packed, int nbits, int64_t group_size,
-                      const int64_t *restrict groups, int64_t ngroups, int16_t *restrict levels,
+/* Splits levels (uint8 or int16, rows of group_size, one width per group
+ * in bits) into one int16 stream per width, laid out in `streams` by
+ * increasing width, groups in their order: stream w is diffq's
+ * `levels[bits == w]`. totals[w] receives its length (widths taken mod 16).
+ * dq_merge_by_width puts streams back into rows. Both return DQ_OK or
+ * DQ_ERR_NOMEM. */
+int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t group_size,
+                      const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict streams,
+                      int64_t totals[16], int nthreads);
+int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
+                      const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads);
 
 /* ----------------------------------------------------------------- size.c */
@@ -340,13 +326,6 @@ int dq_validate_packed(int64_t lines, int64_t nbits, int64_t block, int64_t word
  * (DQ_ERR_LEVEL), else -1. */
 int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t group_size,
                        const uint8_t *bits, int64_t ngroups, int64_t *where);
-
-/* Group lists of the grouped (un)packing: strictly increasing indices
- * below ngroups (so no row is written twice). *where: the bad position. */
-int dq_validate_groups(const int64_t *groups, int64_t count, int64_t ngroups, int64_t *where);
-/* The listed groups' levels fit in nbits. *where: the first bad list position. */
-int dq_validate_group_levels(const void *levels, int level_bytes, int64_t group_size,
-                             const int64_t *groups, int64_t count, int nbits, int64_t *where);
 
 #ifdef __cplusplus
 }

@@ -130,6 +130,19 @@ void dq_quantize_ref(const float *restrict p, int64_t group_size, const uint8_t 
  * vectorize one by one). */
 DQ_INLINE void span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
                            int64_t len, float *restrict step, float *restrict top) {
+    if (group_size == 1) {
+        /* one width per value: table lookups (widths were checked to be 1..15) */
+        float step_of[16], top_of[16];
+        for (int b = 0; b < 16; ++b) {
+            step_of[b] = b ? step_of_bits(b) : 1.0f;
+            top_of[b] = (float)((1 << b) - 1);
+        }
+        for (int64_t k = 0; k < len; ++k) {
+            step[k] = step_of[bits[i0 + k] & 15];
+            top[k] = top_of[bits[i0 + k] & 15];
+        }
+        return;
+    }
     int64_t j = 0;
     while (j < len) {
         int64_t g = (i0 + j) / group_size;
@@ -208,21 +221,20 @@ void dq_dequantize_fast(const void *restrict levels, int level_bytes, int64_t gr
                         const uint8_t *restrict bits, float mn, float range, int64_t start,
                         int64_t count, float *restrict out) {
     assert(group_size > 0 && (level_bytes == 1 || level_bytes == 2));
-    int64_t i = start, end = start + count;
-    while (i < end) {
-        int64_t g = i / group_size;
-        int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
-        const float unit = step_of_bits(bits[g]);
-        if (level_bytes == 1) {
-            const uint8_t *restrict lv = (const uint8_t *)levels;
-            for (int64_t k = i; k < seg_end; ++k)
-                out[k] = ((float)lv[k] * unit) * range + mn;
-        } else {
-            const int16_t *restrict lv = (const int16_t *)levels;
-            for (int64_t k = i; k < seg_end; ++k)
-                out[k] = ((float)lv[k] * unit) * range + mn;
-        }
-        i = seg_end;
+    enum { SPAN = 512 };
+    float step[SPAN], top[SPAN], level[SPAN];
+    for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
+        span_widths(group_size, bits, i0, len, step, top);
+        if (level_bytes == 1)
+            for (int64_t k = 0; k < len; ++k)
+                level[k] = (float)((const uint8_t *)levels)[i0 + k];
+        else
+            for (int64_t k = 0; k < len; ++k)
+                level[k] = (float)((const int16_t *)levels)[i0 + k];
+        float *restrict o = out + i0;
+        for (int64_t k = 0; k < len; ++k)
+            o[k] = (level[k] * step[k]) * range + mn;
     }
 }
 
@@ -248,6 +260,24 @@ DQ_FAST
 static int64_t check_levels_chunk(const void *restrict levels, int level_bytes, int64_t group_size,
                                   const uint8_t *restrict bits, int64_t start, int64_t count) {
     int64_t i = start, end = start + count;
+    if (group_size == 1) {
+        /* widths outside 1..15 or levels above their width, in one OR */
+        uint32_t above = 0;
+        for (int64_t k = i; k < end; ++k) {
+            uint32_t b = bits[k];
+            uint32_t v = level_bytes == 1 ? ((const uint8_t *)levels)[k] : ((const uint16_t *)levels)[k];
+            above |= (b - 1u > 14u) | (v >> (b & 15u));
+        }
+        if (!above)
+            return -1;
+        for (int64_t k = i; k < end; ++k) {
+            int b = bits[k];
+            int v = level_bytes == 1 ? ((const uint8_t *)levels)[k] : ((const int16_t *)levels)[k];
+            if (b < 1 || b > 15 || v < 0 || v >= (1 << b))
+                return k;
+        }
+        return -1;
+    }
     while (i < end) {
         int64_t g = i / group_size;
         int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
@@ -332,29 +362,28 @@ void dq_stored_bits(const float *restrict t, int64_t n, float min_bits, float ma
     }
 }
 
-/* out = dequantize(quantize(p)) in one pass; out may be p itself. */
+/* out = dequantize(quantize(p)) in one pass; out may be p itself (each
+ * element is read before it is written, at the same index). */
 DQ_FAST
 void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restrict bits, float mn,
                         float range, int64_t start, int64_t count, float *out) {
     assert(group_size > 0);
-    int64_t i = start, end = start + count;
-    while (i < end) {
-        int64_t g = i / group_size;
-        int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
-        int b = bits[g];
-        assert(b >= 1 && b <= 15);
-        const float step = step_of_bits(b), top = (float)((1 << b) - 1);
+    enum { SPAN = 512 };
+    float step[SPAN], top[SPAN], value[SPAN];
+    for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
+        span_widths(group_size, bits, i0, len, step, top);
         if (range == 0.0f) {
-            for (int64_t k = i; k < seg_end; ++k)
-                out[k] = (0.0f * step) * range + mn;
+            for (int64_t k = 0; k < len; ++k)
+                value[k] = (0.0f * step[k]) * range + mn;
         } else {
-            for (int64_t k = i; k < seg_end; ++k) {
-                float level = rintf(((p[k] - mn) / range) / step);
-                level = level > 0.0f ? (level < top ? level : top) : 0.0f; /* NaN -> 0 */
-                out[k] = (level * step) * range + mn;
+            for (int64_t k = 0; k < len; ++k) {
+                float level = rintf(((p[i0 + k] - mn) / range) / step[k]);
+                level = level > 0.0f ? (level < top[k] ? level : top[k]) : 0.0f; /* NaN -> 0 */
+                value[k] = (level * step[k]) * range + mn;
             }
         }
-        i = seg_end;
+        memcpy(out + i0, value, (size_t)len * sizeof(float));
     }
 }
 

@@ -482,47 +482,44 @@ static void test_grouped_packing_and_requantize(void) {
             int64_t gs = group_sizes[gi], ng = SIZES[s], n = ng * gs;
             uint8_t *bits = xmalloc(ng);
             int16_t *levels = xmalloc(n * 2), *back = xmalloc(n * 2), *stream = xmalloc(n * 2);
-            int64_t *order = xmalloc(ng * 8), counts[16];
+            int64_t totals[16];
             for (int64_t g = 0; g < ng; ++g)
                 bits[g] = (uint8_t)(1 + lcg() % 15);
             for (int64_t i = 0; i < n; ++i)
                 levels[i] = (int16_t)(lcg() & ((1u << bits[i / gs]) - 1));
-            dq_order_groups(bits, ng, counts, order);
-            int sorted = 1;
-            int64_t off = 0, total = 0;
+            CHECK(dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 2) == DQ_OK, "split");
+            /* the reference: for each width, its groups' rows in group order */
+            int same = 1;
+            int64_t off = 0;
             for (int w = 0; w < 16; ++w) {
-                for (int64_t k = 0; k < counts[w]; ++k) {
-                    sorted &= bits[order[off + k]] == w;
-                    if (k)
-                        sorted &= order[off + k] > order[off + k - 1];
-                }
-                off += counts[w];
-                total += counts[w];
+                int64_t at = off;
+                for (int64_t g = 0; g < ng; ++g)
+                    if (bits[g] == w) {
+                        same &= memcmp(stream + at, levels + g * gs, gs * 2) == 0;
+                        at += gs;
+                    }
+                same &= at - off == totals[w];
+                off += totals[w];
             }
-            CHECK(sorted && total == ng, "order groups gs %lld n %lld", (long long)gs, (long long)ng);
+            CHECK(same && off == n, "split by width gs %lld n %lld", (long long)gs, (long long)ng);
             memset(back, 0xff, n * 2);
-            off = 0;
-            for (int w = 1; w < 16; ++w) {
-                int64_t cnt = counts[w], m = cnt * gs;
-                /* the reference: gather the stream, then pack it */
-                for (int64_t k = 0; k < cnt; ++k)
-                    memcpy(stream + k * gs, levels + order[off + k] * gs, gs * 2);
-                int64_t lines = dq_pack_lines(m), words = lines * w * DQ_PACK_BLOCK;
-                uint64_t *want = xmalloc(words * 8 + 8), *got = xmalloc(words * 8 + 8),
-                         *ref = xmalloc(words * 8 + 8);
-                dq_pack_bits_ref(stream, m, w, 0, lines, want);
-                dq_pack_groups(levels, 2, gs, order + off, cnt, w, got, 2);
-                dq_pack_groups_ref(levels, 2, gs, order + off, cnt, w, 0, lines, ref);
-                CHECK(memcmp(want, got, words * 8) == 0 && memcmp(want, ref, words * 8) == 0,
-                      "pack groups w %d gs %lld", w, (long long)gs);
-                dq_unpack_groups(got, w, gs, order + off, cnt, back, 2);
-                free(want);
-                free(got);
-                free(ref);
-                off += cnt;
-            }
-            CHECK(memcmp(back, levels, n * 2) == 0, "unpack groups gs %lld n %lld", (long long)gs,
+            CHECK(dq_merge_by_width(stream, gs, bits, ng, back, 2) == DQ_OK, "merge");
+            CHECK(memcmp(back, levels, n * 2) == 0, "merge by width gs %lld n %lld", (long long)gs,
                   (long long)ng);
+            /* uint8 levels split to the same streams */
+            uint8_t *small = xmalloc(n);
+            for (int64_t i = 0; i < n; ++i)
+                small[i] = (uint8_t)(levels[i] & 0xff);
+            int16_t *stream8 = xmalloc(n * 2);
+            for (int64_t g = 0; g < ng; ++g)
+                bits[g] = (uint8_t)(1 + (bits[g] - 1) % 8);
+            for (int64_t i = 0; i < n; ++i)
+                levels[i] = small[i] & ((1 << bits[i / gs]) - 1), small[i] = (uint8_t)levels[i];
+            dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 1);
+            dq_split_by_width(small, 1, gs, bits, ng, stream8, totals, 2);
+            CHECK(memcmp(stream, stream8, n * 2) == 0, "split uint8 gs %lld", (long long)gs);
+            free(small);
+            free(stream8);
             /* requantize equals dequantize(quantize(.)), also in place */
             float *p = xmalloc(n * 4), *d = xmalloc(n * 4), *r = xmalloc(n * 4);
             for (int64_t i = 0; i < n; ++i)
@@ -543,7 +540,6 @@ static void test_grouped_packing_and_requantize(void) {
             free(levels);
             free(back);
             free(stream);
-            free(order);
         }
     /* stored bits: fast equals reference, NaN gives 0 */
     float t[7] = {0.0f, 1.0f, 0.5f, 0.4615385f, 0.999f, NAN, 0.0001f};
@@ -556,7 +552,7 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
-static void test_validation_of_groups_and_levels(void) {
+static void test_validation_of_levels(void) {
     /* the first bad level over several parallel chunks */
     int64_t n = 3 * DQ_CHUNK + 17, gs = 8;
     uint8_t *lv = calloc(n, 1), *bits = xmalloc(n / gs + 1);
@@ -566,17 +562,6 @@ static void test_validation_of_groups_and_levels(void) {
     lv[2 * DQ_CHUNK + 5] = 8;
     lv[DQ_CHUNK + 9] = 9;
     CHECK(dq_check_levels(lv, 1, n - n % gs, gs, bits) == DQ_CHUNK + 9, "first bad level");
-    int64_t where;
-    int64_t groups[4] = {0, 3, 7, 9};
-    CHECK(dq_validate_groups(groups, 4, 10, &where) == DQ_OK, "increasing groups");
-    CHECK(dq_validate_groups(groups, 4, 9, &where) == DQ_ERR_GROUPS && where == 3, "group out of range");
-    groups[2] = 3;
-    CHECK(dq_validate_groups(groups, 4, 10, &where) == DQ_ERR_GROUPS && where == 2, "repeated group");
-    int64_t rows[2] = {0, (DQ_CHUNK + 9) / gs};
-    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 1, 3, &where) == DQ_OK, "rows that fit");
-    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 2, 3, &where) == DQ_ERR_LEVEL && where == 1,
-          "row that does not fit");
-    CHECK(dq_validate_group_levels(lv, 1, gs, rows, 2, 4, &where) == DQ_OK, "wider rows fit");
     free(lv);
     free(bits);
 }
@@ -591,7 +576,7 @@ int main(void) {
     test_noise_forward_backward();
     test_size();
     test_grouped_packing_and_requantize();
-    test_validation_of_groups_and_levels();
+    test_validation_of_levels();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

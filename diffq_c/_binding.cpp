@@ -436,8 +436,21 @@ void pack_bits(py::handle x_obj, py::handle out_obj, int nbits, int nthreads, bo
     threads(nthreads);
     // values must fit in nbits: the packed layout would silently drop bits
     const uint16_t *xv = reinterpret_cast<const uint16_t *>(x.data);
-    for (int64_t i = 0; i < x.numel; ++i)
-        if (nbits < 16 && (xv[i] >> nbits))
+    if (nbits >= 1 && nbits <= 15) {
+        // the parallel level check, the whole buffer as one group of nbits
+        const uint8_t width = (uint8_t)nbits;
+        int64_t bad;
+        {
+            py::gil_scoped_release nogil;
+            bad = dq_check_levels(x.data, 2, x.numel, 0, &width);
+        }
+        if (bad >= 0)
+            value_error("x[" + std::to_string(bad) + "] = " +
+                        std::to_string(reinterpret_cast<const int16_t *>(xv)[bad]) + " does not fit in " +
+                        std::to_string(nbits) + " bits");
+    }
+    for (int64_t i = 0; i < x.numel && nbits == 0; ++i)
+        if (xv[i])
             value_error("x[" + std::to_string(i) + "] = " + std::to_string(reinterpret_cast<const int16_t *>(xv)[i]) +
                         " does not fit in " + std::to_string(nbits) + " bits");
     auto *o = reinterpret_cast<uint64_t *>(out.data);
@@ -475,100 +488,67 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
         dq_unpack_bits(pw, lines, (int)nbits, out.numel, o, nthreads);
 }
 
-// ---- grouped packing, stored bits, requantization
+// ---- levels split by bit width, stored bits, requantization
 
-// Listed group indices strictly increasing below ngroups: no row is
-// touched twice (two writers to one row would race).
-void check_groups(const Buffer &groups, int64_t ngroups, const char *name) {
-    int64_t where;
-    int err;
-    {
-        py::gil_scoped_release nogil;
-        err = dq_validate_groups(reinterpret_cast<const int64_t *>(groups.data), groups.numel, ngroups, &where);
-    }
-    if (err != DQ_OK)
-        value_error(std::string(name) + " must list group indices below " + std::to_string(ngroups) +
-                    " in strictly increasing order (position " + std::to_string(where) + ")");
-}
-
-// counts[w] for w in 0..15; order (int64, one per group) sorted by width
-std::vector<int64_t> order_groups(py::handle bits_obj, py::handle order_obj) {
-    Buffer bits = view(bits_obj, "bits", DType::u8);
-    Buffer order = view(order_obj, "order", DType::i64, bits.numel);
-    no_overlap(order, "order", bits, "bits");
+// Widths 1..15 for every group (what the split and merge index by).
+void check_widths(const Buffer &bits, const char *name) {
     const uint8_t *b = reinterpret_cast<const uint8_t *>(bits.data);
-    for (int64_t g = 0; g < bits.numel; ++g)
-        if (b[g] > 15)
-            value_error("bits[" + std::to_string(g) + "] = " + std::to_string(b[g]) + " is above 15");
-    std::vector<int64_t> counts(16);
-    py::gil_scoped_release nogil;
-    dq_order_groups(b, bits.numel, counts.data(), reinterpret_cast<int64_t *>(order.data));
-    return counts;
+    uint8_t low = 255, high = 0;
+    for (int64_t g = 0; g < bits.numel; ++g) {
+        low = b[g] < low ? b[g] : low;
+        high = b[g] > high ? b[g] : high;
+    }
+    if (bits.numel && (low < 1 || high > 15))
+        value_error(std::string(name) + " holds a width outside 1..15");
 }
 
-void pack_groups(py::handle levels_obj, py::handle groups_obj, py::handle out_obj, int64_t group_size, int nbits,
-                 int nthreads, bool reference) {
+// streams: int16, one per level; returns the length of each width's stream
+std::vector<int64_t> split_by_width(py::handle levels_obj, py::handle bits_obj, py::handle streams_obj,
+                                    int64_t group_size, int nthreads) {
     Buffer levels = view(levels_obj, "levels", DType::u8_or_i16);
     if (group_size < 1)
         value_error("group_size must be >= 1, got " + std::to_string(group_size));
     int64_t ngroups = groups_of(levels.numel, group_size, "levels");
-    Buffer groups = view(groups_obj, "groups", DType::i64);
-    if (nbits < 0 || nbits > 16)
-        value_error("nbits must be in 0..16, got " + std::to_string(nbits));
-    check_groups(groups, ngroups, "groups");
-    int64_t values = groups.numel * group_size, words;
-    if (!dq_mul_size(dq_pack_lines(values), (int64_t)nbits * DQ_PACK_BLOCK, &words))
-        value_error("groups are too large to pack");
-    Buffer out = view(out_obj, "out", DType::i64, words);
-    no_overlap(out, "out", levels, "levels");
-    no_overlap(out, "out", groups, "groups");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer streams = view(streams_obj, "streams", DType::i16, levels.numel);
+    no_overlap(streams, "streams", levels, "levels");
+    no_overlap(streams, "streams", bits, "bits");
     threads(nthreads);
-    // the listed values must fit in nbits: the layout would drop bits silently
-    const int64_t *g = reinterpret_cast<const int64_t *>(groups.data);
-    int64_t where;
+    check_widths(bits, "bits");
+    std::vector<int64_t> totals(16);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_validate_group_levels(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, &where);
+        err = dq_split_by_width(levels.data, levels.elem_size, group_size,
+                                reinterpret_cast<const uint8_t *>(bits.data), ngroups,
+                                reinterpret_cast<int16_t *>(streams.data), totals.data(), nthreads);
     }
-    if (err != DQ_OK)
-        value_error("levels of groups[" + std::to_string(where) + "] do not fit in " + std::to_string(nbits) +
-                    " bits");
-    auto *o = reinterpret_cast<uint64_t *>(out.data);
-    py::gil_scoped_release nogil;
-    if (reference)
-        dq_pack_groups_ref(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, 0,
-                           dq_pack_lines(values), o);
-    else
-        dq_pack_groups(levels.data, levels.elem_size, group_size, g, groups.numel, nbits, o, nthreads);
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    return totals;
 }
 
-void unpack_groups(py::handle packed_obj, py::handle groups_obj, py::handle levels_obj, int64_t group_size,
-                   int nthreads) {
-    Buffer packed = view(packed_obj, "packed", DType::i64);
-    Buffer levels = view(levels_obj, "levels", DType::i16);
+void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle levels_obj, int64_t group_size,
+                    int nthreads) {
+    Buffer streams = view(streams_obj, "streams", DType::i16);
     if (group_size < 1)
         value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
-    Buffer groups = view(groups_obj, "groups", DType::i64);
-    check_groups(groups, ngroups, "groups");
-    if (packed.shape.size() != 3 || packed.shape[2] != DQ_PACK_BLOCK)
-        value_error("packed must have shape [lines, nbits, 32]");
-    int64_t lines = packed.shape[0], nbits = packed.shape[1];
-    int64_t values = groups.numel * group_size;
-    int err = dq_validate_packed(lines, nbits, packed.shape[2], packed.numel, values);
-    if (err != DQ_OK)
-        value_error(std::string("packed: ") + dq_error_message(err));
-    if (lines != dq_pack_lines(values))
-        value_error("packed has " + std::to_string(lines) + " lines, " + std::to_string(values) + " values take " +
-                    std::to_string(dq_pack_lines(values)));
-    no_overlap(levels, "levels", packed, "packed");
-    no_overlap(levels, "levels", groups, "groups");
+    int64_t ngroups = groups_of(streams.numel, group_size, "streams");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer levels = view(levels_obj, "levels", DType::i16, streams.numel);
+    no_overlap(levels, "levels", streams, "streams");
+    no_overlap(levels, "levels", bits, "bits");
     threads(nthreads);
-    py::gil_scoped_release nogil;
-    dq_unpack_groups(reinterpret_cast<const uint64_t *>(packed.data), (int)nbits, group_size,
-                     reinterpret_cast<const int64_t *>(groups.data), groups.numel,
-                     reinterpret_cast<int16_t *>(levels.data), nthreads);
+    check_widths(bits, "bits");
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_merge_by_width(reinterpret_cast<const int16_t *>(streams.data), group_size,
+                                reinterpret_cast<const uint8_t *>(bits.data), ngroups,
+                                reinterpret_cast<int16_t *>(levels.data), nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
 }
 
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
@@ -731,10 +711,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("reference") = false);
     m.def("unpack_bits", &unpack_bits, py::arg("packed"), py::arg("out"), py::arg("nthreads") = 1,
           py::arg("reference") = false);
-    m.def("order_groups", &order_groups, py::arg("bits"), py::arg("order"));
-    m.def("pack_groups", &pack_groups, py::arg("levels"), py::arg("groups"), py::arg("out"), py::arg("group_size"),
-          py::arg("nbits"), py::arg("nthreads") = 1, py::arg("reference") = false);
-    m.def("unpack_groups", &unpack_groups, py::arg("packed"), py::arg("groups"), py::arg("levels"),
+    m.def("split_by_width", &split_by_width, py::arg("levels"), py::arg("bits"), py::arg("streams"),
+          py::arg("group_size"), py::arg("nthreads") = 1);
+    m.def("merge_by_width", &merge_by_width, py::arg("streams"), py::arg("bits"), py::arg("levels"),
           py::arg("group_size"), py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);

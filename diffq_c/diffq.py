@@ -282,15 +282,16 @@ class DiffQuantizer(BaseQuantizer):
             else range(1, MAX_STORED_BITS)
         all_packed = []
         if pack_fn is bitpack.pack and ops.kernels_available() and levels.device.type == "cpu":
-            # one counting sort of the groups by width, then each width
-            # packed straight from the levels (no masked copies)
-            order, counts = ops.order_groups(bits)
-            starts = [sum(counts[:w]) for w in range(16)]
+            # one pass splits the levels into per-width streams, each then
+            # packed whole (no masked copies)
             group_size = levels.shape[-1] if levels.dim() == 2 else levels.numel()
-            for width in widths:
-                groups = order[starts[width]:starts[width] + counts[width]]
-                all_packed.append(ops.pack_groups(levels, groups, group_size, width)
-                                  if counts[width] else None)
+            streams, totals = ops.split_by_width(levels, bits, group_size)
+            start = 0
+            for width in range(16):
+                stream = streams[start:start + totals[width]]
+                start += totals[width]
+                if width in widths:
+                    all_packed.append(ops.pack_bits(stream, width) if totals[width] else None)
         else:
             for width in widths:
                 selected = levels[bits == width]
@@ -341,40 +342,31 @@ class DiffQuantizer(BaseQuantizer):
 
     @staticmethod
     def _unpack_levels_by_width(all_packed, bits: torch.Tensor, group_size: int) -> torch.Tensor:
-        """Levels [groups, group_size] from diffq's per-width packed tensors,
-        each scattered straight into its groups' rows. Every group has one
-        width, so every row is written once, or an error is raised."""
-        order, counts = ops.order_groups(bits)
-        levels = torch.empty(bits.numel(), group_size, dtype=torch.int16)
+        """Levels [groups, group_size] from diffq's per-width packed tensors:
+        each unpacked into its place in the per-width streams, then merged
+        back into rows. Every group has one width, so every row is filled,
+        or an error is raised."""
+        counts = torch.bincount(bits.view(-1).to(torch.int64), minlength=16).tolist()
+        streams = torch.empty(bits.numel() * group_size, dtype=torch.int16)
         start = 0
         missing = []
         for width in range(16):
-            count = counts[width]
-            groups = order[start:start + count]
-            start += count
-            if not count:
+            values = counts[width] * group_size
+            stream = streams[start:start + values]
+            start += values
+            if not values:
                 continue
             packed = all_packed[width - 1] if 1 <= width <= len(all_packed) else None
             if packed is None:
                 missing.append(width)
                 continue
-            values = count * group_size
             planes = packed_planes(packed)
-            if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int64 \
-                    or packed.dim() != 3 or planes != width:
-                raise ValueError(f"packed levels of {width}-bit groups must be int64 "
-                                 f"[lines, {width}, 32], got "
-                                 + (f"{packed.dtype} {tuple(packed.shape)}"
-                                    if isinstance(packed, torch.Tensor) else type(packed).__name__))
-            ops.unpack_groups(packed, groups, group_size, levels)
-            # what pack writes past the last value is zeros: check the tail
-            tail = values - (packed.shape[0] - 1) * bitpack.LINE
-            if tail < bitpack.LINE and bool(bitpack.unpack(packed[-1:])[tail:].any()):
-                raise ValueError(f"packed levels of {width}-bit groups hold non-zero values "
-                                 f"past the {values} expected")
+            if planes is not None and planes != width:
+                raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
+            stream.copy_(unpack_state(packed, values))
         if missing:
             _missing_widths(missing)
-        return levels
+        return ops.merge_by_width(streams, bits, group_size)
 
     def detach(self):
         super().detach()

@@ -368,24 +368,20 @@ def requantize_(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: str 
     return True
 
 
-def order_groups(bits: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.List[int]]:
-    """Group indices sorted by width (stable) and the count of each width."""
-    flat = bits.detach().to("cpu", torch.uint8).contiguous().view(-1)
-    order = torch.empty(flat.numel(), dtype=torch.int64)
-    counts = _C.order_groups(flat, order)
-    return order, counts
+def split_by_width(levels: torch.Tensor, bits: torch.Tensor,
+                   group_size: int) -> tp.Tuple[torch.Tensor, tp.List[int]]:
+    """One int16 stream per bit width, laid out by increasing width: stream w
+    is `levels[bits == w]` (rows of group_size). Returns the streams and the
+    length of each."""
+    streams = torch.empty(levels.numel(), dtype=torch.int16)
+    totals = _C.split_by_width(_flat(levels), _flat(bits.to(torch.uint8)), streams, group_size,
+                               num_threads())
+    return streams, totals
 
 
-def pack_groups(levels: torch.Tensor, groups: torch.Tensor, group_size: int, nbits: int) -> torch.Tensor:
-    """What bitpack.pack(levels[groups], nbits) gives, without gathering."""
-    lines = (groups.numel() * group_size + _C.PACK_LINE - 1) // _C.PACK_LINE
-    out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
-    _C.pack_groups(_flat(levels), groups, out, group_size, nbits, num_threads())
-    return out
-
-
-def unpack_groups(packed: torch.Tensor, groups: torch.Tensor, group_size: int,
-                  levels: torch.Tensor) -> None:
-    """Scatter a packed stream back into the listed groups' rows of levels."""
-    _C.unpack_groups(packed.detach().cpu().contiguous(), groups, levels.view(-1), group_size,
-                     num_threads())
+def merge_by_width(streams: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The reverse of split_by_width: int16 levels [groups, group_size]."""
+    levels = torch.empty(bits.numel(), group_size, dtype=torch.int16)
+    _C.merge_by_width(streams, _flat(bits.to(torch.uint8)), levels.view(-1), group_size,
+                      num_threads())
+    return levels
