@@ -424,6 +424,23 @@ void dequantize(py::handle levels_obj, py::handle bits_obj, py::handle out_obj, 
         dq_dequantize(levels.data, levels.elem_size, levels.numel, group_size, bp, mn, range, o, nthreads);
 }
 
+// What dequantize checks, without writing: levels of a state can be vetted
+// for every parameter before any of them is restored.
+void validate_levels(py::handle levels_obj, py::handle bits_obj, int64_t group_size) {
+    Buffer levels = view(levels_obj, "levels", DType::u8_or_i16);
+    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
+    int64_t where;
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_validate_levels(levels.data, levels.elem_size, levels.numel, group_size, bp, ngroups, &where);
+    }
+    if (err != DQ_OK)
+        levels_error(err, where, levels, bits, group_size, "levels");
+}
+
 void pack_bits(py::handle x_obj, py::handle out_obj, int nbits, int nthreads, bool reference) {
     Buffer x = view(x_obj, "x", DType::i16);
     if (nbits < 0 || nbits > 16)
@@ -707,6 +724,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("dequantize", &dequantize, py::arg("levels"), py::arg("bits"), py::arg("out"), py::arg("group_size"),
           py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("validate_levels", &validate_levels, py::arg("levels"), py::arg("bits"), py::arg("group_size"));
     m.def("pack_bits", &pack_bits, py::arg("x"), py::arg("out"), py::arg("nbits"), py::arg("nthreads") = 1,
           py::arg("reference") = false);
     m.def("unpack_bits", &unpack_bits, py::arg("packed"), py::arg("out"), py::arg("nthreads") = 1,

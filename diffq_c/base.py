@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from . import bitpack
+from . import bitpack, ops
 
 
 
@@ -296,20 +296,16 @@ class BaseQuantizer:
         self._check_state(state)
         meta = state.get("meta", {})
         unpack_fn = self._pack_fns(meta.get("torch_pack", False))[1]
-        new_values = []
+        prepared = []
         for qparam, quantized in zip(self._unique_qparams(), state["quantized"]):
             name = self._param_name(qparam)
             try:
                 if meta.get("packed", False):
                     quantized = self._bit_unpack_param(qparam, quantized, unpack_fn)
-                value = self._unquantize_param(qparam, quantized)
+                prepared.append(self._prepare_restore(qparam, quantized))
             except (ValueError, TypeError, RuntimeError, IndexError, KeyError,
                     AttributeError) as exc:
                 raise ValueError(f"cannot restore parameter {name!r}: {exc}") from exc
-            if value.numel() != qparam.param.numel():
-                raise ValueError(f"cannot restore parameter {name!r}: state holds {value.numel()} "
-                                 f"values, the parameter has {qparam.param.numel()}")
-            new_values.append(value.view_as(qparam.param))
         # converted before any write too: a tensor that cannot become the
         # parameter (meta device, complex) must not leave a half-restored model
         plain_values = []
@@ -320,11 +316,24 @@ class BaseQuantizer:
                 except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
                     raise ValueError(f"state[{kind!r}][{i}] cannot be loaded into its "
                                      f"parameter: {exc}") from exc
-        for qparam, value in zip(self._unique_qparams(), new_values):
-            qparam.param.data.copy_(value)
+        for qparam, ready in zip(self._unique_qparams(), prepared):
+            self._apply_restore(qparam, ready)
         for p, value in zip(self._float16 + self._others, plain_values):
             p.data.copy_(value)
         self._fix_rnns()
+
+    def _prepare_restore(self, qparam, quantized):
+        """Everything about restoring one parameter that can fail, done
+        before any parameter is written: here, its float value."""
+        value = self._unquantize_param(qparam, quantized)
+        if value.numel() != qparam.param.numel():
+            raise ValueError(f"state holds {value.numel()} values, the parameter has "
+                             f"{qparam.param.numel()}")
+        return value.view_as(qparam.param)
+
+    def _apply_restore(self, qparam, prepared) -> None:
+        """Write what _prepare_restore made into the parameter."""
+        qparam.param.data.copy_(prepared)
 
     def detach(self) -> None:
         """Remove the hooks (and, in subclasses, the extra parameters)."""
@@ -376,12 +385,13 @@ def packed_planes(packed: tp.Any) -> tp.Optional[int]:
     return None
 
 
-def unpack_state(packed: tp.Any, length: int) -> torch.Tensor:
+def unpack_state(packed: tp.Any, length: int, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """`bitpack.unpack` for a tensor read from a state: it must be exactly
     what `pack` writes for `length` values (an int64 [lines, nbits, 32]
     tensor of ceil(length / 2048) lines, padded with zeros), so that a
     truncated tensor, or one written for another layout or group count, is
-    refused rather than decoded into wrong weights."""
+    refused rather than decoded into wrong weights. With `out` (a contiguous
+    int16 CPU tensor of `length` values) the values are written there."""
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed levels must be a tensor, got {type(packed).__name__}")
     if packed.dtype != torch.int64 or packed.dim() != 3 or packed.shape[2] != 32:
@@ -391,10 +401,20 @@ def unpack_state(packed: tp.Any, length: int) -> torch.Tensor:
     if packed.shape[0] != lines:
         raise ValueError(f"packed tensor has {packed.shape[0]} lines, {length} values "
                          f"take {lines}")
-    values = bitpack.unpack(packed)
-    if bool(values[length:].any()):
-        raise ValueError(f"packed tensor holds non-zero values past the {length} expected")
-    return values[:length]
+    if lines:
+        # the padding of the last line must be zeros, as pack writes it
+        tail = bitpack.unpack(packed[-1:])[length - (lines - 1) * bitpack.LINE:]
+        if bool(tail.any()):
+            raise ValueError(f"packed tensor holds non-zero values past the {length} expected")
+    if out is not None and ops.kernels_available() and out.dtype == torch.int16 \
+            and out.is_contiguous() and out.device.type == "cpu" and out.numel() == length:
+        ops.unpack_into(packed, out)
+        return out
+    values = bitpack.unpack(packed, length)
+    if out is not None:
+        out.copy_(values.view_as(out))
+        return out
+    return values
 
 
 def _our_class(klass):

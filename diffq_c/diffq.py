@@ -267,6 +267,18 @@ class DiffQuantizer(BaseQuantizer):
         value = ops.dequantize_levels(levels, scales, bits, name=self._param_name(qparam))
         return value.view_as(qparam.param.data)
 
+    def _prepare_restore(self, qparam, quantized):
+        # checked now, dequantized straight into the parameter later
+        self._check_quantized(qparam, quantized)
+        levels, scales, bits = quantized
+        ops.check_levels(levels, scales, bits.view(-1, 1), name=self._param_name(qparam))
+        return quantized
+
+    def _apply_restore(self, qparam, prepared) -> None:
+        levels, scales, bits = prepared
+        ops.dequantize_levels(levels, scales, bits.view(-1, 1), name=self._param_name(qparam),
+                              out=qparam.param.data)
+
     def _bits_offset(self) -> int:
         """min_bits as the integer subtracted from stored bits before packing."""
         if float(self.min_bits) != int(self.min_bits):
@@ -363,7 +375,7 @@ class DiffQuantizer(BaseQuantizer):
             planes = packed_planes(packed)
             if planes is not None and planes != width:
                 raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
-            stream.copy_(unpack_state(packed, values))
+            unpack_state(packed, values, out=stream)
         if missing:
             _missing_widths(missing)
         return ops.merge_by_width(streams, bits, group_size)

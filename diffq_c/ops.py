@@ -280,11 +280,9 @@ def _check_scales(scales, name: str) -> tp.Tuple[float, float]:
     return mn, mx
 
 
-def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
-                      bits: torch.Tensor, name: str = "?") -> torch.Tensor:
-    """Float32 weights back from levels: level * step * (max - min) + min.
-    Levels and scales may come from a state on disk: levels outside
-    [0, 2^bits) and non-finite scales are refused."""
+def _dequantize_plan(levels, scales, bits, name):
+    """(min, max, kernel (bits uint8, group_size) or None) for dequantizing,
+    after the checks that need no pass over the levels."""
     if not isinstance(levels, torch.Tensor):
         raise TypeError(f"quantized state of {name!r}: levels must be a tensor, "
                         f"got {type(levels).__name__}")
@@ -293,24 +291,61 @@ def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
     rows = None
     if _C is not None and levels.device.type == "cpu" and levels.dtype in (torch.uint8, torch.int16):
         rows = _row_bits(levels, bits)
+    if rows is None and (levels.dtype.is_floating_point or levels.dtype.is_complex
+                         or levels.dtype == torch.bool):
+        raise TypeError(f"quantized state of {name!r}: levels must be integers, got {levels.dtype}")
+    return mn, mx, bits, rows
+
+
+def check_levels(levels: torch.Tensor, scales: tp.Tuple[float, float], bits: torch.Tensor,
+                 name: str = "?") -> None:
+    """Raise what dequantize_levels would raise, without computing anything:
+    levels outside [0, 2^bits), bits outside 1..15, non-finite scales."""
+    mn, mx, bits, rows = _dequantize_plan(levels, scales, bits, name)
+    if rows is not None:
+        try:
+            _C.validate_levels(_flat(levels), rows[0], rows[1])
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"quantized state of {name!r}: {exc}") from None
+        return
+    if bits.numel() and (bool((bits < 1).any()) or bool((bits > 15).any())):
+        raise ValueError(f"quantized state of {name!r}: bits must lie in 1..15")
+    top = (2 ** bits.float()).floor() - 1
+    if levels.numel() and (bool((levels < 0).any()) or bool((levels.float() > top).any())):
+        raise ValueError(f"quantized state of {name!r}: levels outside [0, 2^bits)")
+
+
+def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
+                      bits: torch.Tensor, name: str = "?",
+                      out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float32 weights back from levels: level * step * (max - min) + min,
+    written into `out` when it is a contiguous float32 CPU tensor of the
+    levels' size (restores write straight into the parameter). Levels and
+    scales may come from a state on disk: levels outside [0, 2^bits) and
+    non-finite scales are refused."""
+    mn, mx, bits, rows = _dequantize_plan(levels, scales, bits, name)
     if rows is None:
-        if levels.dtype.is_floating_point or levels.dtype.is_complex or levels.dtype == torch.bool:
-            raise TypeError(f"quantized state of {name!r}: levels must be integers, "
-                            f"got {levels.dtype}")
-        if bits.numel() and (bool((bits < 1).any()) or bool((bits > 15).any())):
-            raise ValueError(f"quantized state of {name!r}: bits must lie in 1..15")
-        top = (2 ** bits.float()).floor() - 1
-        if levels.numel() and (bool((levels < 0).any()) or bool((levels.float() > top).any())):
-            raise ValueError(f"quantized state of {name!r}: levels outside [0, 2^bits)")
+        check_levels(levels, scales, bits, name)
         step = 1 / (2 ** bits.float() - 1)
-        return levels.float() * step * (mx - mn) + mn
+        value = levels.float() * step * (mx - mn) + mn
+        if out is not None:
+            out.copy_(value.view_as(out))
+            return out
+        return value
     b, group_size = rows
-    out = torch.empty(levels.shape, dtype=torch.float32)
+    if out is None or not (out.device.type == "cpu" and out.dtype == torch.float32
+                           and out.is_contiguous() and out.numel() == levels.numel()):
+        target = torch.empty(levels.shape, dtype=torch.float32)
+    else:
+        target = out
     try:
-        _C.dequantize(_flat(levels), b, out.view(-1), group_size, mn, float(mx - mn), num_threads())
+        _C.dequantize(_flat(levels), b, target.view(-1), group_size, mn, float(mx - mn), num_threads())
     except ValueError as exc:
         raise ValueError(f"quantized state of {name!r}: {exc}") from None
-    return out
+    if out is not None and target is not out:
+        out.copy_(target.view_as(out))
+        return out
+    return target
 
 
 # ------------------------------------------------------------- bitpack
@@ -323,6 +358,11 @@ def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
     out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
     _C.pack_bits(flat, out, nbits, num_threads())
     return out
+
+
+def unpack_into(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Unpack the first out.numel() values into out (contiguous int16)."""
+    _C.unpack_bits(packed.detach().cpu().contiguous(), out.view(-1), num_threads())
 
 
 def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:

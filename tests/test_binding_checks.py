@@ -116,6 +116,14 @@ SPECS: tp.Dict[str, Spec] = {
                        "levels": _levels(N, torch.uint8)}, TypeError),
                      ({"mn": float("-inf")}, ValueError), ({"range": float("nan")}, ValueError),
                      ({"group_size": -1}, ValueError))),
+    "validate_levels": Spec(
+        make=lambda: dict(levels=_levels(N), bits=torch.full((NG,), 3, dtype=torch.uint8), group_size=GS),
+        tensors=("levels", "bits"), outputs=(), any_size=(), overlaps=(),
+        bad_scalars=(({"levels": _levels(N) + 8}, ValueError), ({"levels": _levels(N) - 1}, ValueError),
+                     ({"bits": torch.tensor([3, 3, 3, 0, 3, 3], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.full((NG,), 9, dtype=torch.uint8),
+                       "levels": _levels(N, torch.uint8)}, TypeError),
+                     ({"group_size": -1}, ValueError), ({"group_size": 5}, ValueError))),
     "pack_bits": Spec(
         make=lambda: dict(x=_levels(N), out=_out(3 * 32, torch.int64), nbits=3, nthreads=1),
         # x sets the number of lines; one more value still fits in the one line
