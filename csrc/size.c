@@ -16,6 +16,7 @@ void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit, 
 
 /* Sum and max of the bits of a chunk, through a small stack buffer so the
  * bits themselves come from the vectorized kernel. */
+DQ_FAST
 static void size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                               int64_t count, dq_size_stats *out) {
     float buf[1024];
@@ -27,9 +28,9 @@ static void size_forward_fast(const dq_bits_param *prm, const float *restrict lo
         int64_t i = 0;
         for (; i + 4 <= len; i += 4)
             for (int k = 0; k < 4; ++k)
-                sum[k] += buf[i + k];
+                sum[k] += (double)buf[i + k];
         for (; i < len; ++i)
-            sum[0] += buf[i];
+            sum[0] += (double)buf[i];
         for (i = 0; i < len; ++i)
             top = buf[i] > top ? buf[i] : top;
     }

@@ -8,12 +8,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "diffq_c.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace py = pybind11;
 
@@ -168,6 +173,25 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
     return b;
 }
 
+// Large outputs are usually fresh allocations the kernel touches first:
+// asking for transparent huge pages there turns thousands of page faults
+// into a few (torch's own THP_MEM_ALLOC_ENABLE does the same). Advice only:
+// where the kernel or the range does not allow it, nothing changes.
+void advise_huge_pages(const Buffer &b) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    static const bool enabled = std::getenv("DIFFQ_C_NO_HUGEPAGES") == nullptr;
+    if (!enabled)
+        return;
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t begin = (reinterpret_cast<uintptr_t>(b.data) + huge - 1) & ~(huge - 1);
+    uintptr_t end = (reinterpret_cast<uintptr_t>(b.data) + (uintptr_t)b.numel * (uintptr_t)b.elem_size) & ~(huge - 1);
+    if (b.numel > 0 && end > begin)
+        madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)b;
+#endif
+}
+
 void no_overlap(const Buffer &a, const char *an, const Buffer &b, const char *bn) {
     const char *a0 = a.data, *a1 = a.data + a.numel * a.elem_size;
     const char *b0 = b.data, *b1 = b.data + b.numel * b.elem_size;
@@ -249,6 +273,7 @@ std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> philox(std::tuple<uint32_t, u
 
 void noise_fill(py::handle out_obj, int kind, uint64_t seed, int64_t start, int nthreads, bool reference) {
     Buffer out = view(out_obj, "out", DType::f32);
+    advise_huge_pages(out);
     noise_kind(kind);
     threads(nthreads);
     if (start < 0 || start > INT64_MAX - out.numel)
@@ -282,6 +307,7 @@ RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle nois
     int64_t ngroups = groups_of(p.numel, group_size, "p");
     Buffer logit = view(logit_obj, "logit", DType::f32, ngroups);
     Buffer noisy = view(noisy_obj, "noisy", DType::f32, p.numel);
+    advise_huge_pages(noisy);
     no_overlap(noisy, "noisy", p, "p");
     no_overlap(noisy, "noisy", logit, "logit");
     noise_kind(kind);
@@ -310,6 +336,7 @@ void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj,
     Buffer grad = view(grad_obj, "grad", DType::f32, p.numel);
     Buffer logit = view(logit_obj, "logit", DType::f32, ngroups);
     Buffer grad_logit = view(grad_logit_obj, "grad_logit", DType::f32, ngroups);
+    advise_huge_pages(grad_logit);
     const bool in_place = grad_p_obj.is_none();
     Buffer grad_p = in_place ? view(grad_obj, "grad", DType::f32, p.numel)
                              : view(grad_p_obj, "grad_p", DType::f32, p.numel);
@@ -374,6 +401,7 @@ void quantize(py::handle p_obj, py::handle bits_obj, py::handle levels_obj, int6
     int64_t ngroups = groups_of(p.numel, group_size, "p");
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer levels = view(levels_obj, "levels", DType::u8_or_i16, p.numel);
+    advise_huge_pages(levels);
     no_overlap(levels, "levels", p, "p");
     no_overlap(levels, "levels", bits, "bits");
     threads(nthreads);
@@ -400,6 +428,7 @@ void dequantize(py::handle levels_obj, py::handle bits_obj, py::handle out_obj, 
     int64_t ngroups = groups_of(levels.numel, group_size, "levels");
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer out = view(out_obj, "out", DType::f32, levels.numel);
+    advise_huge_pages(out);
     no_overlap(out, "out", levels, "levels");
     no_overlap(out, "out", bits, "bits");
     threads(nthreads);
@@ -485,6 +514,7 @@ void unpack_bits(py::handle packed_obj, py::handle out_obj, int nthreads, bool r
     int64_t lines = packed.shape[0];
     int64_t nbits = packed.shape[1];
     Buffer out = view(out_obj, "out", DType::i16);
+    advise_huge_pages(out);
     // the same checks as the fuzz target
     int err = dq_validate_packed(lines, nbits, packed.shape[2], packed.numel, out.numel);
     if (err == DQ_ERR_NBITS)
@@ -528,6 +558,7 @@ std::vector<int64_t> split_by_width(py::handle levels_obj, py::handle bits_obj, 
     int64_t ngroups = groups_of(levels.numel, group_size, "levels");
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer streams = view(streams_obj, "streams", DType::i16, levels.numel);
+    advise_huge_pages(streams);
     no_overlap(streams, "streams", levels, "levels");
     no_overlap(streams, "streams", bits, "bits");
     threads(nthreads);
@@ -553,6 +584,7 @@ void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle leve
     int64_t ngroups = groups_of(streams.numel, group_size, "streams");
     Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
     Buffer levels = view(levels_obj, "levels", DType::i16, streams.numel);
+    advise_huge_pages(levels);
     no_overlap(levels, "levels", streams, "streams");
     no_overlap(levels, "levels", bits, "bits");
     threads(nthreads);
@@ -628,6 +660,7 @@ void size_backward(py::handle logit_obj, py::handle grad_obj, float scale,
                    std::tuple<int, float, float, float, float> prm_t, int nthreads) {
     Buffer logit = view(logit_obj, "logit", DType::f32);
     Buffer grad = view(grad_obj, "grad", DType::f32, logit.numel);
+    advise_huge_pages(grad);
     no_overlap(grad, "grad", logit, "logit");
     dq_bits_param prm = bits_param(prm_t);
     threads(nthreads);
