@@ -103,6 +103,9 @@ class Setup:
         self.model.train()
 
     def model_size(self):
+        # as in training, where zero_grad() leaves no gradient to add to
+        for qparam in self.quantizer._qparams:
+            qparam.logit.grad = None
         self.quantizer.model_size().backward()
 
     def get_state(self):
