@@ -234,6 +234,11 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
 int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads);
+/* dq_dequantize of the merged levels, without materializing them: each
+ * group's values are read from its width's stream. Same numbers. */
+int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
+                          const uint8_t *restrict bits, int64_t ngroups, float mn, float range,
+                          float *restrict out, int nthreads);
 
 /* ----------------------------------------------------------------- size.c */
 

@@ -506,6 +506,15 @@ static void test_grouped_packing_and_requantize(void) {
             CHECK(dq_merge_by_width(stream, gs, bits, ng, back, 2) == DQ_OK, "merge");
             CHECK(memcmp(back, levels, n * 2) == 0, "merge by width gs %lld n %lld", (long long)gs,
                   (long long)ng);
+            {
+                float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
+                dq_dequantize(levels, 2, n, gs, bits, -0.75f, 1.5f, d1, 2);
+                CHECK(dq_dequantize_streams(stream, gs, bits, ng, -0.75f, 1.5f, d2, 2) == DQ_OK &&
+                          memcmp(d1, d2, n * 4) == 0,
+                      "dequantize streams gs %lld n %lld", (long long)gs, (long long)ng);
+                free(d1);
+                free(d2);
+            }
             /* uint8 levels split to the same streams */
             uint8_t *small = xmalloc(n);
             for (int64_t i = 0; i < n; ++i)

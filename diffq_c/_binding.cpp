@@ -600,6 +600,31 @@ void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle leve
         throw std::bad_alloc();
 }
 
+void dequantize_streams(py::handle streams_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size,
+                        float mn, float range, int nthreads) {
+    Buffer streams = view(streams_obj, "streams", DType::i16);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(streams.numel, group_size, "streams");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer out = view(out_obj, "out", DType::f32, streams.numel);
+    no_overlap(out, "out", streams, "streams");
+    no_overlap(out, "out", bits, "bits");
+    threads(nthreads);
+    finite(mn, "mn");
+    finite(range, "range");
+    check_widths(bits, "bits");
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_dequantize_streams(reinterpret_cast<const int16_t *>(streams.data), group_size,
+                                    reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range,
+                                    reinterpret_cast<float *>(out.data), nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+}
+
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
                  int nthreads, bool reference) {
     Buffer t = view(t_obj, "t", DType::f32);
@@ -766,6 +791,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("nthreads") = 1);
     m.def("merge_by_width", &merge_by_width, py::arg("streams"), py::arg("bits"), py::arg("levels"),
           py::arg("group_size"), py::arg("nthreads") = 1);
+    m.def("dequantize_streams", &dequantize_streams, py::arg("streams"), py::arg("bits"), py::arg("out"),
+          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),

@@ -250,7 +250,7 @@ class DiffQuantizer(BaseQuantizer):
                                 else ""))
         levels, _, bits = quantized
         for what, t in (("levels", levels), ("bits", bits)):
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, (torch.Tensor, ops.WidthStreams)):
                 raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
         groups = qparam.logit.numel()
         shape = (groups, self._group_size_of(qparam.param))
@@ -262,6 +262,8 @@ class DiffQuantizer(BaseQuantizer):
     def _unquantize_param(self, qparam, quantized: tp.Any) -> torch.Tensor:
         self._check_quantized(qparam, quantized)
         levels, scales, bits = quantized
+        if isinstance(levels, ops.WidthStreams):
+            levels = levels.materialize()
         if bits.dim() == 1:
             bits = bits[:, None]
         value = ops.dequantize_levels(levels, scales, bits, name=self._param_name(qparam))
@@ -271,13 +273,20 @@ class DiffQuantizer(BaseQuantizer):
         # checked now, dequantized straight into the parameter later
         self._check_quantized(qparam, quantized)
         levels, scales, bits = quantized
-        ops.check_levels(levels, scales, bits.view(-1, 1), name=self._param_name(qparam))
+        name = self._param_name(qparam)
+        if isinstance(levels, ops.WidthStreams):
+            ops._check_scales(scales, name)
+        else:
+            ops.check_levels(levels, scales, bits.view(-1, 1), name=name)
         return quantized
 
     def _apply_restore(self, qparam, prepared) -> None:
         levels, scales, bits = prepared
-        ops.dequantize_levels(levels, scales, bits.view(-1, 1), name=self._param_name(qparam),
-                              out=qparam.param.data)
+        name = self._param_name(qparam)
+        if isinstance(levels, ops.WidthStreams):
+            levels.dequantize_into(scales, qparam.param.data, name=name)
+        else:
+            ops.dequantize_levels(levels, scales, bits.view(-1, 1), name=name, out=qparam.param.data)
 
     def _bits_offset(self) -> int:
         """min_bits as the integer subtracted from stored bits before packing."""
@@ -378,7 +387,7 @@ class DiffQuantizer(BaseQuantizer):
             unpack_state(packed, values, out=stream)
         if missing:
             _missing_widths(missing)
-        return ops.merge_by_width(streams, bits, group_size)
+        return ops.WidthStreams(streams, bits.view(-1), group_size)
 
     def detach(self):
         super().detach()

@@ -419,6 +419,32 @@ def split_by_width(levels: torch.Tensor, bits: torch.Tensor,
     return streams, totals
 
 
+class WidthStreams:
+    """Levels of a packed state kept as the per-width streams they were
+    unpacked into (see split_by_width), with the bits that say which rows
+    they fill. Unpacked from `w` bit planes, stream w cannot hold a level
+    outside [0, 2^w): there is nothing left to check. `materialize()`
+    gives the [groups, group_size] int16 levels."""
+
+    def __init__(self, streams: torch.Tensor, bits: torch.Tensor, group_size: int):
+        self.streams = streams
+        self.bits = bits
+        self.group_size = group_size
+        self.shape = torch.Size((bits.numel(), group_size))
+
+    def materialize(self) -> torch.Tensor:
+        return merge_by_width(self.streams, self.bits, self.group_size)
+
+    def dequantize_into(self, scales, out: torch.Tensor, name: str = "?") -> torch.Tensor:
+        """dequantize_levels(materialize(), ...) straight from the streams."""
+        mn, mx = _check_scales(scales, name)
+        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+            _C.dequantize_streams(self.streams, _flat(self.bits), out.view(-1), self.group_size,
+                                  mn, float(mx - mn), num_threads())
+            return out
+        return dequantize_levels(self.materialize(), scales, self.bits.view(-1, 1), name, out=out)
+
+
 def merge_by_width(streams: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
     """The reverse of split_by_width: int16 levels [groups, group_size]."""
     levels = torch.empty(bits.numel(), group_size, dtype=torch.int16)

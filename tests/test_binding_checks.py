@@ -175,6 +175,15 @@ SPECS: tp.Dict[str, Spec] = {
         bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
+    "dequantize_streams": Spec(
+        make=lambda: dict(streams=_levels(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+                          out=_out(N, torch.float32), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
+        tensors=("streams", "bits", "out"), outputs=("out",), any_size=(),
+        overlaps=(("out", "streams"), ("out", "bits")),
+        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
+                     ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
+                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
     "stored_bits": Spec(
         make=lambda: dict(t=_f32(N, 0.0, 1.0), out=_out(N, torch.uint8), min_bits=2.0, max_bits=15.0,
                           extra_bits=0.0, nthreads=1),
