@@ -287,3 +287,48 @@ int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
     free(pos);
     return DQ_OK;
 }
+
+int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int offset,
+                              uint8_t *restrict widths, int64_t counts[16], int nthreads) {
+    for (int w = 0; w < 16; ++w)
+        counts[w] = 0;
+    int64_t first_bad = INT64_MAX;
+    const int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+    /* counted and checked first: nothing is written for a bad input */
+#pragma omp parallel num_threads(nthreads) if (chunks > 1)
+    {
+        int64_t local[16] = {0};
+        int64_t bad = INT64_MAX;
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t end = DQ_MIN(n, (c + 1) * DQ_CHUNK);
+            uint32_t out_of_range = 0;
+            for (int64_t i = c * DQ_CHUNK; i < end; ++i)
+                out_of_range |= (uint32_t)((int32_t)stored[i] + offset - 1) > 14u;
+            if (out_of_range) {
+                for (int64_t i = c * DQ_CHUNK; i < end && bad == INT64_MAX; ++i)
+                    if ((uint32_t)((int32_t)stored[i] + offset - 1) > 14u)
+                        bad = i;
+                continue;
+            }
+            for (int64_t i = c * DQ_CHUNK; i < end; ++i)
+                ++local[(stored[i] + offset) & 15];
+        }
+#pragma omp critical
+        {
+            for (int w = 0; w < 16; ++w)
+                counts[w] += local[w];
+            first_bad = bad < first_bad ? bad : first_bad;
+        }
+    }
+    if (first_bad != INT64_MAX)
+        return first_bad;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t end = DQ_MIN(n, (c + 1) * DQ_CHUNK);
+        for (int64_t i = c * DQ_CHUNK; i < end; ++i)
+            widths[i] = (uint8_t)(stored[i] + offset);
+    }
+    return -1;
+}

@@ -234,6 +234,11 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
 int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads);
+/* Stored bit widths as packed by diffq (width - offset, int16) back to
+ * uint8 widths, with the count of each. Returns the index of the first
+ * width outside 1..15, or -1. */
+int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int offset,
+                              uint8_t *restrict widths, int64_t counts[16], int nthreads);
 /* dq_dequantize of the merged levels, without materializing them: each
  * group's values are read from its width's stream. Same numbers. */
 int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,

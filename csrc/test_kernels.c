@@ -561,6 +561,26 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
+static void test_widths_from_stored(void) {
+    int64_t n = 2 * DQ_CHUNK + 3, counts[16], total = 0;
+    int16_t *stored = xmalloc(n * 2);
+    uint8_t *w = xmalloc(n);
+    for (int64_t i = 0; i < n; ++i)
+        stored[i] = (int16_t)(i % 14); /* widths 2..15 with offset 2 */
+    CHECK(dq_widths_from_stored(stored, n, 2, w, counts, 2) == -1, "valid widths");
+    int ok = 1;
+    for (int64_t i = 0; i < n; ++i)
+        ok &= w[i] == i % 14 + 2;
+    for (int k = 0; k < 16; ++k)
+        total += counts[k];
+    CHECK(ok && total == n && counts[0] == 0 && counts[1] == 0 && counts[2] > 0, "widths and counts");
+    stored[DQ_CHUNK + 7] = 14; /* width 16 */
+    stored[2 * DQ_CHUNK + 1] = -2; /* width 0 */
+    CHECK(dq_widths_from_stored(stored, n, 2, w, counts, 2) == DQ_CHUNK + 7, "first bad width");
+    free(stored);
+    free(w);
+}
+
 static void test_validation_of_levels(void) {
     /* the first bad level over several parallel chunks */
     int64_t n = 3 * DQ_CHUNK + 17, gs = 8;
@@ -586,6 +606,7 @@ int main(void) {
     test_size();
     test_grouped_packing_and_requantize();
     test_validation_of_levels();
+    test_widths_from_stored();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

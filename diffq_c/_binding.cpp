@@ -625,6 +625,28 @@ void dequantize_streams(py::handle streams_obj, py::handle bits_obj, py::handle 
         throw std::bad_alloc();
 }
 
+// widths = stored + offset as uint8, each 1..15; returns the count of each width
+std::vector<int64_t> widths_from_stored(py::handle stored_obj, int offset, py::handle widths_obj, int nthreads) {
+    Buffer stored = view(stored_obj, "stored", DType::i16);
+    Buffer widths = view(widths_obj, "widths", DType::u8, stored.numel);
+    no_overlap(widths, "widths", stored, "stored");
+    threads(nthreads);
+    if (offset < -32768 || offset > 32767)
+        value_error("offset out of range: " + std::to_string(offset));
+    std::vector<int64_t> counts(16);
+    int64_t bad;
+    {
+        py::gil_scoped_release nogil;
+        bad = dq_widths_from_stored(reinterpret_cast<const int16_t *>(stored.data), stored.numel, offset,
+                                    reinterpret_cast<uint8_t *>(widths.data), counts.data(), nthreads);
+    }
+    if (bad >= 0)
+        value_error("stored bits[" + std::to_string(bad) + "] + " + std::to_string(offset) + " = " +
+                    std::to_string(reinterpret_cast<const int16_t *>(stored.data)[bad] + offset) +
+                    " is outside 1..15");
+    return counts;
+}
+
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
                  int nthreads, bool reference) {
     Buffer t = view(t_obj, "t", DType::f32);
@@ -793,6 +815,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("nthreads") = 1);
     m.def("dequantize_streams", &dequantize_streams, py::arg("streams"), py::arg("bits"), py::arg("out"),
           py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
+    m.def("widths_from_stored", &widths_from_stored, py::arg("stored"), py::arg("offset"), py::arg("widths"),
+          py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),

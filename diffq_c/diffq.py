@@ -333,41 +333,42 @@ class DiffQuantizer(BaseQuantizer):
             raise TypeError(f"packed levels must be a list, got {type(all_packed).__name__}")
         groups = qparam.logit.numel()
         group_size = self._group_size_of(qparam.param)
+        if len(all_packed) > MAX_STORED_BITS:
+            raise ValueError(f"{len(all_packed)} packed level tensors, at most {MAX_STORED_BITS}")
+        if unpack_fn is unpack_state and ops.kernels_available():
+            widths, counts = ops.widths_from_stored(unpack_fn(packed_bits, groups), self._bits_offset())
+            levels = self._unpack_levels_by_width(all_packed, widths, counts, group_size)
+            return (levels, scales, widths)
         bits = unpack_fn(packed_bits, groups).to(torch.int16) + self._bits_offset()
         if bits.numel() != groups:
             raise ValueError(f"packed bits hold {bits.numel()} groups, expected {groups}")
         if bool((bits < 1).any()) or bool((bits > MAX_STORED_BITS).any()):
             raise ValueError(f"bits outside 1..{MAX_STORED_BITS} in the packed state")
-        if len(all_packed) > MAX_STORED_BITS:
-            raise ValueError(f"{len(all_packed)} packed level tensors, at most {MAX_STORED_BITS}")
-        if unpack_fn is unpack_state and ops.kernels_available():
-            levels = self._unpack_levels_by_width(all_packed, bits.to(torch.uint8), group_size)
-        else:
-            levels = torch.zeros(groups, group_size, dtype=torch.int16)
-            filled = torch.zeros(groups, dtype=torch.bool)
-            for index, packed_levels in enumerate(all_packed):
-                width = index + 1
-                if packed_levels is None:
-                    continue
-                planes = packed_planes(packed_levels)
-                if planes is not None and planes != width:
-                    raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
-                mask = bits == width
-                count = int(mask.sum())
-                levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \
-                    .to(torch.int16)
-                filled |= mask
-            if not bool(filled.all()):
-                _missing_widths(sorted(set(bits[~filled].tolist())))
+        # the general path (torch_pack layout, no kernels): masks per width
+        levels = torch.zeros(groups, group_size, dtype=torch.int16)
+        filled = torch.zeros(groups, dtype=torch.bool)
+        for index, packed_levels in enumerate(all_packed):
+            width = index + 1
+            if packed_levels is None:
+                continue
+            planes = packed_planes(packed_levels)
+            if planes is not None and planes != width:
+                raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
+            mask = bits == width
+            count = int(mask.sum())
+            levels[mask] = unpack_fn(packed_levels, count * group_size).view(count, group_size) \
+                .to(torch.int16)
+            filled |= mask
+        if not bool(filled.all()):
+            _missing_widths(sorted(set(bits[~filled].tolist())))
         return (levels, scales, bits.to(torch.uint8))
 
     @staticmethod
-    def _unpack_levels_by_width(all_packed, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    def _unpack_levels_by_width(all_packed, bits: torch.Tensor, counts, group_size: int):
         """Levels [groups, group_size] from diffq's per-width packed tensors:
         each unpacked into its place in the per-width streams, then merged
         back into rows. Every group has one width, so every row is filled,
         or an error is raised."""
-        counts = torch.bincount(bits.view(-1).to(torch.int64), minlength=16).tolist()
         streams = torch.empty(bits.numel() * group_size, dtype=torch.int16)
         start = 0
         missing = []

@@ -419,6 +419,15 @@ def split_by_width(levels: torch.Tensor, bits: torch.Tensor,
     return streams, totals
 
 
+def widths_from_stored(stored: torch.Tensor, offset: int) -> tp.Tuple[torch.Tensor, tp.List[int]]:
+    """uint8 widths (stored + offset, each checked to be 1..15) and the
+    count of each width, in one pass."""
+    flat = _flat(stored.to(torch.int16))
+    widths = torch.empty(flat.numel(), dtype=torch.uint8)
+    counts = _C.widths_from_stored(flat, int(offset), widths, num_threads())
+    return widths, counts
+
+
 class WidthStreams:
     """Levels of a packed state kept as the per-width streams they were
     unpacked into (see split_by_width), with the bits that say which rows

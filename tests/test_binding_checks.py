@@ -184,6 +184,12 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
                      ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
+    "widths_from_stored": Spec(
+        make=lambda: dict(stored=_levels(N), offset=2, widths=_out(N, torch.uint8), nthreads=1),
+        tensors=("stored", "widths"), outputs=("widths",), any_size=("stored",),
+        overlaps=(("widths", "stored"),),
+        bad_scalars=(({"offset": 14}, ValueError), ({"offset": -1}, ValueError),
+                     ({"offset": 2 ** 20}, ValueError), ({"nthreads": 0}, ValueError))),
     "stored_bits": Spec(
         make=lambda: dict(t=_f32(N, 0.0, 1.0), out=_out(N, torch.uint8), min_bits=2.0, max_bits=15.0,
                           extra_bits=0.0, nthreads=1),
