@@ -332,3 +332,39 @@ int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int off
     }
     return -1;
 }
+
+int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                      int64_t ngroups, float mn, float range, int16_t *restrict streams,
+                      int64_t totals[16], int nthreads) {
+    assert(group_size > 0);
+    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    const int64_t per = groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
+    float step_of[16], top_of[16];
+    for (int b = 0; b < 16; ++b) {
+        step_of[b] = b ? dq_step_of_bits(b) : 1.0f;
+        top_of[b] = (float)((1 << b) - 1);
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t *at = pos + c * 16;
+        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
+            const int w = bits[g] & 15;
+            int16_t *restrict dst = streams + at[w];
+            at[w] += group_size;
+            const float *restrict src = p + g * group_size;
+            const float step = step_of[w], top = top_of[w];
+            if (range == 0.0f) {
+                for (int64_t j = 0; j < group_size; ++j)
+                    dst[j] = 0;
+            } else {
+                for (int64_t j = 0; j < group_size; ++j)
+                    dst[j] = (int16_t)(int32_t)dq_level(src[j], mn, range, step, top);
+            }
+        }
+    }
+    free(pos);
+    return DQ_OK;
+}

@@ -234,6 +234,12 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
 int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads);
+/* dq_quantize followed by dq_split_by_width, without the levels in
+ * between: the levels of p go straight to their width's stream. Bits must
+ * be 1..15. Same levels as dq_quantize. */
+int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                      int64_t ngroups, float mn, float range, int16_t *restrict streams,
+                      int64_t totals[16], int nthreads);
 /* Stored bit widths as packed by diffq (width - offset, int16) back to
  * uint8 widths, with the count of each. Returns the index of the first
  * width outside 1..15, or -1. */

@@ -42,6 +42,17 @@ DQ_INLINE float dq_bits_float(uint32_t u) {
     return x;
 }
 
+/* The quantization level of x, in float32 in exactly this order (what the
+ * torch formula computes): round_half_even(((x - mn) / range) / step),
+ * clamped to [0, top]; NaN gives 0. Every kernel that quantizes uses it. */
+DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) {
+    float level = rintf(((x - mn) / range) / step);
+    return level > 0.0f ? (level < top ? level : top) : 0.0f;
+}
+
+/* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
+DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
+
 /* Number of fixed-size chunks covering n elements. */
 static inline int64_t dq_num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 

@@ -90,8 +90,7 @@ void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthread
     out->nonfinite = bad;
 }
 
-/* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
-DQ_INLINE float step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
+#define step_of_bits dq_step_of_bits
 
 DQ_INLINE void store_level(void *restrict levels, int level_bytes, int64_t i, float level) {
     if (level_bytes == 1)
@@ -175,9 +174,7 @@ void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t
         const float *restrict ps = p + i0;
         span_widths(group_size, bits, i0, len, step, top);
         for (int64_t k = 0; k < len; ++k) {
-            float v = rintf(((ps[k] - mn) / range) / step[k]);
-            v = v > 0.0f ? (v < top[k] ? v : top[k]) : 0.0f; /* NaN -> 0 */
-            level[k] = (int32_t)v;
+            level[k] = (int32_t)dq_level(ps[k], mn, range, step[k], top[k]);
         }
         if (level_bytes == 1) {
             uint8_t *restrict out = (uint8_t *)levels + i0;
@@ -378,9 +375,7 @@ void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restr
                 value[k] = (0.0f * step[k]) * range + mn;
         } else {
             for (int64_t k = 0; k < len; ++k) {
-                float level = rintf(((p[i0 + k] - mn) / range) / step[k]);
-                level = level > 0.0f ? (level < top[k] ? level : top[k]) : 0.0f; /* NaN -> 0 */
-                value[k] = (level * step[k]) * range + mn;
+                value[k] = (dq_level(p[i0 + k], mn, range, step[k], top[k]) * step[k]) * range + mn;
             }
         }
         memcpy(out + i0, value, (size_t)len * sizeof(float));

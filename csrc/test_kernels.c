@@ -540,6 +540,15 @@ static void test_grouped_packing_and_requantize(void) {
             dq_dequantize(levels, 2, n, gs, bits, rg.min, range, d, 2);
             dq_requantize(p, n, gs, bits, rg.min, range, r, 2);
             CHECK(memcmp(d, r, n * 4) == 0, "requantize gs %lld", (long long)gs);
+            {
+                int64_t t2[16];
+                int16_t *s2 = xmalloc(n * 2);
+                dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 2);
+                CHECK(dq_quantize_split(p, gs, bits, ng, rg.min, range, s2, t2, 2) == DQ_OK &&
+                          memcmp(s2, stream, n * 2) == 0 && memcmp(t2, totals, sizeof t2) == 0,
+                      "quantize split gs %lld", (long long)gs);
+                free(s2);
+            }
             dq_requantize(p, n, gs, bits, rg.min, range, p, 2);
             CHECK(memcmp(d, p, n * 4) == 0, "requantize in place gs %lld", (long long)gs);
             free(p);

@@ -647,6 +647,34 @@ std::vector<int64_t> widths_from_stored(py::handle stored_obj, int offset, py::h
     return counts;
 }
 
+std::vector<int64_t> quantize_split(py::handle p_obj, py::handle bits_obj, py::handle streams_obj,
+                                    int64_t group_size, float mn, float range, int nthreads) {
+    Buffer p = view(p_obj, "p", DType::f32);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    Buffer streams = view(streams_obj, "streams", DType::i16, p.numel);
+    advise_huge_pages(streams);
+    no_overlap(streams, "streams", p, "p");
+    no_overlap(streams, "streams", bits, "bits");
+    threads(nthreads);
+    finite(mn, "mn");
+    finite(range, "range");
+    check_widths(bits, "bits");
+    std::vector<int64_t> totals(16);
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_quantize_split(reinterpret_cast<const float *>(p.data), group_size,
+                                reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range,
+                                reinterpret_cast<int16_t *>(streams.data), totals.data(), nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    return totals;
+}
+
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
                  int nthreads, bool reference) {
     Buffer t = view(t_obj, "t", DType::f32);
@@ -817,6 +845,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("widths_from_stored", &widths_from_stored, py::arg("stored"), py::arg("offset"), py::arg("widths"),
           py::arg("nthreads") = 1);
+    m.def("quantize_split", &quantize_split, py::arg("p"), py::arg("bits"), py::arg("streams"),
+          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),

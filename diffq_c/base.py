@@ -251,10 +251,7 @@ class BaseQuantizer:
         pack_fn = self._pack_fns(torch_pack)[0]
         all_quantized = []
         for qparam in self._unique_qparams():
-            quantized = self._quantize_param(qparam)
-            if packed:
-                quantized = self._bit_pack_param(qparam, quantized, pack_fn=pack_fn)
-            all_quantized.append(quantized)
+            all_quantized.append(self._quantized_state_of(qparam, packed, pack_fn))
         kwargs = dict(self._init_kwargs)
         for key in self._STATE_EXCLUDED_KWARGS:
             kwargs.pop(key, None)
@@ -269,6 +266,14 @@ class BaseQuantizer:
                 "torch_pack": torch_pack,
             },
         }
+
+    def _quantized_state_of(self, qparam, packed: bool, pack_fn) -> tp.Any:
+        """One parameter's entry of state['quantized'] (subclasses may go
+        straight to the packed form)."""
+        quantized = self._quantize_param(qparam)
+        if packed:
+            quantized = self._bit_pack_param(qparam, quantized, pack_fn=pack_fn)
+        return quantized
 
     def _check_state(self, state) -> None:
         if not isinstance(state, dict) or "quantized" not in state:

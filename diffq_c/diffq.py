@@ -294,35 +294,48 @@ class DiffQuantizer(BaseQuantizer):
             raise QuantizerConfigError(f"packing needs an integer min_bits, got {self.min_bits}")
         return int(self.min_bits)
 
-    def _bit_pack_param(self, qparam, quantized, pack_fn):
-        levels, scales, bits = quantized
-        # diffq's layout: one packed tensor per bit width 1..14. diffq drops
-        # groups of 15 bits; we append their entry only when there are some,
-        # so every other state stays byte-identical and diffq reads ours.
-        widths = range(1, MAX_STORED_BITS + 1) if bool((bits == MAX_STORED_BITS).any()) \
-            else range(1, MAX_STORED_BITS)
-        all_packed = []
-        if pack_fn is bitpack.pack and ops.kernels_available() and levels.device.type == "cpu":
-            # one pass splits the levels into per-width streams, each then
-            # packed whole (no masked copies)
-            group_size = levels.shape[-1] if levels.dim() == 2 else levels.numel()
-            streams, totals = ops.split_by_width(levels, bits, group_size)
-            start = 0
-            for width in range(16):
-                stream = streams[start:start + totals[width]]
-                start += totals[width]
-                if width in widths:
-                    all_packed.append(ops.pack_bits(stream, width) if totals[width] else None)
-        else:
-            for width in widths:
-                selected = levels[bits == width]
-                all_packed.append(pack_fn(selected, width) if selected.numel() else None)
+    def _quantized_state_of(self, qparam, packed: bool, pack_fn) -> tp.Any:
+        if not (packed and pack_fn is bitpack.pack):
+            return super()._quantized_state_of(qparam, packed, pack_fn)
+        bits = self._stored_bits(qparam)
+        split = ops.quantize_split(qparam.param.data, bits, self._group_size_of(qparam.param),
+                                   name=self._param_name(qparam))
+        if split is None:
+            return super()._quantized_state_of(qparam, packed, pack_fn)
+        streams, totals, mn, mx = split
+        # the levels go straight to their width's stream, then each stream is packed
+        all_packed = [ops.pack_bits(streams[sum(totals[:w]):sum(totals[:w + 1])], w)
+                      if totals[w] else None for w in range(1, self._packed_widths(bits) + 1)]
+        return (all_packed, (mn, mx), self._pack_stored_bits(qparam, bits, pack_fn))
+
+    def _packed_widths(self, bits: torch.Tensor) -> int:
+        """diffq's layout has one packed tensor per width 1..14. diffq drops
+        groups of 15 bits; we add their entry only when there are some, so
+        every other state stays byte-identical and diffq reads ours."""
+        return MAX_STORED_BITS if bool((bits == MAX_STORED_BITS).any()) else MAX_STORED_BITS - 1
+
+    def _pack_stored_bits(self, qparam, bits: torch.Tensor, pack_fn):
         offset = self._bits_offset()
         if bool((bits < offset).any()):
             raise ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
                              f"min_bits={self.min_bits}; cannot pack their bits")
-        packed_bits = pack_fn(bits - offset)
-        return (all_packed, scales, packed_bits)
+        return pack_fn(bits - offset)
+
+    def _bit_pack_param(self, qparam, quantized, pack_fn):
+        levels, scales, bits = quantized
+        top = self._packed_widths(bits)
+        if pack_fn is bitpack.pack and ops.kernels_available() and levels.device.type == "cpu":
+            # one pass splits the levels into per-width streams (no masked copies)
+            group_size = levels.shape[-1] if levels.dim() == 2 else levels.numel()
+            streams, totals = ops.split_by_width(levels, bits, group_size)
+            all_packed = [ops.pack_bits(streams[sum(totals[:w]):sum(totals[:w + 1])], w)
+                          if totals[w] else None for w in range(1, top + 1)]
+        else:
+            all_packed = []
+            for width in range(1, top + 1):
+                selected = levels[bits == width]
+                all_packed.append(pack_fn(selected, width) if selected.numel() else None)
+        return (all_packed, scales, self._pack_stored_bits(qparam, bits, pack_fn))
 
     def _bit_unpack_param(self, qparam, packed, unpack_fn):
         if not isinstance(packed, (tuple, list)) or len(packed) != 3:

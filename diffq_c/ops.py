@@ -419,6 +419,24 @@ def split_by_width(levels: torch.Tensor, bits: torch.Tensor,
     return streams, totals
 
 
+def quantize_split(p: torch.Tensor, bits: torch.Tensor, group_size: int,
+                   name: str = "?") -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[int], float, float]]:
+    """Levels of p (over its own range, widths `bits` per group) written
+    straight into per-width streams (see split_by_width): (streams, their
+    lengths, min, max). None when the kernels cannot take p."""
+    if not on_kernel_path(p):
+        return None
+    flat = _flat(p)
+    mn, mx, bad = _C.value_range(flat, num_threads())
+    if bad:
+        raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
+                         "cannot quantize it")
+    streams = torch.empty(flat.numel(), dtype=torch.int16)
+    totals = _C.quantize_split(flat, _flat(bits.to(torch.uint8)), streams, group_size, mn,
+                               float(mx - mn), num_threads())
+    return streams, totals, mn, mx
+
+
 def widths_from_stored(stored: torch.Tensor, offset: int) -> tp.Tuple[torch.Tensor, tp.List[int]]:
     """uint8 widths (stored + offset, each checked to be 1..15) and the
     count of each width, in one pass."""

@@ -190,6 +190,15 @@ SPECS: tp.Dict[str, Spec] = {
         overlaps=(("widths", "stored"),),
         bad_scalars=(({"offset": 14}, ValueError), ({"offset": -1}, ValueError),
                      ({"offset": 2 ** 20}, ValueError), ({"nthreads": 0}, ValueError))),
+    "quantize_split": Spec(
+        make=lambda: dict(p=_f32(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+                          streams=_out(N, torch.int16), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
+        tensors=("p", "bits", "streams"), outputs=("streams",), any_size=(),
+        overlaps=(("streams", "p"), ("streams", "bits")),
+        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
+                     ({"mn": float("nan")}, ValueError), ({"group_size": 0}, ValueError),
+                     ({"group_size": 5}, ValueError))),
     "stored_bits": Spec(
         make=lambda: dict(t=_f32(N, 0.0, 1.0), out=_out(N, torch.uint8), min_bits=2.0, max_bits=15.0,
                           extra_bits=0.0, nthreads=1),
