@@ -29,17 +29,23 @@ void dq_pack_bits_ref(const int16_t *restrict x, int64_t n, int nbits, int64_t l
  * its bits b. The inner loop runs over the 32 words of a bit plane, which
  * the compiler turns into wide shifts and ors. */
 DQ_INLINE void pack_line(const uint16_t *restrict v, int nbits, uint64_t *restrict words) {
-    uint64_t acc[16][DQ_PACK_BLOCK];
+    /* bits 0..31 and 32..63 of each word gathered apart, on 32-bit lanes
+     * (twice as many per vector as 64-bit ones), joined at the end */
+    uint32_t lo[16][DQ_PACK_BLOCK], hi[16][DQ_PACK_BLOCK];
     for (int b = 0; b < nbits; ++b)
         for (int j = 0; j < DQ_PACK_BLOCK; ++j)
-            acc[b][j] = 0;
+            lo[b][j] = hi[b][j] = 0;
     for (int k = 0; k < DQ_PACK_STORAGE; ++k) {
         const uint16_t *restrict row = v + k * DQ_PACK_BLOCK;
+        const int shift = k & 31;
+        uint32_t (*half)[DQ_PACK_BLOCK] = k < 32 ? lo : hi;
         for (int b = 0; b < nbits; ++b)
             for (int j = 0; j < DQ_PACK_BLOCK; ++j)
-                acc[b][j] |= (uint64_t)((row[j] >> b) & 1u) << k;
+                half[b][j] |= (((uint32_t)row[j] >> b) & 1u) << shift;
     }
-    memcpy(words, acc, (size_t)nbits * DQ_PACK_BLOCK * sizeof(uint64_t));
+    for (int b = 0; b < nbits; ++b)
+        for (int j = 0; j < DQ_PACK_BLOCK; ++j)
+            words[b * DQ_PACK_BLOCK + j] = (uint64_t)lo[b][j] | ((uint64_t)hi[b][j] << 32);
 }
 
 DQ_FAST
@@ -165,14 +171,12 @@ void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, i
 
 /* Groups per work chunk of the split and merge: chunk c covers groups
  * [c * G, (c + 1) * G) with G * group_size about DQ_CHUNK values. */
-DQ_INLINE int64_t groups_per_chunk(int64_t group_size) {
-    return group_size >= DQ_CHUNK ? 1 : DQ_CHUNK / group_size;
-}
+#define groups_per_chunk dq__groups_per_chunk
 
 /* counts[c * 16 + w]: values of width w in chunk c; then turned in place
  * into each chunk's write (or read) position of width w in the streams,
  * streams laid out by increasing width. */
-static int64_t *width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                                 int64_t totals[16], int nthreads) {
     const int64_t per = groups_per_chunk(group_size);
     const int64_t chunks = dq_num_chunks(ngroups, per);
@@ -206,7 +210,7 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict streams,
                       int64_t totals[16], int nthreads) {
     assert(group_size > 0 && (level_bytes == 1 || level_bytes == 2));
-    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
     if (!pos)
         return DQ_ERR_NOMEM;
     const int64_t per = groups_per_chunk(group_size);
@@ -237,7 +241,7 @@ int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
                       int nthreads) {
     assert(group_size > 0);
     int64_t totals[16];
-    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
     if (!pos)
         return DQ_ERR_NOMEM;
     const int64_t per = groups_per_chunk(group_size);
@@ -262,7 +266,7 @@ int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
                           float *restrict out, int nthreads) {
     assert(group_size > 0);
     int64_t totals[16];
-    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
     if (!pos)
         return DQ_ERR_NOMEM;
     const int64_t per = groups_per_chunk(group_size);
@@ -331,40 +335,4 @@ int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int off
             widths[i] = (uint8_t)(stored[i] + offset);
     }
     return -1;
-}
-
-int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
-                      int64_t ngroups, float mn, float range, int16_t *restrict streams,
-                      int64_t totals[16], int nthreads) {
-    assert(group_size > 0);
-    int64_t *pos = width_positions(bits, ngroups, group_size, totals, nthreads);
-    if (!pos)
-        return DQ_ERR_NOMEM;
-    const int64_t per = groups_per_chunk(group_size);
-    const int64_t chunks = dq_num_chunks(ngroups, per);
-    float step_of[16], top_of[16];
-    for (int b = 0; b < 16; ++b) {
-        step_of[b] = b ? dq_step_of_bits(b) : 1.0f;
-        top_of[b] = (float)((1 << b) - 1);
-    }
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        int64_t *at = pos + c * 16;
-        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
-            const int w = bits[g] & 15;
-            int16_t *restrict dst = streams + at[w];
-            at[w] += group_size;
-            const float *restrict src = p + g * group_size;
-            const float step = step_of[w], top = top_of[w];
-            if (range == 0.0f) {
-                for (int64_t j = 0; j < group_size; ++j)
-                    dst[j] = 0;
-            } else {
-                for (int64_t j = 0; j < group_size; ++j)
-                    dst[j] = (int16_t)(int32_t)dq_level(src[j], mn, range, step, top);
-            }
-        }
-    }
-    free(pos);
-    return DQ_OK;
 }

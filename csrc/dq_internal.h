@@ -4,6 +4,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -52,6 +53,18 @@ DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) 
 
 /* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
 DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
+
+/* Groups per work chunk of the per-width split and merge: chunk c covers
+ * groups [c * G, (c + 1) * G) with G * group_size about DQ_CHUNK values. */
+DQ_INLINE int64_t dq__groups_per_chunk(int64_t group_size) {
+    return group_size >= DQ_CHUNK ? 1 : DQ_CHUNK / group_size;
+}
+
+/* Each chunk's starting position in the per-width streams (laid out by
+ * increasing width): pos[c * 16 + w]; totals[w] receives each stream's
+ * length. Returns NULL when out of memory; the caller frees. */
+int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+                             int64_t totals[16], int nthreads);
 
 /* Number of fixed-size chunks covering n elements. */
 static inline int64_t dq_num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }

@@ -394,3 +394,59 @@ void dq_requantize(const float *p, int64_t n, int64_t group_size, const uint8_t 
         dq_requantize_fast(p, group_size, bits, mn, range, start, DQ_MIN(DQ_CHUNK, n - start), out);
     }
 }
+
+DQ_FAST
+static void quantize_split_chunk(const float *restrict p, int64_t group_size,
+                                 const uint8_t *restrict bits, int64_t g_begin, int64_t g_end,
+                                 float mn, float range, int16_t *restrict streams, int64_t *at) {
+    enum { SPAN = 512 };
+    float step[SPAN], top[SPAN];
+    int16_t level[SPAN];
+    const int64_t first = g_begin * group_size, end = g_end * group_size;
+    int64_t g = g_begin, within = 0; /* the group being copied out, and how far */
+    for (int64_t i0 = first; i0 < end; i0 += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, end - i0);
+        if (range == 0.0f) {
+            for (int64_t k = 0; k < len; ++k)
+                level[k] = 0;
+        } else {
+            span_widths(group_size, bits, i0, len, step, top);
+            for (int64_t k = 0; k < len; ++k)
+                level[k] = (int16_t)(int32_t)dq_level(p[i0 + k], mn, range, step[k], top[k]);
+        }
+        int64_t k = 0;
+        while (k < len) {
+            const int w = bits[g] & 15;
+            int64_t take = DQ_MIN(group_size - within, len - k);
+            memcpy(streams + at[w] + within, level + k, (size_t)take * sizeof(int16_t));
+            within += take;
+            k += take;
+            if (within == group_size) {
+                at[w] += group_size;
+                within = 0;
+                ++g;
+            }
+        }
+    }
+}
+
+/* Levels of a chunk of whole groups are computed span by span into a local
+ * buffer (vectorized like dq_quantize_fast), then copied group by group to
+ * their width's stream. */
+int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                      int64_t ngroups, float mn, float range, int16_t *restrict streams,
+                      int64_t totals[16], int nthreads) {
+    assert(group_size > 0);
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    const int64_t per = dq__groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c)
+        quantize_split_chunk(p, group_size, bits, c * per, DQ_MIN(ngroups, (c + 1) * per), mn, range,
+                             streams, pos + c * 16);
+    free(pos);
+    return DQ_OK;
+}
