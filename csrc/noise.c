@@ -427,34 +427,35 @@ static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_s
 }
 
 /* Adds the gradient through max(p) and min(p) to grad_p: it goes to the
- * extrema, shared evenly among ties. grad_p may be grad itself. With few
- * ties only their positions are visited; otherwise every element is. */
+ * extrema, shared evenly among ties. grad_p may be grad itself: then only
+ * the extrema are written; otherwise every element is. */
 static void add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
                              const dq_range *range, double through_scale, float *grad_p,
                              int nthreads) {
     const float mn = range->min, mx = range->max;
     const float g_max = range->count_max ? (float)(through_scale / (double)range->count_max) : 0;
     const float g_min = range->count_min ? (float)(through_scale / (double)range->count_min) : 0;
-    if (grad_p == grad && range->count_min + range->count_max <= 64) {
-        int64_t left = range->count_min + range->count_max;
-        for (int64_t base = 0; base < n && left > 0; base += 1024) {
-            int64_t end = DQ_MIN(n, base + 1024);
-            int hit = 0;
-            for (int64_t i = base; i < end; ++i)
-                hit |= (p[i] == mx) | (p[i] == mn);
-            if (!hit)
-                continue;
-            for (int64_t i = base; i < end; ++i) {
-                if (p[i] == mx || p[i] == mn) {
-                    grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
-                    left -= (p[i] == mx) + (p[i] == mn);
-                }
+    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    (void)nthreads;
+    if (grad_p == grad) {
+        /* in place: read p, touch only the extrema */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t end = DQ_MIN(n, (c + 1) * DQ_CHUNK);
+            for (int64_t base = c * DQ_CHUNK; base < end; base += 1024) {
+                int64_t stop = DQ_MIN(end, base + 1024);
+                int hit = 0;
+                for (int64_t i = base; i < stop; ++i)
+                    hit |= (p[i] == mx) | (p[i] == mn);
+                if (!hit)
+                    continue;
+                for (int64_t i = base; i < stop; ++i)
+                    if (p[i] == mx || p[i] == mn)
+                        grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
             }
         }
         return;
     }
-    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
-    (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK, end = DQ_MIN(n, start + DQ_CHUNK);
