@@ -218,6 +218,16 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t *at = pos + c * 16;
+        if (group_size == 1) {
+            const int64_t end = DQ_MIN(ngroups, (c + 1) * per);
+            if (level_bytes == 1)
+                for (int64_t g = c * per; g < end; ++g)
+                    streams[at[bits[g] & 15]++] = ((const uint8_t *)levels)[g];
+            else
+                for (int64_t g = c * per; g < end; ++g)
+                    streams[at[bits[g] & 15]++] = ((const int16_t *)levels)[g];
+            continue;
+        }
         for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
             int16_t *restrict dst = streams + at[bits[g] & 15];
             at[bits[g] & 15] += group_size;
@@ -249,6 +259,12 @@ int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t *at = pos + c * 16;
+        if (group_size == 1) {
+            const int64_t end = DQ_MIN(ngroups, (c + 1) * per);
+            for (int64_t g = c * per; g < end; ++g)
+                levels[g] = streams[at[bits[g] & 15]++];
+            continue;
+        }
         for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
             const int16_t *restrict src = streams + at[bits[g] & 15];
             at[bits[g] & 15] += group_size;
@@ -277,6 +293,14 @@ int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t *at = pos + c * 16;
+        if (group_size == 1) {
+            const int64_t end = DQ_MIN(ngroups, (c + 1) * per);
+            for (int64_t g = c * per; g < end; ++g) {
+                const int w = bits[g] & 15;
+                out[g] = ((float)streams[at[w]++] * unit[w]) * range + mn;
+            }
+            continue;
+        }
         for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
             const int w = bits[g] & 15;
             const int16_t *restrict src = streams + at[w];
@@ -335,4 +359,33 @@ int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int off
             widths[i] = (uint8_t)(stored[i] + offset);
     }
     return -1;
+}
+
+DQ_FAST
+static void pack_widths_lines(const uint8_t *restrict w, int64_t n, int offset, int nbits,
+                              int64_t line_start, int64_t line_count, uint64_t *restrict out) {
+    uint16_t v[DQ_PACK_LINE];
+    for (int64_t line = line_start; line < line_start + line_count; ++line) {
+        const int64_t first = line * DQ_PACK_LINE;
+        const int64_t have = DQ_MIN((int64_t)DQ_PACK_LINE, n - first);
+        for (int64_t k = 0; k < have; ++k)
+            v[k] = (uint16_t)(w[first + k] - offset);
+        for (int64_t k = have; k < DQ_PACK_LINE; ++k)
+            v[k] = 0;
+        pack_line(v, nbits, out + line * nbits * DQ_PACK_BLOCK);
+    }
+}
+
+void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int nbits,
+                    uint64_t *restrict out, int nthreads) {
+    assert(nbits >= 0 && nbits <= 16);
+    int64_t lines = dq_pack_lines(n);
+    const int64_t per_chunk = DQ_CHUNK / DQ_PACK_LINE;
+    int64_t chunks = dq_num_chunks(lines, per_chunk);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t first = c * per_chunk;
+        pack_widths_lines(widths, n, offset, nbits, first, DQ_MIN(per_chunk, lines - first), out);
+    }
 }

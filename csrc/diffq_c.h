@@ -240,6 +240,10 @@ int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
 int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
                       int64_t ngroups, float mn, float range, int16_t *restrict streams,
                       int64_t totals[16], int nthreads);
+/* Packs widths[i] - offset (uint8 in, each in [0, 2^nbits)) like
+ * dq_pack_bits: diffq's packed bits of a state, without an int16 copy. */
+void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int nbits,
+                    uint64_t *restrict out, int nthreads);
 /* Stored bit widths as packed by diffq (width - offset, int16) back to
  * uint8 widths, with the count of each. Returns the index of the first
  * width outside 1..15, or -1. */

@@ -414,6 +414,12 @@ static void quantize_split_chunk(const float *restrict p, int64_t group_size,
             for (int64_t k = 0; k < len; ++k)
                 level[k] = (int16_t)(int32_t)dq_level(p[i0 + k], mn, range, step[k], top[k]);
         }
+        if (group_size == 1) {
+            /* one value per group: append each to its width's stream */
+            for (int64_t j = 0; j < len; ++j)
+                streams[at[bits[i0 + j] & 15]++] = level[j];
+            continue;
+        }
         int64_t k = 0;
         while (k < len) {
             const int w = bits[g] & 15;

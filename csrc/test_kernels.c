@@ -570,6 +570,25 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
+static void test_pack_widths(void) {
+    int64_t n = DQ_PACK_LINE * 3 + 77;
+    uint8_t *w = xmalloc(n);
+    int16_t *shifted = xmalloc(n * 2);
+    for (int64_t i = 0; i < n; ++i) {
+        w[i] = (uint8_t)(2 + lcg() % 14);
+        shifted[i] = (int16_t)(w[i] - 2);
+    }
+    int64_t words = dq_pack_lines(n) * 4 * DQ_PACK_BLOCK;
+    uint64_t *a = xmalloc(words * 8), *b = xmalloc(words * 8);
+    dq_pack_bits_ref(shifted, n, 4, 0, dq_pack_lines(n), a);
+    dq_pack_widths(w, n, 2, 4, b, 2);
+    CHECK(memcmp(a, b, words * 8) == 0, "pack widths");
+    free(w);
+    free(shifted);
+    free(a);
+    free(b);
+}
+
 static void test_widths_from_stored(void) {
     int64_t n = 2 * DQ_CHUNK + 3, counts[16], total = 0;
     int16_t *stored = xmalloc(n * 2);
@@ -616,6 +635,7 @@ int main(void) {
     test_grouped_packing_and_requantize();
     test_validation_of_levels();
     test_widths_from_stored();
+    test_pack_widths();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

@@ -675,6 +675,31 @@ std::vector<int64_t> quantize_split(py::handle p_obj, py::handle bits_obj, py::h
     return totals;
 }
 
+// diffq's packed bits of a state: widths - offset packed on nbits planes;
+// returns nothing, refuses widths that do not fit
+void pack_widths(py::handle widths_obj, int offset, py::handle out_obj, int nbits, int nthreads) {
+    Buffer widths = view(widths_obj, "widths", DType::u8);
+    if (nbits < 0 || nbits > 16)
+        value_error("nbits must be in 0..16, got " + std::to_string(nbits));
+    int64_t words;
+    if (!dq_mul_size(dq_pack_lines(widths.numel), (int64_t)nbits * DQ_PACK_BLOCK, &words))
+        value_error("widths are too large to pack");
+    Buffer out = view(out_obj, "out", DType::i64, words);
+    no_overlap(out, "out", widths, "widths");
+    threads(nthreads);
+    const uint8_t *w = reinterpret_cast<const uint8_t *>(widths.data);
+    uint8_t low = 255, high = 0;
+    for (int64_t i = 0; i < widths.numel; ++i) {
+        low = w[i] < low ? w[i] : low;
+        high = w[i] > high ? w[i] : high;
+    }
+    if (widths.numel && ((int)low < offset || (nbits < 16 && ((int)high - offset) >> nbits)))
+        value_error("widths - " + std::to_string(offset) + " must lie in [0, 2^" + std::to_string(nbits) +
+                    "), got [" + std::to_string((int)low - offset) + ", " + std::to_string((int)high - offset) + "]");
+    py::gil_scoped_release nogil;
+    dq_pack_widths(w, widths.numel, offset, nbits, reinterpret_cast<uint64_t *>(out.data), nthreads);
+}
+
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
                  int nthreads, bool reference) {
     Buffer t = view(t_obj, "t", DType::f32);
@@ -847,6 +872,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("nthreads") = 1);
     m.def("quantize_split", &quantize_split, py::arg("p"), py::arg("bits"), py::arg("streams"),
           py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
+    m.def("pack_widths", &pack_widths, py::arg("widths"), py::arg("offset"), py::arg("out"), py::arg("nbits"),
+          py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),

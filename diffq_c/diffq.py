@@ -316,9 +316,16 @@ class DiffQuantizer(BaseQuantizer):
 
     def _pack_stored_bits(self, qparam, bits: torch.Tensor, pack_fn):
         offset = self._bits_offset()
+        below = ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
+                           f"min_bits={self.min_bits}; cannot pack their bits")
+        if pack_fn is bitpack.pack and ops.kernels_available() and bits.device.type == "cpu" \
+                and bits.dtype == torch.uint8:
+            try:
+                return ops.pack_widths(bits, offset)
+            except ValueError:
+                raise below from None
         if bool((bits < offset).any()):
-            raise ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
-                             f"min_bits={self.min_bits}; cannot pack their bits")
+            raise below
         return pack_fn(bits - offset)
 
     def _bit_pack_param(self, qparam, quantized, pack_fn):

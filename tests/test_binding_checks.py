@@ -199,6 +199,12 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"mn": float("nan")}, ValueError), ({"group_size": 0}, ValueError),
                      ({"group_size": 5}, ValueError))),
+    "pack_widths": Spec(
+        make=lambda: dict(widths=torch.full((N,), 5, dtype=torch.uint8), offset=2,
+                          out=_out(2 * 32, torch.int64), nbits=2, nthreads=1),
+        tensors=("widths", "out"), outputs=("out",), any_size=("widths",), overlaps=(("out", "widths"),),
+        bad_scalars=(({"offset": 6}, ValueError), ({"nbits": 1}, ValueError), ({"nbits": 17}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
     "stored_bits": Spec(
         make=lambda: dict(t=_f32(N, 0.0, 1.0), out=_out(N, torch.uint8), min_bits=2.0, max_bits=15.0,
                           extra_bits=0.0, nthreads=1),
