@@ -74,15 +74,12 @@ void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit
 /* noisy[i] = p[i] + step_scale[g] * noise(seed, i), g = i / group_size,
  * where step_scale[g] = (max(p) - min(p)) * step[g] was precomputed. While
  * reading p it also counts the elements equal to mn and to mx (the ties that
- * share the gradient through the noise scale). */
+ * share the gradient through the noise scale). The fast version is
+ * dq_noise_forward_fused below, which computes the steps itself. */
 void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
                           int64_t group_size, int kind, uint64_t seed,
                           int64_t start, int64_t count, float *restrict noisy,
                           float mn, float mx, int64_t *count_min, int64_t *count_max);
-void dq_noise_forward_fast(const float *restrict p, const float *restrict step_scale,
-                           int64_t group_size, int kind, uint64_t seed,
-                           int64_t start, int64_t count, float *restrict noisy,
-                           float mn, float mx, int64_t *count_min, int64_t *count_max);
 
 /* acc[g - start / group_size] += sum over i in the chunk and group g of
  * grad[i] * noise(seed, i). The chunk must start on a group border or lie

@@ -145,47 +145,6 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
 
 #define SPAN 1024 /* noise generated per inner step of the fast kernels */
 
-DQ_FAST
-void dq_noise_forward_fast(const float *restrict p, const float *restrict step_scale,
-                           int64_t group_size, int kind, uint64_t seed, int64_t start,
-                           int64_t count, float *restrict noisy, float mn, float mx,
-                           int64_t *count_min, int64_t *count_max) {
-    assert(group_size > 0);
-    float z[SPAN];
-    int64_t nmin = 0, nmax = 0;
-    for (int64_t off = 0; off < count; off += SPAN) {
-        int64_t i0 = start + off;
-        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
-        dq_noise_fill_fast(kind, seed, i0, len, z);
-        const float *restrict ps = p + i0;
-        float *restrict out = noisy + i0;
-        if (group_size == 1) {
-            const float *restrict ss = step_scale + i0;
-            for (int64_t j = 0; j < len; ++j)
-                out[j] = ps[j] + ss[j] * z[j];
-        } else {
-            /* walk the span one group segment at a time */
-            int64_t j = 0;
-            while (j < len) {
-                int64_t g = (i0 + j) / group_size;
-                int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
-                float s = step_scale[g];
-                for (int64_t k = j; k < seg_end; ++k)
-                    out[k] = ps[k] + s * z[k];
-                j = seg_end;
-            }
-        }
-        int32_t cmin = 0, cmax = 0;
-        for (int64_t j = 0; j < len; ++j) {
-            cmin += ps[j] == mn;
-            cmax += ps[j] == mx;
-        }
-        nmin += cmin;
-        nmax += cmax;
-    }
-    *count_min = nmin;
-    *count_max = nmax;
-}
 
 void dq_noise_grad_dot_ref(const float *restrict grad, int64_t group_size, int kind,
                            uint64_t seed, int64_t start, int64_t count,

@@ -259,13 +259,15 @@ static void test_noise_forward_backward(void) {
                 double *d1 = calloc(ng, 8), *d2 = calloc(ng, 8);
                 for (int64_t i = 0; i < n; ++i)
                     p[i] = frand();
-                for (int64_t g = 0; g < ng; ++g) {
+                for (int64_t g = 0; g < ng; ++g)
                     logit[g] = frand() * 2;
-                    ss[g] = 0.01f * (1 + (float)(g % 7));
-                }
+                /* the fused kernel against the reference fed the same steps */
+                dq_logit_to_step_fast(&prm, logit, 0, ng, ss, NULL);
+                for (int64_t g = 0; g < ng; ++g)
+                    ss[g] = 0.25f * ss[g];
                 int64_t c1, c2, c3, c4;
                 dq_noise_forward_ref(p, ss, gs, kind, 7, 0, n, a, -0.5f, 0.5f, &c1, &c2);
-                dq_noise_forward_fast(p, ss, gs, kind, 7, 0, n, b, -0.5f, 0.5f, &c3, &c4);
+                dq_noise_forward_fused(&prm, p, logit, 0.25f, gs, kind, 7, 0, n, b, -0.5f, 0.5f, &c3, &c4);
                 float worst = 0;
                 for (int64_t i = 0; i < n; ++i)
                     worst = fmaxf(worst, fabsf(a[i] - b[i]));

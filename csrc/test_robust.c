@@ -135,20 +135,25 @@ static void test_noise_forward_far(void) {
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; ++c) {
         const int64_t start = cases[c][0], gs = cases[c][1], count = 3000;
         const int64_t g_first = start / gs, g_last = (start + count - 1) / gs;
-        far_array fp, fn, fs;
+        far_array fp, fn, fs, fl;
         float *p = (float *)far_alloc(&fp, sizeof(float), start, count);
         float *noisy = (float *)far_alloc(&fn, sizeof(float), start, count);
         float *ss = (float *)far_alloc(&fs, sizeof(float), g_first, g_last - g_first + 1);
+        float *lg = (float *)far_alloc(&fl, sizeof(float), g_first, g_last - g_first + 1);
         for (int64_t i = start; i < start + count; ++i)
             p[i] = frand();
         p[start + 5] = -1.0f; /* the minimum, twice */
         p[start + 17] = -1.0f;
         p[start + 2999] = 1.0f; /* the maximum */
-        for (int64_t g = g_first; g <= g_last; ++g)
-            ss[g] = 0.01f * (float)(1 + (g % 5));
+        const dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
+        for (int64_t g = g_first; g <= g_last; ++g) {
+            lg[g] = 0.5f * (float)(g % 5) - 1.0f;
+            dq_logit_to_step_fast(&prm, lg + g, 0, 1, ss + g, NULL);
+            ss[g] = 2.0f * ss[g]; /* the range: max - min */
+        }
         int64_t nmin, nmax, rmin, rmax;
-        dq_noise_forward_fast(p, ss, gs, DQ_NOISE_UNIFORM, seed, start, count, noisy, -1.0f, 1.0f,
-                              &nmin, &nmax);
+        dq_noise_forward_fused(&prm, p, lg, 2.0f, gs, DQ_NOISE_UNIFORM, seed, start, count, noisy,
+                               -1.0f, 1.0f, &nmin, &nmax);
         int ok = 1;
         for (int64_t i = start; i < start + count && ok; ++i)
             ok = noisy[i] == p[i] + ss[i / gs] * uniform_noise_at(seed, i);
@@ -186,6 +191,7 @@ static void test_noise_forward_far(void) {
         far_free(&fp);
         far_free(&fn);
         far_free(&fs);
+        far_free(&fl);
     }
 }
 

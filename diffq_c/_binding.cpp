@@ -550,26 +550,41 @@ void check_widths(const Buffer &bits, const char *name) {
 }
 
 // streams: int16, one per level; returns the length of each width's stream
-std::vector<int64_t> split_by_width(py::handle levels_obj, py::handle bits_obj, py::handle streams_obj,
-                                    int64_t group_size, int nthreads) {
-    Buffer levels = view(levels_obj, "levels", DType::u8_or_i16);
+// The buffers of an entry point that maps a per-group input (rows of
+// group_size) to an output of the same size through per-group widths:
+// checked here once for all of them.
+struct WidthCall {
+    Buffer in, bits, out;
+    int64_t ngroups;
+};
+
+WidthCall width_call(py::handle in_obj, const char *in_name, DType in_type, py::handle bits_obj,
+                     py::handle out_obj, const char *out_name, DType out_type, int64_t group_size, int nthreads) {
+    WidthCall c;
+    c.in = view(in_obj, in_name, in_type);
     if (group_size < 1)
         value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(levels.numel, group_size, "levels");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    Buffer streams = view(streams_obj, "streams", DType::i16, levels.numel);
-    advise_huge_pages(streams);
-    no_overlap(streams, "streams", levels, "levels");
-    no_overlap(streams, "streams", bits, "bits");
+    c.ngroups = groups_of(c.in.numel, group_size, in_name);
+    c.bits = view(bits_obj, "bits", DType::u8, c.ngroups);
+    c.out = view(out_obj, out_name, out_type, c.in.numel);
+    advise_huge_pages(c.out);
+    no_overlap(c.out, out_name, c.in, in_name);
+    no_overlap(c.out, out_name, c.bits, "bits");
     threads(nthreads);
-    check_widths(bits, "bits");
+    check_widths(c.bits, "bits");
+    return c;
+}
+
+std::vector<int64_t> split_by_width(py::handle levels_obj, py::handle bits_obj, py::handle streams_obj,
+                                    int64_t group_size, int nthreads) {
+    WidthCall c = width_call(levels_obj, "levels", DType::u8_or_i16, bits_obj, streams_obj, "streams", DType::i16,
+                             group_size, nthreads);
     std::vector<int64_t> totals(16);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_split_by_width(levels.data, levels.elem_size, group_size,
-                                reinterpret_cast<const uint8_t *>(bits.data), ngroups,
-                                reinterpret_cast<int16_t *>(streams.data), totals.data(), nthreads);
+        err = dq_split_by_width(c.in.data, c.in.elem_size, group_size, reinterpret_cast<const uint8_t *>(c.bits.data),
+                                c.ngroups, reinterpret_cast<int16_t *>(c.out.data), totals.data(), nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
@@ -578,23 +593,14 @@ std::vector<int64_t> split_by_width(py::handle levels_obj, py::handle bits_obj, 
 
 void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle levels_obj, int64_t group_size,
                     int nthreads) {
-    Buffer streams = view(streams_obj, "streams", DType::i16);
-    if (group_size < 1)
-        value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(streams.numel, group_size, "streams");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    Buffer levels = view(levels_obj, "levels", DType::i16, streams.numel);
-    advise_huge_pages(levels);
-    no_overlap(levels, "levels", streams, "streams");
-    no_overlap(levels, "levels", bits, "bits");
-    threads(nthreads);
-    check_widths(bits, "bits");
+    WidthCall c = width_call(streams_obj, "streams", DType::i16, bits_obj, levels_obj, "levels", DType::i16,
+                             group_size, nthreads);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_merge_by_width(reinterpret_cast<const int16_t *>(streams.data), group_size,
-                                reinterpret_cast<const uint8_t *>(bits.data), ngroups,
-                                reinterpret_cast<int16_t *>(levels.data), nthreads);
+        err = dq_merge_by_width(reinterpret_cast<const int16_t *>(c.in.data), group_size,
+                                reinterpret_cast<const uint8_t *>(c.bits.data), c.ngroups,
+                                reinterpret_cast<int16_t *>(c.out.data), nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
@@ -602,24 +608,16 @@ void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle leve
 
 void dequantize_streams(py::handle streams_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size,
                         float mn, float range, int nthreads) {
-    Buffer streams = view(streams_obj, "streams", DType::i16);
-    if (group_size < 1)
-        value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(streams.numel, group_size, "streams");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    Buffer out = view(out_obj, "out", DType::f32, streams.numel);
-    no_overlap(out, "out", streams, "streams");
-    no_overlap(out, "out", bits, "bits");
-    threads(nthreads);
     finite(mn, "mn");
     finite(range, "range");
-    check_widths(bits, "bits");
+    WidthCall c = width_call(streams_obj, "streams", DType::i16, bits_obj, out_obj, "out", DType::f32, group_size,
+                             nthreads);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_dequantize_streams(reinterpret_cast<const int16_t *>(streams.data), group_size,
-                                    reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range,
-                                    reinterpret_cast<float *>(out.data), nthreads);
+        err = dq_dequantize_streams(reinterpret_cast<const int16_t *>(c.in.data), group_size,
+                                    reinterpret_cast<const uint8_t *>(c.bits.data), c.ngroups, mn, range,
+                                    reinterpret_cast<float *>(c.out.data), nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
@@ -649,26 +647,17 @@ std::vector<int64_t> widths_from_stored(py::handle stored_obj, int offset, py::h
 
 std::vector<int64_t> quantize_split(py::handle p_obj, py::handle bits_obj, py::handle streams_obj,
                                     int64_t group_size, float mn, float range, int nthreads) {
-    Buffer p = view(p_obj, "p", DType::f32);
-    if (group_size < 1)
-        value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(p.numel, group_size, "p");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    Buffer streams = view(streams_obj, "streams", DType::i16, p.numel);
-    advise_huge_pages(streams);
-    no_overlap(streams, "streams", p, "p");
-    no_overlap(streams, "streams", bits, "bits");
-    threads(nthreads);
     finite(mn, "mn");
     finite(range, "range");
-    check_widths(bits, "bits");
+    WidthCall c = width_call(p_obj, "p", DType::f32, bits_obj, streams_obj, "streams", DType::i16, group_size,
+                             nthreads);
     std::vector<int64_t> totals(16);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_quantize_split(reinterpret_cast<const float *>(p.data), group_size,
-                                reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range,
-                                reinterpret_cast<int16_t *>(streams.data), totals.data(), nthreads);
+        err = dq_quantize_split(reinterpret_cast<const float *>(c.in.data), group_size,
+                                reinterpret_cast<const uint8_t *>(c.bits.data), c.ngroups, mn, range,
+                                reinterpret_cast<int16_t *>(c.out.data), totals.data(), nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
