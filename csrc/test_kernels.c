@@ -8,43 +8,16 @@
 
 #include "diffq_c.h"
 
+#define TEST_SEED 12345
+#include "test_common.h"
+
 /* named tolerances */
 #define TOL_GAUSSIAN_ABS 4e-6f /* polynomial log/sincos vs libm in double */
 #define TOL_NOISE_FWD_ABS 1e-6f
 #define TOL_FAST_EXP_REL 2e-6f /* polynomial exp2 vs libm in the fast bits/step */
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                    \
-    do {                                                    \
-        if (cond) {                                         \
-            ++passed;                                       \
-        } else {                                            \
-            ++failed;                                       \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                   \
-            fprintf(stderr, "\n");                          \
-        }                                                   \
-    } while (0)
-
 static const int64_t SIZES[] = {1, 2, 3, 5, 7, 8, 31, 33, 63, 127, 255, 511, 1023, 2047, 2048, 2049, 4099};
 #define NSIZES ((int)(sizeof SIZES / sizeof SIZES[0]))
-
-static uint64_t lcg_state = 12345;
-static uint32_t lcg(void) {
-    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(lcg_state >> 33);
-}
-static float frand(void) { return (float)lcg() / 2147483648.0f * 2.0f - 1.0f; }
-
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    return p;
-}
 
 static void test_philox_kat(void) {
     /* Known-answer vectors of Random123 (kat_vectors, philox4x32_10). */

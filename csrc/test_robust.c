@@ -23,39 +23,12 @@
 
 #include "diffq_c.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        if (cond) {                                              \
-            ++passed;                                            \
-        } else {                                                 \
-            ++failed;                                            \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                        \
-            fprintf(stderr, "\n");                               \
-        }                                                        \
-    } while (0)
+#define TEST_SEED 777
+#include "test_common.h"
 
 #define TWO_31 ((int64_t)1 << 31)
 #define TWO_32 ((int64_t)1 << 32)
 #define TWO_33 ((int64_t)1 << 33)
-
-static uint64_t lcg_state = 777;
-static uint32_t lcg(void) {
-    lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(lcg_state >> 33);
-}
-static float frand(void) { return (float)lcg() / 2147483648.0f * 2.0f - 1.0f; }
-
-static void *xmalloc(size_t n) {
-    void *p = calloc(1, n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    return p;
-}
 
 /* ------------------------------------------------------------ far arrays */
 
