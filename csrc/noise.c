@@ -146,6 +146,24 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
 #define SPAN 1024 /* noise generated per inner step of the fast kernels */
 
 
+/* sum over k in [j, end) of grad[k] * z[k], in double, on four independent
+ * sums (no add latency chain) combined in a fixed order, so the result does
+ * not depend on threads. */
+DQ_INLINE double segment_dot(const float *restrict grad, const float *restrict z, int64_t j,
+                             int64_t end) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t k = j;
+    for (; k + 4 <= end; k += 4) {
+        s0 += (double)grad[k] * (double)z[k];
+        s1 += (double)grad[k + 1] * (double)z[k + 1];
+        s2 += (double)grad[k + 2] * (double)z[k + 2];
+        s3 += (double)grad[k + 3] * (double)z[k + 3];
+    }
+    for (; k < end; ++k)
+        s0 += (double)grad[k] * (double)z[k];
+    return (s0 + s1) + (s2 + s3);
+}
+
 void dq_noise_grad_dot_ref(const float *restrict grad, int64_t group_size, int kind,
                            uint64_t seed, int64_t start, int64_t count,
                            double *restrict acc) {
@@ -181,19 +199,7 @@ void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int 
         while (j < len) {
             int64_t g = (i0 + j) / group_size;
             int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
-            /* four independent sums break the add latency chain; their order
-             * is fixed, so the result does not depend on threads */
-            double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-            int64_t k = j;
-            for (; k + 4 <= seg_end; k += 4) {
-                s0 += (double)gs[k] * (double)z[k];
-                s1 += (double)gs[k + 1] * (double)z[k + 1];
-                s2 += (double)gs[k + 2] * (double)z[k + 2];
-                s3 += (double)gs[k + 3] * (double)z[k + 3];
-            }
-            for (; k < seg_end; ++k)
-                s0 += (double)gs[k] * (double)z[k];
-            acc[g - g0] += (s0 + s1) + (s2 + s3);
+            acc[g - g0] += segment_dot(gs, z, j, seg_end);
             j = seg_end;
         }
     }
@@ -294,17 +300,7 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
             int64_t g = (i0 + j) / group_size;
             int64_t group_end = (g + 1) * group_size - i0;
             int64_t seg_end = DQ_MIN(len, group_end);
-            double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-            int64_t k = j;
-            for (; k + 4 <= seg_end; k += 4) {
-                s0 += (double)gs[k] * (double)z[k];
-                s1 += (double)gs[k + 1] * (double)z[k + 1];
-                s2 += (double)gs[k + 2] * (double)z[k + 2];
-                s3 += (double)gs[k + 3] * (double)z[k + 3];
-            }
-            for (; k < seg_end; ++k)
-                s0 += (double)gs[k] * (double)z[k];
-            pending += (s0 + s1) + (s2 + s3);
+            pending += segment_dot(gs, z, j, seg_end);
             if (seg_end == group_end) {
                 grad_logit[g] = (float)((double)scale * pending * (double)ds[g - g0]);
                 through_scale += (double)st[g - g0] * pending;
