@@ -409,13 +409,12 @@ void quantize(py::handle p_obj, py::handle bits_obj, py::handle levels_obj, int6
     threads(nthreads);
     finite(mn, "mn");
     finite(range, "range");
-    const uint8_t *bits_data = reinterpret_cast<const uint8_t *>(bits.data);
+    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
     int64_t where;
-    int err = dq_validate_levels(nullptr, levels.elem_size, p.numel, group_size, bits_data, ngroups, &where);
+    int err = dq_validate_levels(nullptr, levels.elem_size, p.numel, group_size, bp, ngroups, &where);
     if (err != DQ_OK)
         levels_error(err, where, levels, bits, group_size, "levels");
     const float *pp = reinterpret_cast<const float *>(p.data);
-    const uint8_t *bp = reinterpret_cast<const uint8_t *>(bits.data);
     py::gil_scoped_release nogil;
     if (reference)
         dq_quantize_ref(pp, group_size ? group_size : (p.numel ? p.numel : 1), bp, mn, range, 0, p.numel,

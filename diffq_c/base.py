@@ -137,6 +137,13 @@ class BaseQuantizer:
         """After each training forward; True when parameters were swapped back."""
         return False
 
+    def _put_back_params(self) -> bool:
+        """Put each quantized parameter back in its module after a forward
+        that saw a stand-in (noisy or quantized values)."""
+        for qparam in self._qparams:
+            qparam.module._parameters[qparam.name] = qparam.param
+        return True
+
     def _fix_rnns(self, flatten=True):
         """RNN modules cache their weights in `_flat_weights`: point it at the
         tensors now in place."""
@@ -228,6 +235,11 @@ class BaseQuantizer:
                                    "optimizer before the quantizer, then call setup_optimizer()")
         optimizer.add_param_group(dict(group, params=params))
         self._optimizer_setup = True
+
+    def _require_optimizer(self) -> None:
+        if not self._optimizer_setup:
+            raise RuntimeError("call setup_optimizer() on your optimizer (or no_optimizer()) "
+                               "before training")
 
     @staticmethod
     def _remove_from_optimizer(optimizer, params) -> None:

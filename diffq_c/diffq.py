@@ -201,9 +201,7 @@ class DiffQuantizer(BaseQuantizer):
     # ------------------------------------------------------------- training
 
     def _pre_forward_train(self):
-        if not self._optimizer_setup:
-            raise RuntimeError("call setup_optimizer() on your optimizer (or no_optimizer()) "
-                               "before training")
+        self._require_optimizer()
         base_seed = ops.draw_seed(self._generator)
         for index, qparam in enumerate(self._qparams):
             if qparam.other is not None:
@@ -218,9 +216,7 @@ class DiffQuantizer(BaseQuantizer):
         return True
 
     def _post_forward_train(self):
-        for qparam in self._qparams:
-            qparam.module._parameters[qparam.name] = qparam.param
-        return True
+        return self._put_back_params()
 
     # ------------------------------------------------------------ quantized
 

@@ -208,9 +208,7 @@ class LSQ(BaseQuantizer):
     # ------------------------------------------------------------- training
 
     def _pre_forward_train(self):
-        if not self._optimizer_setup:
-            raise RuntimeError("call setup_optimizer() on your optimizer (or no_optimizer()) "
-                               "before training")
+        self._require_optimizer()
         for qparam in self._qparams:
             values = quantized_values(qparam.param, qparam.scale, self._int_bits)
             # bypass nn.Module's check that parameters are leaves
@@ -218,9 +216,7 @@ class LSQ(BaseQuantizer):
         return True
 
     def _post_forward_train(self):
-        for qparam in self._qparams:
-            qparam.module._parameters[qparam.name] = qparam.param
-        return True
+        return self._put_back_params()
 
     # ------------------------------------------------------------ quantized
 

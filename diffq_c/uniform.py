@@ -61,11 +61,7 @@ class UniformQuantizer(BaseQuantizer):
         return True
 
     def _post_forward_train(self):
-        if not self.qat:
-            return False
-        for qparam in self._qparams:
-            qparam.module._parameters[qparam.name] = qparam.param
-        return True
+        return self.qat and self._put_back_params()
 
     def _quantize_param(self, qparam):
         return ops.quantize_levels(qparam.param.data, torch.tensor(self.bits),
