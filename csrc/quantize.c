@@ -129,31 +129,37 @@ void dq_quantize_ref(const float *restrict p, int64_t group_size, const uint8_t 
  * vectorize one by one). */
 DQ_INLINE void span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
                            int64_t len, float *restrict step, float *restrict top) {
+    /* indexed by width (checked to be 1..15); folded by the compiler to the
+     * same correctly rounded quotients dq_step_of_bits computes */
+    static const float step_of[16] = {
+        1.0f,           1.0f / 1.0f,     1.0f / 3.0f,     1.0f / 7.0f,
+        1.0f / 15.0f,   1.0f / 31.0f,    1.0f / 63.0f,    1.0f / 127.0f,
+        1.0f / 255.0f,  1.0f / 511.0f,   1.0f / 1023.0f,  1.0f / 2047.0f,
+        1.0f / 4095.0f, 1.0f / 8191.0f,  1.0f / 16383.0f, 1.0f / 32767.0f};
+    static const float top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f,   31.0f,
+                                     63.0f,   127.0f,  255.0f,  511.0f,  1023.0f, 2047.0f,
+                                     4095.0f, 8191.0f, 16383.0f, 32767.0f};
     if (group_size == 1) {
-        /* one width per value: table lookups (widths were checked to be 1..15) */
-        float step_of[16], top_of[16];
-        for (int b = 0; b < 16; ++b) {
-            step_of[b] = b ? step_of_bits(b) : 1.0f;
-            top_of[b] = (float)((1 << b) - 1);
-        }
         for (int64_t k = 0; k < len; ++k) {
             step[k] = step_of[bits[i0 + k] & 15];
             top[k] = top_of[bits[i0 + k] & 15];
         }
         return;
     }
-    int64_t j = 0;
+    /* one division for the first group, then group by group */
+    int64_t g = i0 / group_size;
+    int64_t j = 0, seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
     while (j < len) {
-        int64_t g = (i0 + j) / group_size;
-        int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
-        int b = bits[g];
-        assert(b >= 1 && b <= 15);
-        const float s = step_of_bits(b), t = (float)((1 << b) - 1);
+        int b = bits[g] & 15;
+        assert(b >= 1);
+        const float s = step_of[b], t = top_of[b];
         for (int64_t k = j; k < seg_end; ++k) {
             step[k] = s;
             top[k] = t;
         }
         j = seg_end;
+        seg_end = DQ_MIN(len, j + group_size);
+        ++g;
     }
 }
 
@@ -421,6 +427,17 @@ static void quantize_split_chunk(const float *restrict p, int64_t group_size,
             continue;
         }
         int64_t k = 0;
+        if (within == 0 && group_size <= 16 && SPAN % group_size == 0) {
+            /* small groups never straddle a span here: a short copy each, no
+             * library call */
+            for (; k < len; k += group_size, ++g) {
+                int16_t *restrict dst = streams + at[bits[g] & 15];
+                for (int64_t m = 0; m < group_size; ++m)
+                    dst[m] = level[k + m];
+                at[bits[g] & 15] += group_size;
+            }
+            continue;
+        }
         while (k < len) {
             const int w = bits[g] & 15;
             int64_t take = DQ_MIN(group_size - within, len - k);
