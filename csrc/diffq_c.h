@@ -43,6 +43,13 @@ void dq_noise_fill_fast(int kind, uint64_t seed, int64_t start, int64_t count,
                         float *restrict out);
 void dq_noise_fill(int kind, uint64_t seed, int64_t n, float *restrict out, int nthreads);
 
+/* dq_noise_fill_fast runs an AVX-512 generator where the CPU has one; it
+ * gives the same bits as the portable one. dq_noise_simd(0) forces the
+ * portable generator, 1 asks for AVX-512 (taken only when usable), -1
+ * restores detection; returns the previous setting (-1 before the first
+ * call). For tests: not thread-safe against running kernels. */
+int dq_noise_simd(int enable);
+
 /* ---------------------------------------------------------------- noise.c */
 
 enum dq_bits_mode { DQ_PARAM_BITS = 0, DQ_PARAM_NOISE = 1 };

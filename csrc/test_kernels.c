@@ -70,6 +70,38 @@ static void test_noise_fill(void) {
     }
 }
 
+/* The AVX-512 generator against the portable one, bit for bit: every
+ * alignment of start and length around the 16-block batches, and counters
+ * whose low word wraps inside a batch. */
+static void test_noise_simd_matches_portable(void) {
+    int saved = dq_noise_simd(1);
+    int simd = dq_noise_simd(1) == 1;
+    if (!simd) {
+        printf("note: no AVX-512 on this CPU; only the portable noise generator runs\n");
+        dq_noise_simd(saved);
+        return;
+    }
+    const uint64_t seeds[] = {0, 0x123456789abcdefull, ~0ull};
+    const int64_t starts[] = {0, 1, 3, 61, 64, 1000, ((int64_t)1 << 34) - 4 * 9 - 2,
+                              ((int64_t)1 << 34) + 5};
+    const int64_t lens[] = {1, 5, 63, 64, 65, 255, 256, 257, 1023, 4099};
+    float a[4099], b[4099];
+    for (int kind = 0; kind < 2; ++kind)
+        for (int s = 0; s < 3; ++s)
+            for (int t = 0; t < (int)(sizeof starts / sizeof starts[0]); ++t)
+                for (int l = 0; l < (int)(sizeof lens / sizeof lens[0]); ++l) {
+                    int64_t n = lens[l];
+                    dq_noise_simd(0);
+                    dq_noise_fill_fast(kind, seeds[s], starts[t], n, a);
+                    dq_noise_simd(1);
+                    dq_noise_fill_fast(kind, seeds[s], starts[t], n, b);
+                    CHECK(memcmp(a, b, (size_t)n * sizeof(float)) == 0,
+                          "AVX-512 noise differs: kind %d seed %d start %lld n %lld", kind, s,
+                          (long long)starts[t], (long long)n);
+                }
+    dq_noise_simd(saved);
+}
+
 static void test_noise_law_and_threads(void) {
     const int64_t n = 3 * DQ_CHUNK + 777;
     float *one = xmalloc(n * sizeof(float)), *two = xmalloc(n * sizeof(float));
@@ -601,6 +633,7 @@ static void test_validation_of_levels(void) {
 int main(void) {
     test_philox_kat();
     test_noise_fill();
+    test_noise_simd_matches_portable();
     test_noise_law_and_threads();
     test_range();
     test_quantize();
