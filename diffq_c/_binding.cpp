@@ -180,11 +180,14 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
 // 64 MiB output: ~1.6x faster noise forward, a 20% faster training step;
 // now and then a fault waits for the kernel to compact memory. On the
 // state paths (quantize, unpack, split) it measured slower, so they do not
-// ask. Advice only; DIFFQ_C_NO_HUGEPAGES=1 turns it off.
+// ask. Only buffers of 32 MiB and more: glibc always maps those afresh (its
+// mmap threshold stops growing there), while smaller ones are mostly reused
+// heap memory with no faults to save, where the advice measured 1.8x slower
+// (LSTM, 16 MiB weights). Advice only; DIFFQ_C_NO_HUGEPAGES=1 turns it off.
 void advise_huge_pages(const Buffer &b) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     static const bool enabled = std::getenv("DIFFQ_C_NO_HUGEPAGES") == nullptr;
-    if (!enabled)
+    if (!enabled || (uint64_t)b.numel * (uint64_t)b.elem_size < ((uint64_t)32 << 20))
         return;
     const uintptr_t huge = (uintptr_t)1 << 21;
     uintptr_t begin = (reinterpret_cast<uintptr_t>(b.data) + huge - 1) & ~(huge - 1);
