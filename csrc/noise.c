@@ -233,19 +233,18 @@ void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
         span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
-        if (group_size == 1) {
+        if (group_size > 1) {
+            /* each group's step onto its noise, group after group without a
+             * division, then one loop over the span */
+            int64_t k = 0, end = DQ_MIN(len, (g0 + 1) * group_size - i0);
+            for (int64_t g = 0; k < len; ++g, end = DQ_MIN(len, end + group_size))
+                for (const float s = ss[g]; k < end; ++k)
+                    z[k] *= s;
+            for (int64_t j = 0; j < len; ++j)
+                out[j] = ps[j] + z[j];
+        } else {
             for (int64_t j = 0; j < len; ++j)
                 out[j] = ps[j] + ss[j] * z[j];
-        } else {
-            int64_t j = 0;
-            while (j < len) {
-                int64_t g = (i0 + j) / group_size;
-                int64_t seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
-                const float s = ss[g - g0];
-                for (int64_t k = j; k < seg_end; ++k)
-                    out[k] = ps[k] + s * z[k];
-                j = seg_end;
-            }
         }
         int32_t cmin = 0, cmax = 0;
         for (int64_t j = 0; j < len; ++j) {
