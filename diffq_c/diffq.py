@@ -150,9 +150,17 @@ class DiffQuantizer(BaseQuantizer):
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs):
         """Add the logits to `optimizer` as their own group: learning rate `lr`
-        (1e-3 suits Adam), no weight decay, `kwargs` overriding the rest."""
-        self._add_optimizer_group(optimizer, self._logits(), "bit logits",
-                                  dict({"lr": lr, "weight_decay": 0}, **kwargs))
+        (1e-3 suits Adam), no weight decay, `kwargs` overriding the rest. With
+        Adam or AdamW the group steps with torch's fused kernel where it can
+        (see BaseQuantizer._fused_options; `fused=False` opts out)."""
+        logits = self._logits()
+        group = dict({"lr": lr, "weight_decay": 0}, **self._fused_options(optimizer, logits))
+        if kwargs.get("foreach"):
+            group.pop("fused", None)
+        group.update(kwargs)
+        if group.get("fused") is False:
+            group.pop("foreach", None)
+        self._add_optimizer_group(optimizer, logits, "bit logits", group)
 
     def no_optimizer(self):
         """Train without learning the bits."""

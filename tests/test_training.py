@@ -102,6 +102,60 @@ def test_setup_and_clear_optimizer_groups():
     assert all(not any(p is qp.logit for qp in q._qparams) for g in opt.param_groups for p in g["params"])
 
 
+def _logit_step(opt_kwargs, setup_kwargs, logits_grad):
+    """The logits after one optimizer step from fixed gradients, and their group."""
+    torch.manual_seed(0)
+    model = small_net()
+    opt = torch.optim.Adam(model.parameters(), **opt_kwargs)
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.setup_optimizer(opt, lr=1e-2, **setup_kwargs)
+    for qp, g in zip(q._qparams, logits_grad):
+        qp.logit.grad = g.clone()
+    opt.step()
+    return [qp.logit.detach().clone() for qp in q._qparams], opt.param_groups[-1]
+
+
+def test_logits_step_with_fused_adam_same_rule_as_default_adam():
+    """The logit group takes torch's fused Adam (one pass instead of ~7; the
+    logits are as many as the weights at group_size=1); the update is Adam's,
+    equal to the default implementation up to rounding."""
+    shapes = [qp.logit.shape for qp in diffq_c.DiffQuantizer(small_net(), min_size=0)._qparams]
+    grads = [torch.randn(s) for s in shapes]
+    fused, group = _logit_step({}, {}, grads)
+    assert group["fused"] is True and group["foreach"] is False
+    plain, group = _logit_step({}, {"fused": False}, grads)
+    assert group["fused"] is False
+    for a, b in zip(fused, plain):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the user's foreach choice wins over our fused default
+    _, group = _logit_step({}, {"foreach": True}, grads)
+    assert group.get("fused") is not True and group["foreach"] is True
+    # a differentiable optimizer is never fused (torch refuses the pair)
+    model = small_net()
+    opt = torch.optim.Adam(model.parameters(), differentiable=True)
+    diffq_c.DiffQuantizer(model, min_size=0).setup_optimizer(opt)
+    assert opt.param_groups[-1].get("fused") is not True
+
+
+def test_fused_logits_only_for_plain_adam():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.setup_optimizer(opt)
+    assert opt.param_groups[-1].get("fused") is not True
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    model = small_net()
+    opt = MyAdam(model.parameters())
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.setup_optimizer(opt)
+    assert opt.param_groups[-1].get("fused") is not True
+    assert opt.param_groups[0].get("fused") is not True  # the user's group is untouched
+
+
 def test_optimizer_built_after_quantizer_is_refused():
     model = small_net()
     q = diffq_c.DiffQuantizer(model, min_size=0)
