@@ -14,8 +14,6 @@ void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit, 
     out->max_bits = top;
 }
 
-/* Sum and max of the bits of a chunk, through a small stack buffer so the
- * bits themselves come from the vectorized kernel. */
 /* Sum and max of the bits of a chunk: the bits come from the vectorized
  * kernel into a span buffer, summed on sixteen float lanes per span (64
  * values each, exact to ~1e-7) and the span sums added in double. */
@@ -34,12 +32,14 @@ static void size_forward_fast(const dq_bits_param *prm, const float *restrict lo
             lane_sum[k] = 0.0f;
             lane_top[k] = -INFINITY;
         }
-        int64_t i = 0;
-        for (; i + L <= len; i += L)
-            for (int k = 0; k < L; ++k) {
-                lane_sum[k] += buf[i + k];
-                lane_top[k] = buf[i + k] > lane_top[k] ? buf[i + k] : lane_top[k];
-            }
+        /* two loops: the sum vectorizes on its own, not beside the max */
+        int64_t whole = len - len % L, i = whole;
+        for (int64_t j = 0; j < whole; j += L)
+            for (int k = 0; k < L; ++k)
+                lane_sum[k] += buf[j + k];
+        for (int64_t j = 0; j < whole; j += L)
+            for (int k = 0; k < L; ++k)
+                lane_top[k] = buf[j + k] > lane_top[k] ? buf[j + k] : lane_top[k];
         double span_sum = 0;
         for (; i < len; ++i) {
             span_sum += buf[i];
