@@ -46,8 +46,7 @@ class BaseQuantizer:
         self._float16: tp.List[torch.nn.Parameter] = []
         self._others: tp.List[torch.nn.Parameter] = []
         self._rnns: tp.List[torch.nn.RNNBase] = []
-        self._saved: tp.List[torch.Tensor] = []
-        self._saved_float16: tp.List[torch.Tensor] = []
+        self._saved: tp.List[torch.Tensor] = []  # float values while quantized
         self._full_names: tp.Dict[int, str] = {}
         self._find_params()
         self._pre_handle = self.model.register_forward_pre_hook(self._forward_pre_hook)
@@ -159,36 +158,51 @@ class BaseQuantizer:
     def quantize(self):
         """Put the true quantized weights in place, keeping the float ones to
         restore on `unquantize()` (model.train() does it). Returns False when
-        already quantized."""
+        already quantized.
+
+        Each parameter is pointed (`.data`) at a new tensor of its quantized
+        values and back at its own values on unquantize: no copy of the float
+        weights is made and none is written back. The Parameter objects stay
+        the same, so the optimizer, tied weights and hooks see no change."""
         if self._quantized:
             return False
-        self._saved = [qp.param.data.clone() for qp in self._unique_qparams()]
-        self._saved_float16 = [p.data.clone() for p in self._float16]
+        swapped: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]] = []
         try:
             for qparam in self._unique_qparams():
-                self._requantize_param(qparam)
+                value = self._quantized_value(qparam)
+                swapped.append((qparam.param, qparam.param.data))
+                qparam.param.data = value
             for p in self._float16:
-                p.data.copy_(p.data.half())
+                swapped.append((p, p.data))
+                p.data = self._same_layout(p.data, p.data.half())
         except BaseException:
-            self._restore_saved()
+            for p, original in swapped:
+                p.data = original
             raise
+        self._saved = [original for _, original in swapped]
         self._quantized = True
         self._fix_rnns()
         return True
 
-    def _requantize_param(self, qparam) -> None:
-        """Replace the parameter's values by their quantized ones (subclasses
-        may do it in one pass)."""
+    @staticmethod
+    def _same_layout(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """`value` (as many elements as `like`) with the dtype, shape and
+        strides of `like`, copied only when they differ."""
+        if value.dtype == like.dtype and value.shape == like.shape and value.stride() == like.stride():
+            return value
+        return torch.empty_like(like).copy_(value.reshape(like.shape))
+
+    def _quantized_value(self, qparam) -> torch.Tensor:
+        """A new tensor of the parameter's quantized values (subclasses may
+        compute it in one pass)."""
         quantized = self._quantize_param(qparam)
-        qparam.param.data.copy_(self._unquantize_param(qparam, quantized).view_as(qparam.param))
+        return self._same_layout(qparam.param.data, self._unquantize_param(qparam, quantized))
 
     def _restore_saved(self):
-        for qparam, saved in zip(self._unique_qparams(), self._saved):
-            qparam.param.data.copy_(saved)
-        for p, saved in zip(self._float16, self._saved_float16):
-            p.data.copy_(saved)
+        params = [qp.param for qp in self._unique_qparams()] + list(self._float16)
+        for p, original in zip(params, self._saved):
+            p.data = original
         self._saved = []
-        self._saved_float16 = []
 
     @contextmanager
     def enter_quantize(self):
@@ -203,7 +217,7 @@ class BaseQuantizer:
         """Undo `quantize()`."""
         if not self._quantized:
             return
-        if len(self._saved) != len(self._unique_qparams()):
+        if len(self._saved) != len(self._unique_qparams()) + len(self._float16):
             raise RuntimeError("saved weights do not match the quantized parameters")
         self._restore_saved()
         self._quantized = False

@@ -232,11 +232,11 @@ class DiffQuantizer(BaseQuantizer):
         return ops.stored_bits(qparam.logit, self._bits_param, self.extra_bits,
                                name=self._param_name(qparam))
 
-    def _requantize_param(self, qparam) -> None:
+    def _quantized_value(self, qparam) -> torch.Tensor:
         bits = self._stored_bits(qparam)
-        if not ops.requantize_(qparam.param.data, bits, self.group_size,
-                               name=self._param_name(qparam)):
-            super()._requantize_param(qparam)
+        value = ops.requantize(qparam.param.data, bits, self.group_size,
+                               name=self._param_name(qparam))
+        return value if value is not None else super()._quantized_value(qparam)
 
     def _quantize_param(self, qparam) -> tp.Any:
         bits = self._stored_bits(qparam)

@@ -393,19 +393,22 @@ def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: st
     return bits.round().clamp(1, 15).byte()
 
 
-def requantize_(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: str = "?") -> bool:
-    """Replace p (in place) by its quantized value, in one pass: the same
-    numbers as dequantizing its levels. False when the kernels cannot take
-    p (the caller then goes the long way)."""
+def requantize(p: torch.Tensor, bits: torch.Tensor, group_size: int,
+               name: str = "?") -> tp.Optional[torch.Tensor]:
+    """A new tensor (shape and strides of p) of p's quantized values, in one
+    pass: the same numbers as dequantizing its levels. None when the kernels
+    cannot take p (the caller then goes the long way)."""
     if not (on_kernel_path(p) and p.is_contiguous() and bits.dtype == torch.uint8):
-        return False
+        return None
     flat = p.view(-1)
     mn, mx, bad = _C.value_range(flat, num_threads())
     if bad:
         raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
                          "cannot quantize it")
-    _C.requantize(flat, bits.contiguous().view(-1), None, group_size, mn, float(mx - mn), num_threads())
-    return True
+    out = torch.empty_like(p)
+    _C.requantize(flat, bits.contiguous().view(-1), out.view(-1), group_size, mn, float(mx - mn),
+                  num_threads())
+    return out
 
 
 def split_by_width(levels: torch.Tensor, bits: torch.Tensor,

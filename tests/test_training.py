@@ -36,6 +36,47 @@ def test_eval_train_swapping_leaves_weights_untouched():
         assert torch.equal(p, before[n]), n
 
 
+def test_quantize_points_params_at_new_values_and_back_without_copies():
+    """quantize() swaps each parameter's data for a new tensor of quantized
+    values and unquantize() swaps the original back: the float weights are
+    never copied nor written, and the Parameter objects stay the same."""
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0.0005, float16=True, group_size=4)
+    q.no_optimizer()
+    params = [p for n, p in model.named_parameters() if not n.endswith("_diffq")]
+    assert len(params) == len(q._qparams) + len(q._float16) == 4
+    ptrs = [p.data_ptr() for p in params]
+    values = [p.detach().clone() for p in params]
+    q.quantize()
+    now = [p for n, p in model.named_parameters() if not n.endswith("_diffq")]
+    assert all(p is p2 for p, p2 in zip(params, now))
+    quantized_ptrs = [p.data_ptr() for p in params]
+    assert all(a != b for a, b in zip(ptrs, quantized_ptrs)), "every swapped param gets new data"
+    assert not torch.equal(model[0].weight, values[0])
+    expected = q._unquantize_param(q._qparams[0], q._quantize_param(q._qparams[0]))
+    q.unquantize()
+    assert [p.data_ptr() for p in params] == ptrs
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    # the same values the state path gives
+    q.quantize()
+    assert torch.equal(model[0].weight.data.view(-1), expected.reshape(-1))
+    q.unquantize()
+
+
+def test_quantize_failing_midway_puts_every_param_back():
+    model = small_net()
+    q = diffq_c.DiffQuantizer(model, min_size=0)
+    q.no_optimizer()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # the second quantized weight fails
+    with pytest.raises(ValueError, match="non-finite"):
+        q.quantize()
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert not q._quantized and q._saved == []
+
+
 def test_diffq_rounds_float16_params_for_good_we_do_not():
     """diffq's eval forward leaves float16 parameters rounded to half
     precision after model.train(); ours restores them."""
