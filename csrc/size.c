@@ -27,29 +27,29 @@ static void size_forward_fast(const dq_bits_param *prm, const float *restrict lo
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         dq_logit_to_bits_fast(prm, logit + start + off, 0, len, buf, NULL);
-        float lane_sum[L], lane_top[L];
-        for (int k = 0; k < L; ++k) {
+        float lane_sum[L];
+        for (int k = 0; k < L; ++k)
             lane_sum[k] = 0.0f;
-            lane_top[k] = -INFINITY;
-        }
-        /* two loops: the sum vectorizes on its own, not beside the max */
-        int64_t whole = len - len % L, i = whole;
+        /* the sum on fixed lanes, in a loop of its own so it vectorizes */
+        int64_t whole = len - len % L;
         for (int64_t j = 0; j < whole; j += L)
             for (int k = 0; k < L; ++k)
                 lane_sum[k] += buf[j + k];
-        for (int64_t j = 0; j < whole; j += L)
-            for (int k = 0; k < L; ++k)
-                lane_top[k] = buf[j + k] > lane_top[k] ? buf[j + k] : lane_top[k];
         double span_sum = 0;
-        for (; i < len; ++i) {
-            span_sum += buf[i];
-            top = buf[i] > top ? buf[i] : top;
-        }
-        for (int k = 0; k < L; ++k) {
+        for (int64_t j = whole; j < len; ++j)
+            span_sum += buf[j];
+        for (int k = 0; k < L; ++k)
             span_sum += lane_sum[k];
-            top = lane_top[k] > top ? lane_top[k] : top;
-        }
         sum += span_sum;
+        /* max is exact in any order, so a SIMD reduction gives the same
+         * value on every instruction set; NaN is skipped */
+        float span_top = -INFINITY;
+#pragma omp simd reduction(max : span_top)
+        for (int64_t j = 0; j < len; ++j) {
+            float b = buf[j] == buf[j] ? buf[j] : -INFINITY;
+            span_top = b > span_top ? b : span_top;
+        }
+        top = span_top > top ? span_top : top;
     }
     out->sum_bits = sum;
     out->max_bits = top;
