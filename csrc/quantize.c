@@ -432,8 +432,16 @@ static void quantize_split_chunk(const float *restrict p, int64_t group_size,
              * library call */
             for (; k < len; k += group_size, ++g) {
                 int16_t *restrict dst = streams + at[bits[g] & 15];
-                for (int64_t m = 0; m < group_size; ++m)
-                    dst[m] = level[k + m];
+                /* constant sizes: a move or two, not a call (the compiler
+                 * turns a plain copy loop into memcpy) */
+                switch (group_size) {
+                case 1: dst[0] = level[k]; break;
+                case 2: memcpy(dst, level + k, 2 * sizeof(int16_t)); break;
+                case 4: memcpy(dst, level + k, 4 * sizeof(int16_t)); break;
+                case 8: memcpy(dst, level + k, 8 * sizeof(int16_t)); break;
+                case 16: memcpy(dst, level + k, 16 * sizeof(int16_t)); break;
+                default: memcpy(dst, level + k, (size_t)group_size * sizeof(int16_t));
+                }
                 at[bits[g] & 15] += group_size;
             }
             continue;
