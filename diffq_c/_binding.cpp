@@ -186,7 +186,10 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
 // (LSTM, 16 MiB weights). Advice only; DIFFQ_C_NO_HUGEPAGES=1 turns it off.
 void advise_huge_pages(const Buffer &b) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    static const bool enabled = std::getenv("DIFFQ_C_NO_HUGEPAGES") == nullptr;
+    static const bool enabled = [] {
+        const char *off = std::getenv("DIFFQ_C_NO_HUGEPAGES");
+        return off == nullptr || off[0] == '\0' || std::string(off) == "0";
+    }();
     if (!enabled || (uint64_t)b.numel * (uint64_t)b.elem_size < ((uint64_t)32 << 20))
         return;
     const uintptr_t huge = (uintptr_t)1 << 21;
