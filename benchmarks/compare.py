@@ -57,10 +57,13 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def interleaved(cases, repeats):
+def interleaved(cases, repeats, minus=None):
     """{name: median ms}, running the cases round-robin so drifts in machine
     load hit them all alike. A case that raises is reported as NaN (diffq
-    cannot restore its own group_size=0 states, for one)."""
+    cannot restore its own group_size=0 states, for one). With `minus`, the
+    other cases are reported as the median of their difference to that case
+    within each round (a step's overhead over the plain step): a load burst
+    then moves both terms of a difference, not one."""
     samples = {name: [] for name in cases}
     for name, fn in list(cases.items()):
         try:
@@ -74,6 +77,10 @@ def interleaved(cases, repeats):
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1000)
+    if minus is not None:
+        base = samples[minus]
+        samples = {name: v if name == minus or len(v) != len(base) else [a - b for a, b in zip(v, base)]
+                   for name, v in samples.items()}
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -126,8 +133,10 @@ def time_case(model_name, group_size, repeats):
     weight = max((p for p in plain.model.parameters()), key=lambda p: p.numel())
     state_theirs, state_ours = theirs.get_state(), ours.get_state()
     rows = {}
-    steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, repeats)
-    rows["train step overhead"] = (steps["diffq"] - steps["plain"], steps["diffq_c"] - steps["plain"])
+    # twice the repeats: an overhead is a difference of two noisy times
+    steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, 2 * repeats,
+                        minus="plain")
+    rows["train step overhead"] = (steps["diffq"], steps["diffq_c"])
     noise = interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
                          "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
                         repeats)
