@@ -389,3 +389,175 @@ void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int n
         pack_widths_lines(widths, n, offset, nbits, first, DQ_MIN(per_chunk, lines - first), out);
     }
 }
+
+/* ------------------------------------------- quantize straight into packs */
+
+int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+                    int64_t totals[16], int nthreads) {
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    free(pos);
+    return DQ_OK;
+}
+
+/* Where a chunk's values of one width land: [begin, end) of that width's
+ * stream, and whether the lines at either end are shared with another
+ * chunk (then zeroed first and ORed into). */
+typedef struct {
+    int64_t begin, end;
+} stream_range;
+
+DQ_INLINE int line_shared(stream_range r, int64_t line, int64_t total) {
+    int64_t line_begin = line * DQ_PACK_LINE, line_end = DQ_MIN(total, line_begin + DQ_PACK_LINE);
+    return !(r.begin <= line_begin && line_end <= r.end);
+}
+
+/* One line of a width into its place: stored when this chunk holds the
+ * whole line, ORed word by word (atomically) when another chunk writes part
+ * of it too. */
+DQ_INLINE void put_line(const uint16_t *restrict v, int nbits, int shared,
+                        uint64_t *restrict words) {
+    if (!shared) {
+        pack_line(v, nbits, words);
+        return;
+    }
+    uint64_t tmp[16 * DQ_PACK_BLOCK];
+    pack_line(v, nbits, tmp);
+    for (int k = 0; k < nbits * DQ_PACK_BLOCK; ++k)
+        if (tmp[k])
+            __atomic_fetch_or(&words[k], tmp[k], __ATOMIC_RELAXED);
+}
+
+/* Levels of groups [g_begin, g_end) computed span by span, each group's
+ * levels appended to its width's line buffer, full lines packed as they
+ * fill. `stage` holds 16 lines of DQ_PACK_LINE values. */
+DQ_FAST
+static void quantize_pack_chunk(const float *restrict p, int64_t group_size,
+                                const uint8_t *restrict bits, int64_t g_begin, int64_t g_end,
+                                float mn, float range, const stream_range ranges[16],
+                                const int64_t totals[16], uint64_t *const out[16],
+                                uint16_t (*restrict stage)[DQ_PACK_LINE]) {
+    enum { SPAN = 512 };
+    float step[SPAN], top[SPAN];
+    uint16_t level[SPAN];
+    int64_t at[16]; /* next stream position of each width */
+    for (int w = 0; w < 16; ++w) {
+        at[w] = ranges[w].begin;
+        int64_t fill = at[w] % DQ_PACK_LINE;
+        if (ranges[w].end > ranges[w].begin && fill)
+            memset(stage[w], 0, (size_t)fill * sizeof(uint16_t)); /* another chunk's values */
+    }
+    const int64_t first = g_begin * group_size, end = g_end * group_size;
+    int64_t g = g_begin, within = 0;
+    for (int64_t i0 = first; i0 < end; i0 += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, end - i0);
+        if (range == 0.0f) {
+            memset(level, 0, sizeof level);
+        } else {
+            dq__span_widths(group_size, bits, i0, len, step, top);
+            for (int64_t k = 0; k < len; ++k)
+                level[k] = (uint16_t)(int32_t)dq_level(p[i0 + k], mn, range, step[k], top[k]);
+        }
+        int64_t k = 0;
+        while (k < len) {
+            const int w = bits[g] & 15;
+            int64_t fill = at[w] % DQ_PACK_LINE;
+            int64_t limit = DQ_MIN(len - k, DQ_PACK_LINE - fill);
+            int64_t take = DQ_MIN(group_size - within, limit);
+            if (take == group_size - within) {
+                /* the whole groups after it that have the same width go in
+                 * the same copy (all of them while widths are uniform) */
+                for (int64_t next = g + 1; take + group_size <= limit && (bits[next] & 15) == w; ++next)
+                    take += group_size;
+            }
+            if (take == 1)
+                stage[w][fill] = level[k];
+            else
+                memcpy(stage[w] + fill, level + k, (size_t)take * sizeof(uint16_t));
+            at[w] += take;
+            k += take;
+            within += take;
+            if (within >= group_size) {
+                g += within / group_size;
+                within %= group_size;
+            }
+            if (fill + take == DQ_PACK_LINE) {
+                int64_t line = (at[w] - 1) / DQ_PACK_LINE;
+                put_line(stage[w], w, line_shared(ranges[w], line, totals[w]),
+                         out[w] + line * w * DQ_PACK_BLOCK);
+            }
+        }
+    }
+    /* the last, partial line of each width, padded with zeros */
+    for (int w = 0; w < 16; ++w) {
+        int64_t fill = at[w] % DQ_PACK_LINE;
+        if (ranges[w].end == ranges[w].begin || fill == 0)
+            continue;
+        memset(stage[w] + fill, 0, (size_t)(DQ_PACK_LINE - fill) * sizeof(uint16_t));
+        int64_t line = at[w] / DQ_PACK_LINE;
+        put_line(stage[w], w, line_shared(ranges[w], line, totals[w]),
+                 out[w] + line * w * DQ_PACK_BLOCK);
+    }
+}
+
+int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                     int64_t ngroups, float mn, float range, uint64_t *const out[16],
+                     int nthreads) {
+    assert(group_size > 0);
+    int64_t totals[16];
+    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
+    if (!pos)
+        return DQ_ERR_NOMEM;
+    const int64_t per = dq__groups_per_chunk(group_size);
+    const int64_t chunks = dq_num_chunks(ngroups, per);
+    /* positions within each width's own stream, and each chunk's range */
+    stream_range *ranges = malloc((size_t)(chunks > 0 ? chunks : 1) * 16 * sizeof(stream_range));
+    if (!ranges) {
+        free(pos);
+        return DQ_ERR_NOMEM;
+    }
+    int64_t stream_start[16], offset = 0;
+    for (int w = 0; w < 16; ++w) {
+        stream_start[w] = offset;
+        offset += totals[w];
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int w = 0; w < 16; ++w) {
+            int64_t begin = pos[c * 16 + w] - stream_start[w];
+            int64_t next = c + 1 < chunks ? pos[(c + 1) * 16 + w] - stream_start[w] : totals[w];
+            ranges[c * 16 + w] = (stream_range){begin, next};
+            assert(next == begin || (w >= 1 && out[w]));
+        }
+    free(pos);
+    /* lines that more than one chunk writes start at zero */
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int w = 1; w < 16; ++w) {
+            stream_range r = ranges[c * 16 + w];
+            if (r.end == r.begin)
+                continue;
+            int64_t lines[2] = {r.begin / DQ_PACK_LINE, (r.end - 1) / DQ_PACK_LINE};
+            for (int e = 0; e < 2; ++e)
+                if (line_shared(r, lines[e], totals[w]))
+                    memset(out[w] + lines[e] * w * DQ_PACK_BLOCK, 0,
+                           (size_t)w * DQ_PACK_BLOCK * sizeof(uint64_t));
+        }
+    int err = DQ_OK;
+    (void)nthreads;
+#pragma omp parallel num_threads(nthreads) if (chunks > 1)
+    {
+        uint16_t (*stage)[DQ_PACK_LINE] = malloc(16 * sizeof *stage);
+        if (!stage) {
+#pragma omp atomic write
+            err = DQ_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c)
+            if (stage)
+                quantize_pack_chunk(p, group_size, bits, c * per, DQ_MIN(ngroups, (c + 1) * per), mn,
+                                    range, ranges + c * 16, totals, out, stage);
+        free(stage);
+    }
+    free(ranges);
+    return err;
+}

@@ -238,6 +238,18 @@ int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t grou
 int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict levels,
                       int nthreads);
+/* totals[w] = number of values of width w (group_size times the groups
+ * of that width). DQ_OK or DQ_ERR_NOMEM. */
+int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+                    int64_t totals[16], int nthreads);
+/* dq_quantize_split followed by dq_pack_bits of each stream, without the
+ * streams: levels go straight into out[w], dq_pack_lines(totals[w]) lines
+ * of w planes (NULL where no group has width w; totals from
+ * dq_width_totals). Bits must be 1..15. The same bytes as packing the
+ * streams. DQ_OK or DQ_ERR_NOMEM (then out is partly written). */
+int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                     int64_t ngroups, float mn, float range, uint64_t *const out[16],
+                     int nthreads);
 /* dq_quantize followed by dq_split_by_width, without the levels in
  * between: the levels of p go straight to their width's stream. Bits must
  * be 1..15. Same levels as dq_quantize. */

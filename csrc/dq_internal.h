@@ -54,6 +54,45 @@ DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) 
 /* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
 DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
 
+/* Per-element step and top level of a span, so that the level loop runs
+ * over whole spans whatever the group size (groups of 8 are too short to
+ * vectorize one by one). */
+DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
+                                int64_t len, float *restrict step, float *restrict top) {
+    /* indexed by width (checked to be 1..15); folded by the compiler to the
+     * same correctly rounded quotients dq_step_of_bits computes */
+    static const float step_of[16] = {
+        1.0f,           1.0f / 1.0f,     1.0f / 3.0f,     1.0f / 7.0f,
+        1.0f / 15.0f,   1.0f / 31.0f,    1.0f / 63.0f,    1.0f / 127.0f,
+        1.0f / 255.0f,  1.0f / 511.0f,   1.0f / 1023.0f,  1.0f / 2047.0f,
+        1.0f / 4095.0f, 1.0f / 8191.0f,  1.0f / 16383.0f, 1.0f / 32767.0f};
+    static const float top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f,   31.0f,
+                                     63.0f,   127.0f,  255.0f,  511.0f,  1023.0f, 2047.0f,
+                                     4095.0f, 8191.0f, 16383.0f, 32767.0f};
+    if (group_size == 1) {
+        for (int64_t k = 0; k < len; ++k) {
+            step[k] = step_of[bits[i0 + k] & 15];
+            top[k] = top_of[bits[i0 + k] & 15];
+        }
+        return;
+    }
+    /* one division for the first group, then group by group */
+    int64_t g = i0 / group_size;
+    int64_t j = 0, seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
+    while (j < len) {
+        int b = bits[g] & 15;
+        assert(b >= 1);
+        const float s = step_of[b], t = top_of[b];
+        for (int64_t k = j; k < seg_end; ++k) {
+            step[k] = s;
+            top[k] = t;
+        }
+        j = seg_end;
+        seg_end = DQ_MIN(len, j + group_size);
+        ++g;
+    }
+}
+
 /* Groups per work chunk of the per-width split and merge: chunk c covers
  * groups [c * G, (c + 1) * G) with G * group_size about DQ_CHUNK values. */
 DQ_INLINE int64_t dq__groups_per_chunk(int64_t group_size) {

@@ -124,45 +124,6 @@ void dq_quantize_ref(const float *restrict p, int64_t group_size, const uint8_t 
     }
 }
 
-/* Per-element step and top level of a span, so that the level loop runs
- * over whole spans whatever the group size (groups of 8 are too short to
- * vectorize one by one). */
-DQ_INLINE void span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
-                           int64_t len, float *restrict step, float *restrict top) {
-    /* indexed by width (checked to be 1..15); folded by the compiler to the
-     * same correctly rounded quotients dq_step_of_bits computes */
-    static const float step_of[16] = {
-        1.0f,           1.0f / 1.0f,     1.0f / 3.0f,     1.0f / 7.0f,
-        1.0f / 15.0f,   1.0f / 31.0f,    1.0f / 63.0f,    1.0f / 127.0f,
-        1.0f / 255.0f,  1.0f / 511.0f,   1.0f / 1023.0f,  1.0f / 2047.0f,
-        1.0f / 4095.0f, 1.0f / 8191.0f,  1.0f / 16383.0f, 1.0f / 32767.0f};
-    static const float top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f,   31.0f,
-                                     63.0f,   127.0f,  255.0f,  511.0f,  1023.0f, 2047.0f,
-                                     4095.0f, 8191.0f, 16383.0f, 32767.0f};
-    if (group_size == 1) {
-        for (int64_t k = 0; k < len; ++k) {
-            step[k] = step_of[bits[i0 + k] & 15];
-            top[k] = top_of[bits[i0 + k] & 15];
-        }
-        return;
-    }
-    /* one division for the first group, then group by group */
-    int64_t g = i0 / group_size;
-    int64_t j = 0, seg_end = DQ_MIN(len, (g + 1) * group_size - i0);
-    while (j < len) {
-        int b = bits[g] & 15;
-        assert(b >= 1);
-        const float s = step_of[b], t = top_of[b];
-        for (int64_t k = j; k < seg_end; ++k) {
-            step[k] = s;
-            top[k] = t;
-        }
-        j = seg_end;
-        seg_end = DQ_MIN(len, j + group_size);
-        ++g;
-    }
-}
-
 DQ_FAST
 void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
                       float mn, float range, int64_t start, int64_t count,
@@ -178,7 +139,7 @@ void dq_quantize_fast(const float *restrict p, int64_t group_size, const uint8_t
     for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
         const float *restrict ps = p + i0;
-        span_widths(group_size, bits, i0, len, step, top);
+        dq__span_widths(group_size, bits, i0, len, step, top);
         for (int64_t k = 0; k < len; ++k) {
             level[k] = (int32_t)dq_level(ps[k], mn, range, step[k], top[k]);
         }
@@ -228,7 +189,7 @@ void dq_dequantize_fast(const void *restrict levels, int level_bytes, int64_t gr
     float step[SPAN], top[SPAN], level[SPAN];
     for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
-        span_widths(group_size, bits, i0, len, step, top);
+        dq__span_widths(group_size, bits, i0, len, step, top);
         if (level_bytes == 1)
             for (int64_t k = 0; k < len; ++k)
                 level[k] = (float)((const uint8_t *)levels)[i0 + k];
@@ -375,7 +336,7 @@ void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restr
     float step[SPAN], top[SPAN], value[SPAN];
     for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
-        span_widths(group_size, bits, i0, len, step, top);
+        dq__span_widths(group_size, bits, i0, len, step, top);
         if (range == 0.0f) {
             for (int64_t k = 0; k < len; ++k)
                 value[k] = (0.0f * step[k]) * range + mn;
@@ -416,7 +377,7 @@ static void quantize_split_chunk(const float *restrict p, int64_t group_size,
             for (int64_t k = 0; k < len; ++k)
                 level[k] = 0;
         } else {
-            span_widths(group_size, bits, i0, len, step, top);
+            dq__span_widths(group_size, bits, i0, len, step, top);
             for (int64_t k = 0; k < len; ++k)
                 level[k] = (int16_t)(int32_t)dq_level(p[i0 + k], mn, range, step[k], top[k]);
         }

@@ -577,6 +577,72 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
+/* Quantizing straight into packed lines gives the bytes of quantize_split
+ * followed by pack_bits of each width's stream: group sizes that split
+ * lines between chunks, widths that are rare (lines shared by many
+ * chunks), all one width, a zero range, 1 to 3 threads. */
+static void test_quantize_pack(void) {
+    const int64_t group_sizes[] = {1, 3, 8, 64, 1000, DQ_CHUNK + 5};
+    const int64_t group_counts[] = {1, 7, 300, 5000, 30000, 70000};
+    for (int a = 0; a < 6; ++a)
+        for (int b = 0; b < 6; ++b)
+            for (int mix = 0; mix < 3; ++mix) {
+                int64_t gs = group_sizes[a], ng = group_counts[b];
+                if (gs * ng > 4 * DQ_CHUNK + 4099 || (gs > 1000 && ng > 7))
+                    continue;
+                int64_t n = gs * ng;
+                float *p = xmalloc(n * 4);
+                uint8_t *bits = xmalloc(ng);
+                for (int64_t i = 0; i < n; ++i)
+                    p[i] = frand();
+                for (int64_t g = 0; g < ng; ++g)
+                    bits[g] = mix == 0 ? 8 : mix == 1 ? (uint8_t)(1 + lcg() % 15)
+                                                      : (uint8_t)(lcg() % 97 == 0 ? 15 : 3);
+                float range = mix == 2 && b == 1 ? 0.0f : 2.0f;
+                int64_t totals[16], t2[16];
+                int16_t *streams = xmalloc(n * 2);
+                CHECK(dq_quantize_split(p, gs, bits, ng, -1.0f, range, streams, totals, 2) == DQ_OK,
+                      "split");
+                CHECK(dq_width_totals(bits, ng, gs, t2, 2) == DQ_OK &&
+                          memcmp(totals, t2, sizeof t2) == 0, "width totals gs %lld", (long long)gs);
+                uint64_t *want[16] = {0}, *got[16] = {0};
+                int64_t offset = 0;
+                for (int w = 0; w < 16; ++w) {
+                    if (totals[w]) {
+                        size_t words = (size_t)dq_pack_lines(totals[w]) * w * DQ_PACK_BLOCK;
+                        want[w] = xmalloc(words * 8);
+                        dq_pack_bits(streams + offset, totals[w], w, want[w], 2);
+                    }
+                    offset += totals[w];
+                }
+                for (int threads = 1; threads <= 3; ++threads) {
+                    for (int w = 0; w < 16; ++w)
+                        if (totals[w]) {
+                            size_t words = (size_t)dq_pack_lines(totals[w]) * w * DQ_PACK_BLOCK;
+                            got[w] = xmalloc(words * 8);
+                            memset(got[w], 0xA5, words * 8); /* the kernel owns every byte */
+                        }
+                    CHECK(dq_quantize_pack(p, gs, bits, ng, -1.0f, range, got, threads) == DQ_OK,
+                          "quantize pack");
+                    int same = 1;
+                    for (int w = 0; w < 16; ++w)
+                        if (totals[w]) {
+                            size_t words = (size_t)dq_pack_lines(totals[w]) * w * DQ_PACK_BLOCK;
+                            same &= memcmp(got[w], want[w], words * 8) == 0;
+                            free(got[w]);
+                            got[w] = NULL;
+                        }
+                    CHECK(same, "quantize pack gs %lld groups %lld mix %d threads %d", (long long)gs,
+                          (long long)ng, mix, threads);
+                }
+                for (int w = 0; w < 16; ++w)
+                    free(want[w]);
+                free(streams);
+                free(bits);
+                free(p);
+            }
+}
+
 static void test_pack_widths(void) {
     int64_t n = DQ_PACK_LINE * 3 + 77;
     uint8_t *w = xmalloc(n);
@@ -644,6 +710,7 @@ int main(void) {
     test_validation_of_levels();
     test_widths_from_stored();
     test_pack_widths();
+    test_quantize_pack();
     test_lsq_known_answer();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);

@@ -649,23 +649,79 @@ std::vector<int64_t> widths_from_stored(py::handle stored_obj, int offset, py::h
     return counts;
 }
 
-std::vector<int64_t> quantize_split(py::handle p_obj, py::handle bits_obj, py::handle streams_obj,
-                                    int64_t group_size, float mn, float range, int nthreads) {
-    finite(mn, "mn");
-    finite(range, "range");
-    WidthCall c = width_call(p_obj, "p", DType::f32, bits_obj, streams_obj, "streams", DType::i16, group_size,
-                             nthreads);
+std::vector<int64_t> width_totals(py::handle bits_obj, int64_t group_size, int nthreads) {
+    Buffer bits = view(bits_obj, "bits", DType::u8);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    threads(nthreads);
+    int64_t n;
+    if (!dq_mul_size(bits.numel, group_size, &n))
+        value_error("bits times group_size overflows");
+    check_widths(bits, "bits");
     std::vector<int64_t> totals(16);
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_quantize_split(reinterpret_cast<const float *>(c.in.data), group_size,
-                                reinterpret_cast<const uint8_t *>(c.bits.data), c.ngroups, mn, range,
-                                reinterpret_cast<int16_t *>(c.out.data), totals.data(), nthreads);
+        err = dq_width_totals(reinterpret_cast<const uint8_t *>(bits.data), bits.numel, group_size, totals.data(),
+                              nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
     return totals;
+}
+
+// Levels of p straight into one packed buffer per width: outs[w] must be
+// an int64 buffer of dq_pack_lines(totals[w]) * w * 32 words where width w
+// has values, None where it has none (outs has 16 entries).
+void quantize_pack(py::handle p_obj, py::handle bits_obj, py::sequence outs_obj, int64_t group_size, float mn,
+                   float range, int nthreads) {
+    finite(mn, "mn");
+    finite(range, "range");
+    Buffer p = view(p_obj, "p", DType::f32);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(p.numel, group_size, "p");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    threads(nthreads);
+    check_widths(bits, "bits");
+    if (py::len(outs_obj) != 16)
+        value_error("outs must have 16 entries (one per width), got " + std::to_string(py::len(outs_obj)));
+    int64_t totals[16];
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_width_totals(reinterpret_cast<const uint8_t *>(bits.data), ngroups, group_size, totals, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    std::vector<Buffer> outs(16);
+    uint64_t *ptrs[16] = {nullptr};
+    for (int w = 0; w < 16; ++w) {
+        py::handle o = outs_obj[w];
+        std::string name = "outs[" + std::to_string(w) + "]";
+        if (totals[w] == 0) {
+            if (!o.is_none())
+                value_error(name + " must be None: no group has " + std::to_string(w) + " bits");
+            continue;
+        }
+        if (o.is_none())
+            value_error(name + " is None but " + std::to_string(totals[w]) + " values have " + std::to_string(w) +
+                        " bits");
+        outs[w] = view(o, name.c_str(), DType::i64, dq_pack_lines(totals[w]) * w * DQ_PACK_BLOCK);
+        no_overlap(outs[w], name.c_str(), p, "p");
+        no_overlap(outs[w], name.c_str(), bits, "bits");
+        for (int v = 1; v < w; ++v)
+            if (ptrs[v])
+                no_overlap(outs[w], name.c_str(), outs[v], ("outs[" + std::to_string(v) + "]").c_str());
+        ptrs[w] = reinterpret_cast<uint64_t *>(outs[w].data);
+    }
+    {
+        py::gil_scoped_release nogil;
+        err = dq_quantize_pack(reinterpret_cast<const float *>(p.data), group_size,
+                               reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range, ptrs, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
 }
 
 // diffq's packed bits of a state: widths - offset packed on nbits planes;
@@ -863,12 +919,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("widths_from_stored", &widths_from_stored, py::arg("stored"), py::arg("offset"), py::arg("widths"),
           py::arg("nthreads") = 1);
-    m.def("quantize_split", &quantize_split, py::arg("p"), py::arg("bits"), py::arg("streams"),
-          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("pack_widths", &pack_widths, py::arg("widths"), py::arg("offset"), py::arg("out"), py::arg("nbits"),
           py::arg("nthreads") = 1);
     m.def("stored_bits", &stored_bits, py::arg("t"), py::arg("out"), py::arg("min_bits"), py::arg("max_bits"),
           py::arg("extra_bits"), py::arg("nthreads") = 1, py::arg("reference") = false);
+    m.def("width_totals", &width_totals, py::arg("bits"), py::arg("group_size"), py::arg("nthreads") = 1);
+    m.def("quantize_pack", &quantize_pack, py::arg("p"), py::arg("bits"), py::arg("outs"), py::arg("group_size"),
+          py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),
           py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("size_forward", &size_forward, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);

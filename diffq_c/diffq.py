@@ -302,15 +302,14 @@ class DiffQuantizer(BaseQuantizer):
         if not (packed and pack_fn is bitpack.pack):
             return super()._quantized_state_of(qparam, packed, pack_fn)
         bits = self._stored_bits(qparam)
-        split = ops.quantize_split(qparam.param.data, bits, self._group_size_of(qparam.param),
-                                   name=self._param_name(qparam))
-        if split is None:
+        # the levels go straight into their width's packed lines
+        packs = ops.quantize_pack(qparam.param.data, bits, self._group_size_of(qparam.param),
+                                  name=self._param_name(qparam))
+        if packs is None:
             return super()._quantized_state_of(qparam, packed, pack_fn)
-        streams, totals, mn, mx = split
-        # the levels go straight to their width's stream, then each stream is packed
-        all_packed = [ops.pack_bits(streams[sum(totals[:w]):sum(totals[:w + 1])], w)
-                      if totals[w] else None for w in range(1, self._packed_widths(bits) + 1)]
-        return (all_packed, (mn, mx), self._pack_stored_bits(qparam, bits, pack_fn))
+        outs, totals, mn, mx = packs
+        top = MAX_STORED_BITS if totals[MAX_STORED_BITS] else MAX_STORED_BITS - 1
+        return (outs[1:top + 1], (mn, mx), self._pack_stored_bits(qparam, bits, pack_fn))
 
     def _packed_widths(self, bits: torch.Tensor) -> int:
         """diffq's layout has one packed tensor per width 1..14. diffq drops

@@ -422,22 +422,27 @@ def split_by_width(levels: torch.Tensor, bits: torch.Tensor,
     return streams, totals
 
 
-def quantize_split(p: torch.Tensor, bits: torch.Tensor, group_size: int,
-                   name: str = "?") -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[int], float, float]]:
-    """Levels of p (over its own range, widths `bits` per group) written
-    straight into per-width streams (see split_by_width): (streams, their
-    lengths, min, max). None when the kernels cannot take p."""
+def quantize_pack(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: str = "?"
+                  ) -> tp.Optional[tp.Tuple[tp.List[tp.Optional[torch.Tensor]], tp.List[int], float, float]]:
+    """Levels of p (over its own range, widths `bits` per group) packed
+    straight into diffq's per-width layout, without the levels in between:
+    (packed levels of each width 0..15, None where no group has it; the
+    number of values of each width; min; max). The same tensors as
+    pack_bits of each stream of split_by_width. None when the kernels cannot
+    take p."""
     if not on_kernel_path(p):
         return None
     flat = _flat(p)
+    bits = _flat(bits.to(torch.uint8))
     mn, mx, bad = _C.value_range(flat, num_threads())
     if bad:
         raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
                          "cannot quantize it")
-    streams = torch.empty(flat.numel(), dtype=torch.int16)
-    totals = _C.quantize_split(flat, _flat(bits.to(torch.uint8)), streams, group_size, mn,
-                               float(mx - mn), num_threads())
-    return streams, totals, mn, mx
+    totals = _C.width_totals(bits, group_size, num_threads())
+    outs = [torch.empty((total + _C.PACK_LINE - 1) // _C.PACK_LINE, w, _C.PACK_BLOCK, dtype=torch.int64)
+            if total else None for w, total in enumerate(totals)]
+    _C.quantize_pack(flat, bits, outs, group_size, mn, float(mx - mn), num_threads())
+    return outs, totals, mn, mx
 
 
 def pack_widths(widths: torch.Tensor, offset: int) -> torch.Tensor:

@@ -45,6 +45,15 @@ def _out(n, dtype):
     return torch.full((n,), SENTINEL, dtype=dtype)
 
 
+def _pack_outs():
+    """quantize_pack's outputs for the bits [2, 3, 2, 4, 3, 2] of groups of 4:
+    one line of 2, 3 and 4 planes."""
+    outs = [None] * 16
+    for w in (2, 3, 4):
+        outs[w] = torch.full((1, w, 32), SENTINEL, dtype=torch.int64)
+    return outs
+
+
 SPECS: tp.Dict[str, Spec] = {
     "philox4x32_10": Spec(
         make=lambda: dict(ctr=(1, 2, 3, 4), key=(5, 6)),
@@ -190,15 +199,22 @@ SPECS: tp.Dict[str, Spec] = {
         overlaps=(("widths", "stored"),),
         bad_scalars=(({"offset": 14}, ValueError), ({"offset": -1}, ValueError),
                      ({"offset": 2 ** 20}, ValueError), ({"nthreads": 0}, ValueError))),
-    "quantize_split": Spec(
+    "width_totals": Spec(
+        make=lambda: dict(bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8), group_size=GS, nthreads=1),
+        tensors=("bits",), outputs=(), any_size=("bits",), overlaps=(),
+        bad_scalars=(({"bits": torch.tensor([2, 3, 0], dtype=torch.uint8)}, ValueError),
+                     ({"bits": torch.tensor([2, 16], dtype=torch.uint8)}, ValueError),
+                     ({"group_size": 0}, ValueError), ({"group_size": 2 ** 62}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
+    "quantize_pack": Spec(
         make=lambda: dict(p=_f32(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
-                          streams=_out(N, torch.int16), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
-        tensors=("p", "bits", "streams"), outputs=("streams",), any_size=(),
-        overlaps=(("streams", "p"), ("streams", "bits")),
+                          outs=_pack_outs(), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
+        tensors=("p", "bits"), outputs=(), any_size=(), overlaps=(),
         bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"mn": float("nan")}, ValueError), ({"group_size": 0}, ValueError),
-                     ({"group_size": 5}, ValueError))),
+                     ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
+                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
+                     ({"outs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
     "pack_widths": Spec(
         make=lambda: dict(widths=torch.full((N,), 5, dtype=torch.uint8), offset=2,
                           out=_out(2 * 32, torch.int64), nbits=2, nthreads=1),
@@ -295,8 +311,12 @@ def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _resized(t: torch.Tensor) -> torch.Tensor:
+    """One element longer; the extra one repeats the first, so a buffer of
+    any size stays valid in content."""
     flat = torch.zeros(t.numel() + 1, dtype=t.dtype)
     flat[:t.numel()] = t.reshape(-1)
+    if t.numel():
+        flat[-1] = flat[0]
     return flat
 
 
@@ -467,3 +487,40 @@ def test_zero_plane_packed_tensor_claiming_huge_line_count_returns_at_once(refer
     worker.join(timeout=20)
     assert not worker.is_alive(), "unpack_bits walks the claimed lines"
     assert torch.equal(out, torch.zeros(5, dtype=torch.int16))
+
+
+def test_quantize_pack_checks_each_packed_output():
+    """outs is a list: each entry is checked like a buffer argument (dtype,
+    size, layout, overlap, None exactly where a width has no values), and
+    a refused call writes none of them."""
+    def bad(mutate, error=ValueError, match=None):
+        kwargs = SPECS["quantize_pack"].make()
+        mutate(kwargs)
+        with pytest.raises(error, match=match):
+            _C.quantize_pack(**kwargs)
+        for o in kwargs["outs"]:
+            if isinstance(o, torch.Tensor) and o.dtype == torch.int64 and o.numel() >= 64:
+                assert bool((o.reshape(-1)[:64] == SENTINEL).all()), "a refused call wrote an output"
+
+    def setter(w, value):
+        return lambda kw: kw["outs"].__setitem__(w, value(kw) if callable(value) else value)
+
+    bad(setter(3, None), match=r"outs\[3\] is None")
+    bad(setter(5, torch.full((1, 5, 32), SENTINEL, dtype=torch.int64)), match=r"outs\[5\] must be None")
+    bad(setter(3, torch.full((1, 3, 32), SENTINEL, dtype=torch.int32)), TypeError, match=r"outs\[3\]")
+    bad(setter(3, torch.full((2, 3, 32), SENTINEL, dtype=torch.int64)), match=r"outs\[3\]")
+    bad(setter(3, _non_contiguous(torch.full((1, 3, 32), SENTINEL, dtype=torch.int64))), match=r"outs\[3\]")
+    def overlapping(kw):
+        base = torch.full((7 * 32,), SENTINEL, dtype=torch.int64)
+        kw["outs"][3] = base[:96].view(1, 3, 32)
+        kw["outs"][4] = base[32:160].view(1, 4, 32)
+
+    bad(overlapping, match="overlap")
+    bad(lambda kw: kw.__setitem__("p", kw["outs"][2].view(-1).view(torch.float32)[:N]),
+        match=r"outs\[2\] must not overlap p")
+    bad(setter(3, "not a tensor"), TypeError, match=r"outs\[3\]")
+    bad(lambda kw: kw.__setitem__("outs", kw["outs"] + [None]), match="16 entries")
+    # the valid call writes every output
+    kwargs = SPECS["quantize_pack"].make()
+    _C.quantize_pack(**kwargs)
+    assert all(not bool((o == SENTINEL).any()) for o in kwargs["outs"] if o is not None)
