@@ -402,12 +402,8 @@ class BaseQuantizer:
 
     def model_size(self) -> torch.Tensor:
         """Size in MB of what is not quantized: float16 or float32 parameters."""
-        total = torch.tensor(0.)
-        for p in self._float16:
-            total += 16 * p.numel()
-        for p in self._others:
-            total += 32 * p.numel()
-        return total / 2 ** 20 / 8
+        bits = 16 * sum(p.numel() for p in self._float16) + 32 * sum(p.numel() for p in self._others)
+        return torch.tensor(float(bits)) / 2 ** 20 / 8
 
     def true_model_size(self) -> float:
         """Size in MB of the quantized model, before any compression."""

@@ -184,8 +184,22 @@ class DiffQuantizer(BaseQuantizer):
         """Size of the quantized model in MB: differentiable in the logits, or
         with `exact` the size of the rounded bits actually stored."""
         total = super().model_size()
+        qparams = self._unique_qparams()
+        fused = None if exact else ops.weighted_sum_bits(
+            [qp.logit for qp in qparams], [self._group_size_of(qp.param) for qp in qparams],
+            self._bits_param)
+        if fused is not None:
+            # one autograd node for all the logits; the rest does not depend
+            # on them and is summed in Python
+            weighted, tops = fused
+            constant = 0.0
+            for qparam, top in zip(qparams, tops):
+                numel = qparam.logit.numel()
+                constant += self._group_size_of(qparam.param) * self.extra_bits * numel
+                constant += 2 * 32 + 8 + self._bits_bits(top + self.extra_bits) * numel
+            return total + (weighted + constant) / (2 ** 20 * 8)
         subtotal = 0
-        for qparam in self._unique_qparams():
+        for qparam in qparams:
             logit = qparam.logit
             if exact:
                 bits = (self.extra_bits + self._get_bits(logit)).round().clamp(1, MAX_STORED_BITS)
@@ -196,11 +210,13 @@ class DiffQuantizer(BaseQuantizer):
                 top = top + self.extra_bits
             subtotal += self._group_size_of(qparam.param) * bits_sum
             subtotal += 2 * 32  # min and max of the tensor
-            # the bits of each group are stored on the bits the largest needs
-            bits_bits = math.ceil(math.log2(1 + (round(top) - self.min_bits)))
-            subtotal += 8 + bits_bits * logit.numel()
+            subtotal += 8 + self._bits_bits(top) * logit.numel()
         subtotal /= 2 ** 20 * 8
         return total + subtotal
+
+    def _bits_bits(self, top: float) -> int:
+        """The bits of each group are stored on the bits the largest needs."""
+        return math.ceil(math.log2(1 + (round(top) - self.min_bits)))
 
     def true_model_size(self):
         """Size in MB of the stored model, before compression."""

@@ -197,6 +197,44 @@ class _SumBits(torch.autograd.Function):
         return out, None, None
 
 
+class _WeightedSumBits(torch.autograd.Function):
+    """sum_i weight_i * sum(bits(logit_i)) over many logits in one autograd
+    node (one per parameter costs more than the sums of small logits); the
+    largest bits of each logit go to `extra`."""
+
+    @staticmethod
+    def forward(ctx, prm, weights, extra, *logits):
+        total = 0.0
+        for weight, logit in zip(weights, logits):
+            bits_sum, top = _C.size_forward(_flat(logit), tuple(prm), num_threads())
+            total += weight * bits_sum
+            extra.append(top)
+        ctx.save_for_backward(*logits)
+        ctx.prm, ctx.weights = prm, weights
+        return torch.tensor(total, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = float(grad)
+        grads = []
+        for weight, logit in zip(ctx.weights, ctx.saved_tensors):
+            out = torch.empty(logit.shape, dtype=torch.float32)
+            _C.size_backward(_flat(logit), out.view(-1), grad * weight, tuple(ctx.prm), num_threads())
+            grads.append(out)
+        return (None, None, None, *grads)
+
+
+def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float],
+                      prm: BitsParam) -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[float]]]:
+    """(sum_i weights[i] * sum(bits(logits[i])), differentiable; the max
+    bits of each logit), or None when the kernels cannot take the logits."""
+    if not logits or not on_kernel_path(*logits):
+        return None
+    extra: tp.List[float] = []
+    total = _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), extra, *logits)
+    return total, extra
+
+
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:
     """(sum of bits over the logits, differentiable; max bits as a float)."""
     if on_kernel_path(logit):
