@@ -48,22 +48,10 @@ def output_tensor(out):
 # ---------------------------------------------------------------- timing
 
 
-def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
-def interleaved(cases, repeats, minus=None):
-    """{name: median ms}, running the cases round-robin so drifts in machine
-    load hit them all alike. A case that raises is reported as NaN (diffq
-    cannot restore its own group_size=0 states, for one). With `minus`, the
-    other cases are reported as the median of their difference to that case
-    within each round (a step's overhead over the plain step): a load burst
-    then moves both terms of a difference, not one."""
+def interleaved(cases, repeats):
+    """{name: [ms of each round]}, running the cases round-robin so drifts in
+    machine load hit them all alike. A case that raises gets [NaN] (diffq
+    cannot restore its own group_size=0 states, for one)."""
     samples = {name: [] for name in cases}
     for name, fn in list(cases.items()):
         try:
@@ -77,11 +65,18 @@ def interleaved(cases, repeats, minus=None):
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1000)
-    if minus is not None:
-        base = samples[minus]
-        samples = {name: v if name == minus or len(v) != len(base) else [a - b for a, b in zip(v, base)]
-                   for name, v in samples.items()}
+    return samples
+
+
+def medians(samples):
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def overheads(samples, base):
+    """Median over rounds of each case's time minus `base`'s in the same
+    round: a load burst then moves both terms of a difference, not one."""
+    return {name: statistics.median([a - b for a, b in zip(v, samples[base])])
+            for name, v in samples.items() if name != base}
 
 
 class Setup:
@@ -134,26 +129,28 @@ def time_case(model_name, group_size, repeats):
     state_theirs, state_ours = theirs.get_state(), ours.get_state()
     rows = {}
     # twice the repeats: an overhead is a difference of two noisy times
-    steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, 2 * repeats,
-                        minus="plain")
-    rows["train step overhead"] = (steps["diffq"], steps["diffq_c"])
-    noise = interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
-                         "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
-                        repeats)
+    steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, 2 * repeats)
+    step_over = overheads(steps, "plain")
+    rows["train step overhead"] = (step_over["diffq"], step_over["diffq_c"])
+    noise = medians(interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
+                                 "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
+                                repeats))
     rows["noise forward"] = (noise["diffq"], noise["diffq_c"])
     rows["  (clone of all params)"] = (noise["clone"], noise["clone"])
     evals = interleaved({"plain": plain.eval_forward, "diffq": theirs.eval_forward,
-                         "diffq_c": ours.eval_forward}, repeats)
-    rows["eval forward"] = (evals["diffq"], evals["diffq_c"])
-    sizes = interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size}, repeats)
+                         "diffq_c": ours.eval_forward}, 2 * repeats)
+    eval_times, eval_over = medians(evals), overheads(evals, "plain")
+    rows["eval forward"] = (eval_times["diffq"], eval_times["diffq_c"])
+    rows["  (over plain eval)"] = (eval_over["diffq"], eval_over["diffq_c"])
+    sizes = medians(interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size}, repeats))
     rows["model_size fwd+bwd"] = (sizes["diffq"], sizes["diffq_c"])
-    gets = interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state}, repeats)
+    gets = medians(interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state}, repeats))
     rows["get_quantized_state"] = (gets["diffq"], gets["diffq_c"])
-    restores = interleaved({
+    restores = medians(interleaved({
         "diffq": lambda: theirs.quantizer.restore_quantized_state(state_theirs),
-        "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats)
+        "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats))
     rows["restore_quantized_state"] = (restores["diffq"], restores["diffq_c"])
-    return rows, steps["plain"], count_params(plain.model), weight.numel()
+    return rows, medians(steps)["plain"], count_params(plain.model), weight.numel()
 
 
 # ---------------------------------------------------------------- memory
@@ -218,7 +215,7 @@ def main(argv=None):
             print(f"| {'measure':<26} | {'diffq ms':>10} | {'diffq_c ms':>10} | {'speed-up':>8} |")
             print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
             for name, (a, b) in rows.items():
-                ratio = f"{a / b:.1f}x" if b > 0 and a == a and not name.startswith("  ") else ""
+                ratio = f"{a / b:.1f}x" if b > 0 and a == a and "clone" not in name else ""
                 print(f"| {name:<26} | {a:>10.1f} | {b:>10.1f} | {ratio:>8} |")
             if args.memory:
                 peaks = peak_memory(model_name, group_size)
