@@ -41,27 +41,6 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
 
 /* ---- fast bits and step: branch-free exp2 so the loops vectorize. */
 
-/* 2^x for x in [-126, 126]: the nearest integer goes into the exponent, a
- * degree-6 Taylor polynomial takes the rest in [-1/2, 1/2] (relative error
- * below 2e-7 there). */
-DQ_INLINE float fast_exp2f(float x) {
-    x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
-    int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
-    float f = x - (float)i;
-    float p = 1.5403530393e-4f;
-    p = p * f + 1.3333558146e-3f;
-    p = p * f + 9.6181291076e-3f;
-    p = p * f + 5.5504108665e-2f;
-    p = p * f + 2.4022650696e-1f;
-    p = p * f + 6.9314718056e-1f;
-    p = p * f + 1.0f;
-    return p * dq_bits_float((uint32_t)(i + 127) << 23);
-}
-
-DQ_INLINE float fast_sigmoid(float x) {
-    return 1.0f / (1.0f + fast_exp2f(-x * 1.44269504088896341f));
-}
-
 DQ_FAST
 void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                            int64_t count, float *restrict step, float *restrict dstep) {
@@ -76,23 +55,23 @@ void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit
      * compiler from vectorizing */
     if (step && dstep) {
         for (int64_t i = start; i < start + count; ++i) {
-            float t = fast_sigmoid(logit[i]);
+            float t = dq_fast_sigmoid(logit[i]);
             float one_minus_t = 1.0f - t;
-            float s = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
             step[i] = s;
             dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
         }
     } else if (step) {
         for (int64_t i = start; i < start + count; ++i) {
-            float t = fast_sigmoid(logit[i]);
+            float t = dq_fast_sigmoid(logit[i]);
             float one_minus_t = 1.0f - t;
-            step[i] = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            step[i] = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
         }
     } else if (dstep) {
         for (int64_t i = start; i < start + count; ++i) {
-            float t = fast_sigmoid(logit[i]);
+            float t = dq_fast_sigmoid(logit[i]);
             float one_minus_t = 1.0f - t;
-            float s = 1.0f / (fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
             dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
         }
     }
@@ -115,12 +94,12 @@ void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit
     const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
     if (bits)
         for (int64_t i = start; i < start + count; ++i) {
-            float t = fast_sigmoid(logit[i]);
+            float t = dq_fast_sigmoid(logit[i]);
             bits[i] = hi * t + (1.0f - t) * lo;
         }
     if (dbits)
         for (int64_t i = start; i < start + count; ++i) {
-            float t = fast_sigmoid(logit[i]);
+            float t = dq_fast_sigmoid(logit[i]);
             dbits[i] = span * (t * (1.0f - t));
         }
 }

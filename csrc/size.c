@@ -24,6 +24,45 @@ static void size_forward_fast(const dq_bits_param *prm, const float *restrict lo
     float buf[SPAN];
     double sum = 0;
     float top = -INFINITY;
+    if (prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits) {
+        /* bits = lo + (hi - lo) * t is non-decreasing in t = sigmoid(logit):
+         * sum and max of t, without the bits in between */
+        const float lo = prm->min_bits, hi = prm->max_bits;
+        double sum_t = 0;
+        float top_t = -INFINITY;
+        for (int64_t off = 0; off < count; off += SPAN) {
+            int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+            const float *restrict x = logit + start + off;
+            float lane_sum[L];
+            for (int k = 0; k < L; ++k)
+                lane_sum[k] = 0.0f;
+            int64_t whole = len - len % L;
+            for (int64_t j = 0; j < whole; j += L)
+                for (int k = 0; k < L; ++k) {
+                    float t = dq_fast_sigmoid(x[j + k]);
+                    buf[j + k] = t;
+                    lane_sum[k] += t;
+                }
+            double span_sum = 0;
+            for (int64_t j = whole; j < len; ++j) {
+                buf[j] = dq_fast_sigmoid(x[j]);
+                span_sum += buf[j];
+            }
+            for (int k = 0; k < L; ++k)
+                span_sum += lane_sum[k];
+            sum_t += span_sum;
+            float span_top = -INFINITY;
+#pragma omp simd reduction(max : span_top)
+            for (int64_t j = 0; j < len; ++j) {
+                float t = buf[j] == buf[j] ? buf[j] : -INFINITY;
+                span_top = t > span_top ? t : span_top;
+            }
+            top_t = span_top > top_t ? span_top : top_t;
+        }
+        out->sum_bits = (double)count * lo + (double)(hi - lo) * sum_t;
+        out->max_bits = top_t == -INFINITY ? -INFINITY : hi * top_t + (1.0f - top_t) * lo;
+        return;
+    }
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         dq_logit_to_bits_fast(prm, logit + start + off, 0, len, buf, NULL);
@@ -64,6 +103,24 @@ void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
     }
 }
 
+/* grad = scale * dbits/dlogit, in one pass in the bits mode (the same
+ * arithmetic as dq_logit_to_bits_fast's derivative, then the scale) */
+DQ_FAST
+static void size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                               int64_t count, float scale, float *restrict grad) {
+    if (prm->mode == DQ_PARAM_BITS) {
+        const float span = prm->max_bits - prm->min_bits;
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = dq_fast_sigmoid(logit[i]);
+            grad[i] = (span * (t * (1.0f - t))) * scale;
+        }
+        return;
+    }
+    dq_logit_to_bits_fast(prm, logit, start, count, NULL, grad);
+    for (int64_t i = start; i < start + count; ++i)
+        grad[i] *= scale;
+}
+
 /* Chunk partial sums are combined in chunk order, so the total does not
  * depend on the thread count. */
 void dq_size_forward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
@@ -98,8 +155,6 @@ void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK;
         int64_t len = DQ_MIN(DQ_CHUNK, n - start);
-        dq_logit_to_bits_fast(prm, logit, start, len, NULL, grad);
-        for (int64_t i = start; i < start + len; ++i)
-            grad[i] *= scale;
+        size_backward_fast(prm, logit, start, len, scale, grad);
     }
 }
