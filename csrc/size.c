@@ -14,81 +14,60 @@ void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit, 
     out->max_bits = top;
 }
 
-/* Sum and max of the bits of a chunk: the bits come from the vectorized
- * kernel into a span buffer, summed on sixteen float lanes per span (64
- * values each, exact to ~1e-7) and the span sums added in double. */
+/* Adds the sum of v[0..len) to *sum and raises *top to its max: the sum on
+ * sixteen float lanes (64 values each for a full span, exact to ~1e-7)
+ * then in double; the max as a SIMD reduction, exact in any order so every
+ * instruction set gives the same value, NaN skipped. */
+DQ_INLINE void span_sum_max(const float *restrict v, int64_t len, double *sum, float *top) {
+    enum { L = 16 };
+    float lane_sum[L];
+    for (int k = 0; k < L; ++k)
+        lane_sum[k] = 0.0f;
+    int64_t whole = len - len % L;
+    for (int64_t j = 0; j < whole; j += L)
+        for (int k = 0; k < L; ++k)
+            lane_sum[k] += v[j + k];
+    double span_sum = 0;
+    for (int64_t j = whole; j < len; ++j)
+        span_sum += v[j];
+    for (int k = 0; k < L; ++k)
+        span_sum += lane_sum[k];
+    *sum += span_sum;
+    float span_top = -INFINITY;
+#pragma omp simd reduction(max : span_top)
+    for (int64_t j = 0; j < len; ++j) {
+        float b = v[j] == v[j] ? v[j] : -INFINITY;
+        span_top = b > span_top ? b : span_top;
+    }
+    *top = span_top > *top ? span_top : *top;
+}
+
+/* Sum and max of the bits of a chunk, span by span through a buffer. In
+ * the bits mode, bits = lo + (hi - lo) * t is non-decreasing in
+ * t = sigmoid(logit): the buffer holds t and the bits follow from its sum
+ * and max (0.71 -> 0.52 ns a logit on one thread). */
 DQ_FAST
 static void size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                               int64_t count, dq_size_stats *out) {
-    enum { SPAN = 1024, L = 16 };
+    enum { SPAN = 1024 };
     float buf[SPAN];
     double sum = 0;
     float top = -INFINITY;
-    if (prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits) {
-        /* bits = lo + (hi - lo) * t is non-decreasing in t = sigmoid(logit):
-         * sum and max of t, without the bits in between */
-        const float lo = prm->min_bits, hi = prm->max_bits;
-        double sum_t = 0;
-        float top_t = -INFINITY;
-        for (int64_t off = 0; off < count; off += SPAN) {
-            int64_t len = DQ_MIN((int64_t)SPAN, count - off);
-            const float *restrict x = logit + start + off;
-            float lane_sum[L];
-            for (int k = 0; k < L; ++k)
-                lane_sum[k] = 0.0f;
-            int64_t whole = len - len % L;
-            for (int64_t j = 0; j < whole; j += L)
-                for (int k = 0; k < L; ++k) {
-                    float t = dq_fast_sigmoid(x[j + k]);
-                    buf[j + k] = t;
-                    lane_sum[k] += t;
-                }
-            double span_sum = 0;
-            for (int64_t j = whole; j < len; ++j) {
-                buf[j] = dq_fast_sigmoid(x[j]);
-                span_sum += buf[j];
-            }
-            for (int k = 0; k < L; ++k)
-                span_sum += lane_sum[k];
-            sum_t += span_sum;
-            float span_top = -INFINITY;
-#pragma omp simd reduction(max : span_top)
-            for (int64_t j = 0; j < len; ++j) {
-                float t = buf[j] == buf[j] ? buf[j] : -INFINITY;
-                span_top = t > span_top ? t : span_top;
-            }
-            top_t = span_top > top_t ? span_top : top_t;
-        }
-        out->sum_bits = (double)count * lo + (double)(hi - lo) * sum_t;
-        out->max_bits = top_t == -INFINITY ? -INFINITY : hi * top_t + (1.0f - top_t) * lo;
-        return;
-    }
+    const int affine = prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits;
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
-        dq_logit_to_bits_fast(prm, logit + start + off, 0, len, buf, NULL);
-        float lane_sum[L];
-        for (int k = 0; k < L; ++k)
-            lane_sum[k] = 0.0f;
-        /* the sum on fixed lanes, in a loop of its own so it vectorizes */
-        int64_t whole = len - len % L;
-        for (int64_t j = 0; j < whole; j += L)
-            for (int k = 0; k < L; ++k)
-                lane_sum[k] += buf[j + k];
-        double span_sum = 0;
-        for (int64_t j = whole; j < len; ++j)
-            span_sum += buf[j];
-        for (int k = 0; k < L; ++k)
-            span_sum += lane_sum[k];
-        sum += span_sum;
-        /* max is exact in any order, so a SIMD reduction gives the same
-         * value on every instruction set; NaN is skipped */
-        float span_top = -INFINITY;
-#pragma omp simd reduction(max : span_top)
-        for (int64_t j = 0; j < len; ++j) {
-            float b = buf[j] == buf[j] ? buf[j] : -INFINITY;
-            span_top = b > span_top ? b : span_top;
-        }
-        top = span_top > top ? span_top : top;
+        const float *restrict x = logit + start + off;
+        if (affine)
+            for (int64_t j = 0; j < len; ++j)
+                buf[j] = dq_fast_sigmoid(x[j]);
+        else
+            dq_logit_to_bits_fast(prm, x, 0, len, buf, NULL);
+        span_sum_max(buf, len, &sum, &top);
+    }
+    if (affine) {
+        const float lo = prm->min_bits, hi = prm->max_bits;
+        sum = (double)count * lo + (double)(hi - lo) * sum;
+        top = top == -INFINITY ? -INFINITY : hi * top + (1.0f - top) * lo;
     }
     out->sum_bits = sum;
     out->max_bits = top;
