@@ -206,6 +206,84 @@ int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int6
     return pos;
 }
 
+/* Where a chunk's values of one width land: [begin, end) of that width's
+ * stream, and whether the lines at either end are shared with another
+ * chunk (then zeroed first and ORed into). */
+typedef struct {
+    int64_t begin, end;
+} stream_range;
+
+/* Each chunk's range in every width's stream. Groups of up to DQ_CHUNK
+ * values: chunks of whole groups, counted in parallel. Larger groups (one
+ * group per tensor, say): chunks of DQ_CHUNK values, so that a single group
+ * is still split among the threads; the groups are few, counted serially. */
+static stream_range *chunk_ranges(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
+                                  int64_t chunk_len, int64_t chunks, int64_t totals[16],
+                                  int nthreads) {
+    stream_range *ranges = malloc((size_t)(chunks > 0 ? chunks : 1) * 16 * sizeof(stream_range));
+    if (!ranges)
+        return NULL;
+    int64_t begin_of[16];
+    if (group_size <= DQ_CHUNK) {
+        int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
+        if (!pos) {
+            free(ranges);
+            return NULL;
+        }
+        int64_t offset = 0;
+        for (int w = 0; w < 16; ++w) {
+            begin_of[w] = offset; /* pos runs through the widths one after another */
+            offset += totals[w];
+        }
+        for (int64_t c = 0; c < chunks; ++c)
+            for (int w = 0; w < 16; ++w)
+                ranges[c * 16 + w].begin = pos[c * 16 + w] - begin_of[w];
+        free(pos);
+    } else {
+        int64_t count[16] = {0};
+        int64_t g = 0; /* the group holding the chunk's first value */
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t first = c * chunk_len;
+            for (; (g + 1) * group_size <= first; ++g)
+                count[bits[g] & 15] += group_size;
+            for (int w = 0; w < 16; ++w)
+                ranges[c * 16 + w].begin = count[w] + ((bits[g] & 15) == w ? first - g * group_size : 0);
+        }
+        for (int w = 0; w < 16; ++w)
+            totals[w] = 0;
+        for (int64_t k = 0; k < ngroups; ++k)
+            totals[bits[k] & 15] += group_size;
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int w = 0; w < 16; ++w)
+            ranges[c * 16 + w].end = c + 1 < chunks ? ranges[(c + 1) * 16 + w].begin : totals[w];
+    return ranges;
+}
+
+/* Values per work chunk for chunk_ranges: whole groups up to DQ_CHUNK
+ * values, DQ_CHUNK values of one group beyond. */
+static int64_t chunk_len_of(int64_t group_size) {
+    return group_size <= DQ_CHUNK ? dq__groups_per_chunk(group_size) * group_size : DQ_CHUNK;
+}
+
+/* How a parameter's values are cut into work chunks, and each chunk's
+ * range in every width's stream (ranges: chunks * 16, the caller frees). */
+typedef struct {
+    int64_t n, chunk_len, chunks;
+    int64_t totals[16];
+    stream_range *ranges;
+} chunk_plan;
+
+static int plan_chunks(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size, int nthreads,
+                       chunk_plan *plan) {
+    plan->n = ngroups * group_size;
+    plan->chunk_len = chunk_len_of(group_size);
+    plan->chunks = dq_num_chunks(plan->n, plan->chunk_len);
+    plan->ranges =
+        chunk_ranges(bits, ngroups, group_size, plan->chunk_len, plan->chunks, plan->totals, nthreads);
+    return plan->ranges ? DQ_OK : DQ_ERR_NOMEM;
+}
+
 int dq_split_by_width(const void *restrict levels, int level_bytes, int64_t group_size,
                       const uint8_t *restrict bits, int64_t ngroups, int16_t *restrict streams,
                       int64_t totals[16], int nthreads) {
@@ -281,38 +359,47 @@ int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
                           const uint8_t *restrict bits, int64_t ngroups, float mn, float range,
                           float *restrict out, int nthreads) {
     assert(group_size > 0);
-    int64_t totals[16];
-    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
-    if (!pos)
+    chunk_plan plan;
+    if (plan_chunks(bits, ngroups, group_size, nthreads, &plan) != DQ_OK)
         return DQ_ERR_NOMEM;
-    const int64_t per = groups_per_chunk(group_size);
-    const int64_t chunks = dq_num_chunks(ngroups, per);
+    const int64_t n = plan.n, chunk_len = plan.chunk_len, chunks = plan.chunks;
+    const int64_t *totals = plan.totals;
+    const stream_range *ranges = plan.ranges;
+    int64_t begin_of[16], offset = 0;
+    for (int w = 0; w < 16; ++w) {
+        begin_of[w] = offset; /* the streams follow one another by width */
+        offset += totals[w];
+    }
     float unit[16];
     for (int b = 0; b < 16; ++b)
         unit[b] = b ? 1.0f / (float)((1 << b) - 1) : 0.0f;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
-        int64_t *at = pos + c * 16;
+        int64_t at[16];
+        for (int w = 0; w < 16; ++w)
+            at[w] = begin_of[w] + ranges[c * 16 + w].begin;
+        const int64_t first = c * chunk_len, end = DQ_MIN(n, first + chunk_len);
         if (group_size == 1) {
-            const int64_t end = DQ_MIN(ngroups, (c + 1) * per);
-            for (int64_t g = c * per; g < end; ++g) {
+            for (int64_t g = first; g < end; ++g) {
                 const int w = bits[g] & 15;
                 out[g] = ((float)streams[at[w]++] * unit[w]) * range + mn;
             }
             continue;
         }
-        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g) {
+        for (int64_t i = first, g = first / group_size; i < end; ++g) {
+            const int64_t len = DQ_MIN(end, (g + 1) * group_size) - i;
             const int w = bits[g] & 15;
             const int16_t *restrict src = streams + at[w];
-            at[w] += group_size;
-            float *restrict dst = out + g * group_size;
+            float *restrict dst = out + i;
+            at[w] += len;
             const float u = unit[w];
             /* the same operations, in the same order, as dq_dequantize */
-            for (int64_t j = 0; j < group_size; ++j)
+            for (int64_t j = 0; j < len; ++j)
                 dst[j] = ((float)src[j] * u) * range + mn;
+            i += len;
         }
     }
-    free(pos);
+    free(plan.ranges);
     return DQ_OK;
 }
 
@@ -401,13 +488,6 @@ int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group
     return DQ_OK;
 }
 
-/* Where a chunk's values of one width land: [begin, end) of that width's
- * stream, and whether the lines at either end are shared with another
- * chunk (then zeroed first and ORed into). */
-typedef struct {
-    int64_t begin, end;
-} stream_range;
-
 DQ_INLINE int line_shared(stream_range r, int64_t line, int64_t total) {
     int64_t line_begin = line * DQ_PACK_LINE, line_end = DQ_MIN(total, line_begin + DQ_PACK_LINE);
     return !(r.begin <= line_begin && line_end <= r.end);
@@ -429,12 +509,12 @@ DQ_INLINE void put_line(const uint16_t *restrict v, int nbits, int shared,
             __atomic_fetch_or(&words[k], tmp[k], __ATOMIC_RELAXED);
 }
 
-/* Levels of groups [g_begin, g_end) computed span by span, each group's
+/* Levels of elements [first, end) computed span by span, each group's
  * levels appended to its width's line buffer, full lines packed as they
  * fill. `stage` holds 16 lines of DQ_PACK_LINE values. */
 DQ_FAST
 static void quantize_pack_chunk(const float *restrict p, int64_t group_size,
-                                const uint8_t *restrict bits, int64_t g_begin, int64_t g_end,
+                                const uint8_t *restrict bits, int64_t first, int64_t end,
                                 float mn, float range, const stream_range ranges[16],
                                 const int64_t totals[16], uint64_t *const out[16],
                                 uint16_t (*restrict stage)[DQ_PACK_LINE]) {
@@ -448,8 +528,7 @@ static void quantize_pack_chunk(const float *restrict p, int64_t group_size,
         if (ranges[w].end > ranges[w].begin && fill)
             memset(stage[w], 0, (size_t)fill * sizeof(uint16_t)); /* another chunk's values */
     }
-    const int64_t first = g_begin * group_size, end = g_end * group_size;
-    int64_t g = g_begin, within = 0;
+    int64_t g = first / group_size, within = first % group_size;
     for (int64_t i0 = first; i0 < end; i0 += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, end - i0);
         if (range == 0.0f) {
@@ -501,47 +580,12 @@ static void quantize_pack_chunk(const float *restrict p, int64_t group_size,
     }
 }
 
-int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
-                     int64_t ngroups, float mn, float range, uint64_t *const out[16],
-                     int nthreads) {
-    assert(group_size > 0);
-    int64_t totals[16];
-    int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
-    if (!pos)
-        return DQ_ERR_NOMEM;
-    const int64_t per = dq__groups_per_chunk(group_size);
-    const int64_t chunks = dq_num_chunks(ngroups, per);
-    /* positions within each width's own stream, and each chunk's range */
-    stream_range *ranges = malloc((size_t)(chunks > 0 ? chunks : 1) * 16 * sizeof(stream_range));
-    if (!ranges) {
-        free(pos);
-        return DQ_ERR_NOMEM;
-    }
-    int64_t stream_start[16], offset = 0;
-    for (int w = 0; w < 16; ++w) {
-        stream_start[w] = offset;
-        offset += totals[w];
-    }
-    for (int64_t c = 0; c < chunks; ++c)
-        for (int w = 0; w < 16; ++w) {
-            int64_t begin = pos[c * 16 + w] - stream_start[w];
-            int64_t next = c + 1 < chunks ? pos[(c + 1) * 16 + w] - stream_start[w] : totals[w];
-            ranges[c * 16 + w] = (stream_range){begin, next};
-            assert(next == begin || (w >= 1 && out[w]));
-        }
-    free(pos);
-    /* lines that more than one chunk writes start at zero */
-    for (int64_t c = 0; c < chunks; ++c)
-        for (int w = 1; w < 16; ++w) {
-            stream_range r = ranges[c * 16 + w];
-            if (r.end == r.begin)
-                continue;
-            int64_t lines[2] = {r.begin / DQ_PACK_LINE, (r.end - 1) / DQ_PACK_LINE};
-            for (int e = 0; e < 2; ++e)
-                if (line_shared(r, lines[e], totals[w]))
-                    memset(out[w] + lines[e] * w * DQ_PACK_BLOCK, 0,
-                           (size_t)w * DQ_PACK_BLOCK * sizeof(uint64_t));
-        }
+/* Runs fn on chunks 0..chunks-1 in parallel, each thread with its own 16
+ * line buffers (one per width). DQ_OK, or DQ_ERR_NOMEM when a thread got no
+ * buffers (its chunks did not run). */
+typedef void (*staged_chunk_fn)(const void *args, int64_t c, uint16_t (*stage)[DQ_PACK_LINE]);
+
+static int for_chunks_staged(int64_t chunks, int nthreads, staged_chunk_fn fn, const void *args) {
     int err = DQ_OK;
     (void)nthreads;
 #pragma omp parallel num_threads(nthreads) if (chunks > 1)
@@ -554,10 +598,137 @@ int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t 
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c)
             if (stage)
-                quantize_pack_chunk(p, group_size, bits, c * per, DQ_MIN(ngroups, (c + 1) * per), mn,
-                                    range, ranges + c * 16, totals, out, stage);
+                fn(args, c, stage);
         free(stage);
     }
-    free(ranges);
+    return err;
+}
+
+typedef struct {
+    const float *p;
+    int64_t group_size;
+    const uint8_t *bits;
+    float mn, range;
+    const chunk_plan *plan;
+    uint64_t *const *out;
+} quantize_pack_args;
+
+static void quantize_pack_one(const void *args, int64_t c, uint16_t (*stage)[DQ_PACK_LINE]) {
+    const quantize_pack_args *a = args;
+    const chunk_plan *plan = a->plan;
+    quantize_pack_chunk(a->p, a->group_size, a->bits, c * plan->chunk_len,
+                        DQ_MIN(plan->n, (c + 1) * plan->chunk_len), a->mn, a->range, plan->ranges + c * 16,
+                        plan->totals, a->out, stage);
+}
+
+int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
+                     int64_t ngroups, float mn, float range, uint64_t *const out[16],
+                     int nthreads) {
+    assert(group_size > 0);
+    chunk_plan plan;
+    if (plan_chunks(bits, ngroups, group_size, nthreads, &plan) != DQ_OK)
+        return DQ_ERR_NOMEM;
+    const int64_t *totals = plan.totals;
+    /* lines that more than one chunk writes start at zero */
+    for (int64_t c = 0; c < plan.chunks; ++c)
+        for (int w = 1; w < 16; ++w) {
+            stream_range r = plan.ranges[c * 16 + w];
+            assert(r.end == r.begin || out[w]);
+            if (r.end == r.begin)
+                continue;
+            int64_t lines[2] = {r.begin / DQ_PACK_LINE, (r.end - 1) / DQ_PACK_LINE};
+            for (int e = 0; e < 2; ++e)
+                if (line_shared(r, lines[e], totals[w]))
+                    memset(out[w] + lines[e] * w * DQ_PACK_BLOCK, 0,
+                           (size_t)w * DQ_PACK_BLOCK * sizeof(uint64_t));
+        }
+    const quantize_pack_args args = {p, group_size, bits, mn, range, &plan, out};
+    int err = for_chunks_staged(plan.chunks, nthreads, quantize_pack_one, &args);
+    free(plan.ranges);
+    return err;
+}
+
+/* ------------------------------------- dequantize straight from packs */
+
+/* Values of elements [first, end): each group's segment read from its
+ * width's stream, one unpacked line at a time (the line in `stage[w]` is
+ * `held[w]`), and dequantized as dq_dequantize does. */
+DQ_FAST
+static void dequantize_packed_chunk(const uint64_t *const packed[16], int64_t group_size,
+                                    const uint8_t *restrict bits, int64_t first, int64_t end,
+                                    float mn, float range, const stream_range ranges[16],
+                                    float *restrict out, uint16_t (*restrict stage)[DQ_PACK_LINE]) {
+    float unit[16];
+    for (int b = 0; b < 16; ++b)
+        unit[b] = b ? 1.0f / (float)((1 << b) - 1) : 0.0f;
+    int64_t at[16], held[16];
+    for (int w = 0; w < 16; ++w) {
+        at[w] = ranges[w].begin;
+        held[w] = -1;
+    }
+    int64_t g = first / group_size, within = first % group_size;
+    for (int64_t i = first; i < end;) {
+        const int w = bits[g] & 15;
+        const int64_t line = at[w] / DQ_PACK_LINE, from = at[w] % DQ_PACK_LINE;
+        if (held[w] != line) {
+            unpack_line(packed[w] + line * w * DQ_PACK_BLOCK, w, stage[w]);
+            held[w] = line;
+        }
+        const int64_t limit = DQ_MIN(end - i, DQ_PACK_LINE - from);
+        int64_t take = DQ_MIN(group_size - within, limit);
+        if (take == group_size - within) {
+            /* the whole groups after it that have the same width come from
+             * the same line: one loop for all of them */
+            for (int64_t next = g + 1; take + group_size <= limit && (bits[next] & 15) == w; ++next)
+                take += group_size;
+        }
+        const float u = unit[w];
+        const uint16_t *restrict src = stage[w] + from;
+        float *restrict dst = out + i;
+        /* the same operations, in the same order, as dq_dequantize */
+        for (int64_t j = 0; j < take; ++j)
+            dst[j] = ((float)src[j] * u) * range + mn;
+        at[w] += take;
+        i += take;
+        within += take;
+        if (within >= group_size) {
+            g += within / group_size;
+            within %= group_size;
+        }
+    }
+}
+
+typedef struct {
+    const uint64_t *const *packed;
+    int64_t group_size;
+    const uint8_t *bits;
+    float mn, range;
+    const chunk_plan *plan;
+    float *out;
+} dequantize_packed_args;
+
+static void dequantize_packed_one(const void *args, int64_t c, uint16_t (*stage)[DQ_PACK_LINE]) {
+    const dequantize_packed_args *a = args;
+    const chunk_plan *plan = a->plan;
+    dequantize_packed_chunk(a->packed, a->group_size, a->bits, c * plan->chunk_len,
+                            DQ_MIN(plan->n, (c + 1) * plan->chunk_len), a->mn, a->range, plan->ranges + c * 16,
+                            a->out, stage);
+}
+
+int dq_dequantize_packed(const uint64_t *const packed[16], const int64_t lines[16],
+                         int64_t group_size, const uint8_t *restrict bits, int64_t ngroups,
+                         float mn, float range, float *restrict out, int nthreads) {
+    assert(group_size > 0);
+    chunk_plan plan;
+    if (plan_chunks(bits, ngroups, group_size, nthreads, &plan) != DQ_OK)
+        return DQ_ERR_NOMEM;
+    for (int w = 0; w < 16; ++w)
+        if (plan.totals[w] && (w == 0 || !packed[w] || lines[w] < dq_pack_lines(plan.totals[w]))) {
+            free(plan.ranges);
+            return DQ_ERR_PACK_SHORT;
+        }
+    const dequantize_packed_args args = {packed, group_size, bits, mn, range, &plan, out};
+    int err = for_chunks_staged(plan.chunks, nthreads, dequantize_packed_one, &args);
+    free(plan.ranges);
     return err;
 }

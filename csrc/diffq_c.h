@@ -250,6 +250,15 @@ int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group
 int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
                      int64_t ngroups, float mn, float range, uint64_t *const out[16],
                      int nthreads);
+/* The reverse of dq_quantize_pack: out = dequantized levels read straight
+ * from the per-width packs (packed[w] holds lines[w] lines of w planes;
+ * only widths that groups have are read, each needs dq_pack_lines of its
+ * values). The same floats as dq_dequantize of the levels. DQ_OK,
+ * DQ_ERR_PACK_SHORT (a width's pack missing or short; out untouched) or
+ * DQ_ERR_NOMEM. Bits must be 1..15. */
+int dq_dequantize_packed(const uint64_t *const packed[16], const int64_t lines[16],
+                         int64_t group_size, const uint8_t *restrict bits, int64_t ngroups,
+                         float mn, float range, float *restrict out, int nthreads);
 /* dq_quantize followed by dq_split_by_width, without the levels in
  * between: the levels of p go straight to their width's stream. Bits must
  * be 1..15. Same levels as dq_quantize. */

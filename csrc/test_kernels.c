@@ -482,6 +482,33 @@ static void test_lsq_fast_and_threads(void) {
     printf("lsq: effective scale differed from the scale in %d of 10000 draws\n", differs);
 }
 
+/* Groups larger than a work chunk are split among chunks: the streams'
+ * dequantization still equals dq_dequantize, for 1 to 3 threads. */
+static void test_dequantize_streams_large_groups(void) {
+    const int64_t group_sizes[] = {DQ_CHUNK + 5, 3 * DQ_CHUNK - 1};
+    for (int gi = 0; gi < 2; ++gi)
+        for (int64_t ng = 1; ng <= 3; ++ng) {
+            int64_t gs = group_sizes[gi], n = ng * gs, totals[16];
+            uint8_t *bits = xmalloc(ng);
+            int16_t *levels = xmalloc(n * 2), *stream = xmalloc(n * 2);
+            float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
+            for (int64_t g = 0; g < ng; ++g)
+                bits[g] = (uint8_t)(1 + lcg() % 15);
+            for (int64_t i = 0; i < n; ++i)
+                levels[i] = (int16_t)(lcg() & ((1u << bits[i / gs]) - 1));
+            CHECK(dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 2) == DQ_OK, "split");
+            dq_dequantize(levels, 2, n, gs, bits, -0.75f, 1.5f, d1, 2);
+            for (int threads = 1; threads <= 3; ++threads) {
+                memset(d2, 0xff, n * 4);
+                CHECK(dq_dequantize_streams(stream, gs, bits, ng, -0.75f, 1.5f, d2, threads) == DQ_OK &&
+                          memcmp(d1, d2, n * 4) == 0,
+                      "dequantize streams gs %lld groups %lld threads %d", (long long)gs, (long long)ng,
+                      threads);
+            }
+            free(bits), free(levels), free(stream), free(d1), free(d2);
+        }
+}
+
 static void test_grouped_packing_and_requantize(void) {
     const int64_t group_sizes[] = {1, 3, 8, 5000};
     for (int gi = 0; gi < 4; ++gi)
@@ -579,16 +606,18 @@ static void test_grouped_packing_and_requantize(void) {
 
 /* Quantizing straight into packed lines gives the bytes of quantize_split
  * followed by pack_bits of each width's stream: group sizes that split
- * lines between chunks, widths that are rare (lines shared by many
- * chunks), all one width, a zero range, 1 to 3 threads. */
+ * lines between chunks, groups split among chunks, widths that are rare
+ * (lines shared by many chunks), all one width, a zero range, 1 to 3
+ * threads. */
 static void test_quantize_pack(void) {
-    const int64_t group_sizes[] = {1, 3, 8, 64, 1000, DQ_CHUNK + 5};
-    const int64_t group_counts[] = {1, 7, 300, 5000, 30000, 70000};
-    for (int a = 0; a < 6; ++a)
-        for (int b = 0; b < 6; ++b)
+    /* groups above DQ_CHUNK values are split among chunks */
+    const int64_t group_sizes[] = {1, 3, 8, 64, 1000, DQ_CHUNK + 5, 2 * DQ_CHUNK - 3};
+    const int64_t group_counts[] = {1, 3, 7, 300, 5000, 30000, 70000};
+    for (int a = 0; a < 7; ++a)
+        for (int b = 0; b < 7; ++b)
             for (int mix = 0; mix < 3; ++mix) {
                 int64_t gs = group_sizes[a], ng = group_counts[b];
-                if (gs * ng > 4 * DQ_CHUNK + 4099 || (gs > 1000 && ng > 7))
+                if (gs * ng > 4 * DQ_CHUNK + 4099 && !(gs > DQ_CHUNK && ng <= 3))
                     continue;
                 int64_t n = gs * ng;
                 float *p = xmalloc(n * 4);
@@ -634,6 +663,37 @@ static void test_quantize_pack(void) {
                         }
                     CHECK(same, "quantize pack gs %lld groups %lld mix %d threads %d", (long long)gs,
                           (long long)ng, mix, threads);
+                }
+                /* and back: dequantizing from the packs equals dq_dequantize of
+                 * the levels */
+                {
+                    int64_t lines[16];
+                    const uint64_t *packs[16];
+                    for (int w = 0; w < 16; ++w) {
+                        lines[w] = totals[w] ? dq_pack_lines(totals[w]) : 0;
+                        packs[w] = want[w];
+                    }
+                    int16_t *levels = xmalloc(n * 2);
+                    float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
+                    dq_quantize(p, n, gs, bits, -1.0f, range, levels, 2, 2);
+                    dq_dequantize(levels, 2, n, gs, bits, -1.0f, range, d1, 2);
+                    for (int threads = 1; threads <= 3; threads += 2) {
+                        memset(d2, 0xff, n * 4);
+                        CHECK(dq_dequantize_packed(packs, lines, gs, bits, ng, -1.0f, range, d2, threads) ==
+                                      DQ_OK &&
+                                  memcmp(d1, d2, n * 4) == 0,
+                              "dequantize packed gs %lld groups %lld mix %d threads %d", (long long)gs,
+                              (long long)ng, mix, threads);
+                    }
+                    /* a width's pack one line short is refused, out untouched */
+                    int w = bits[ng - 1];
+                    lines[w] -= 1;
+                    memset(d2, 0xff, n * 4);
+                    CHECK(dq_dequantize_packed(packs, lines, gs, bits, ng, -1.0f, range, d2, 2) ==
+                                  DQ_ERR_PACK_SHORT &&
+                              ((unsigned char *)d2)[0] == 0xff,
+                          "short pack refused");
+                    free(levels), free(d1), free(d2);
                 }
                 for (int w = 0; w < 16; ++w)
                     free(want[w]);
@@ -707,6 +767,7 @@ int main(void) {
     test_noise_forward_backward();
     test_size();
     test_grouped_packing_and_requantize();
+    test_dequantize_streams_large_groups();
     test_validation_of_levels();
     test_widths_from_stored();
     test_pack_widths();

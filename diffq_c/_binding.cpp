@@ -610,21 +610,62 @@ void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle leve
         throw std::bad_alloc();
 }
 
-void dequantize_streams(py::handle streams_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size,
-                        float mn, float range, int nthreads) {
+// out = levels dequantized straight from per-width packs: packs[w] is an
+// int64 [lines, w, 32] buffer with the lines width w's values need, or None
+// where no group has width w (packs has 16 entries).
+void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size, float mn,
+                       float range, int nthreads) {
     finite(mn, "mn");
     finite(range, "range");
-    WidthCall c = width_call(streams_obj, "streams", DType::i16, bits_obj, out_obj, "out", DType::f32, group_size,
-                             nthreads);
+    Buffer out = view(out_obj, "out", DType::f32);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    int64_t ngroups = groups_of(out.numel, group_size, "out");
+    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
+    no_overlap(out, "out", bits, "bits");
+    threads(nthreads);
+    check_widths(bits, "bits");
+    if (py::len(packs_obj) != 16)
+        value_error("packs must have 16 entries (one per width), got " + std::to_string(py::len(packs_obj)));
+    int64_t totals[16];
     int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_dequantize_streams(reinterpret_cast<const int16_t *>(c.in.data), group_size,
-                                    reinterpret_cast<const uint8_t *>(c.bits.data), c.ngroups, mn, range,
-                                    reinterpret_cast<float *>(c.out.data), nthreads);
+        err = dq_width_totals(reinterpret_cast<const uint8_t *>(bits.data), ngroups, group_size, totals, nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
+    std::vector<Buffer> packs(16);
+    const uint64_t *ptrs[16] = {nullptr};
+    int64_t lines[16] = {0};
+    for (int w = 1; w < 16; ++w) {
+        py::handle o = packs_obj[w];
+        std::string name = "packs[" + std::to_string(w) + "]";
+        if (totals[w] == 0)
+            continue;  // not read: whatever it holds
+        if (o.is_none())
+            value_error(name + " is None but " + std::to_string(totals[w]) + " values have " + std::to_string(w) +
+                        " bits");
+        packs[w] = view(o, name.c_str(), DType::i64);
+        const Buffer &b = packs[w];
+        if (b.shape.size() != 3 || b.shape[1] != w || b.shape[2] != DQ_PACK_BLOCK)
+            value_error(name + " must have shape [lines, " + std::to_string(w) + ", 32]");
+        if (b.shape[0] < dq_pack_lines(totals[w]))
+            value_error(name + " holds " + std::to_string(b.shape[0]) + " lines, " + std::to_string(totals[w]) +
+                        " values need " + std::to_string(dq_pack_lines(totals[w])));
+        no_overlap(out, "out", b, name.c_str());
+        ptrs[w] = reinterpret_cast<const uint64_t *>(b.data);
+        lines[w] = b.shape[0];
+    }
+    {
+        py::gil_scoped_release nogil;
+        err = dq_dequantize_packed(ptrs, lines, group_size, reinterpret_cast<const uint8_t *>(bits.data), ngroups,
+                                   mn, range, reinterpret_cast<float *>(out.data), nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    if (err != DQ_OK)
+        value_error(std::string("packs: ") + dq_error_message(err));
 }
 
 // widths = stored + offset as uint8, each 1..15; returns the count of each width
@@ -915,8 +956,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("nthreads") = 1);
     m.def("merge_by_width", &merge_by_width, py::arg("streams"), py::arg("bits"), py::arg("levels"),
           py::arg("group_size"), py::arg("nthreads") = 1);
-    m.def("dequantize_streams", &dequantize_streams, py::arg("streams"), py::arg("bits"), py::arg("out"),
-          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("widths_from_stored", &widths_from_stored, py::arg("stored"), py::arg("offset"), py::arg("widths"),
           py::arg("nthreads") = 1);
     m.def("pack_widths", &pack_widths, py::arg("widths"), py::arg("offset"), py::arg("out"), py::arg("nbits"),
@@ -926,6 +965,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("width_totals", &width_totals, py::arg("bits"), py::arg("group_size"), py::arg("nthreads") = 1);
     m.def("quantize_pack", &quantize_pack, py::arg("p"), py::arg("bits"), py::arg("outs"), py::arg("group_size"),
           py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
+    m.def("dequantize_packed", &dequantize_packed, py::arg("packs"), py::arg("bits"), py::arg("out"),
+          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("requantize", &requantize, py::arg("p"), py::arg("bits"), py::arg("out"), py::arg("group_size"),
           py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("size_forward", &size_forward, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);

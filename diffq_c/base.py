@@ -439,13 +439,10 @@ def packed_planes(packed: tp.Any) -> tp.Optional[int]:
     return None
 
 
-def unpack_state(packed: tp.Any, length: int, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`bitpack.unpack` for a tensor read from a state: it must be exactly
-    what `pack` writes for `length` values (an int64 [lines, nbits, 32]
-    tensor of ceil(length / 2048) lines, padded with zeros), so that a
-    truncated tensor, or one written for another layout or group count, is
-    refused rather than decoded into wrong weights. With `out` (a contiguous
-    int16 CPU tensor of `length` values) the values are written there."""
+def check_packed_state(packed: tp.Any, length: int) -> None:
+    """Refuse a packed tensor read from a state unless it is exactly what
+    `bitpack.pack` writes for `length` values: an int64 [lines, nbits, 32]
+    tensor of ceil(length / 2048) lines whose padding is zeros."""
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed levels must be a tensor, got {type(packed).__name__}")
     if packed.dtype != torch.int64 or packed.dim() != 3 or packed.shape[2] != 32:
@@ -460,6 +457,16 @@ def unpack_state(packed: tp.Any, length: int, out: tp.Optional[torch.Tensor] = N
         tail = bitpack.unpack(packed[-1:])[length - (lines - 1) * bitpack.LINE:]
         if bool(tail.any()):
             raise ValueError(f"packed tensor holds non-zero values past the {length} expected")
+
+
+def unpack_state(packed: tp.Any, length: int, out: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`bitpack.unpack` for a tensor read from a state: it must be exactly
+    what `pack` writes for `length` values (an int64 [lines, nbits, 32]
+    tensor of ceil(length / 2048) lines, padded with zeros), so that a
+    truncated tensor, or one written for another layout or group count, is
+    refused rather than decoded into wrong weights. With `out` (a contiguous
+    int16 CPU tensor of `length` values) the values are written there."""
+    check_packed_state(packed, length)
     if out is not None and ops.kernels_available() and out.dtype == torch.int16 \
             and out.is_contiguous() and out.device.type == "cpu" and out.numel() == length:
         ops.unpack_into(packed, out)

@@ -13,7 +13,7 @@ import typing as tp
 import torch
 
 from . import bitpack, ops
-from .base import BaseQuantizer, packed_planes, unpack_state
+from .base import BaseQuantizer, check_packed_state, packed_planes, unpack_state
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
 MAX_STORED_BITS = 15
@@ -270,7 +270,7 @@ class DiffQuantizer(BaseQuantizer):
                                 else ""))
         levels, _, bits = quantized
         for what, t in (("levels", levels), ("bits", bits)):
-            if not isinstance(t, (torch.Tensor, ops.WidthStreams)):
+            if not isinstance(t, (torch.Tensor, ops.PackedWidths)):
                 raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
         groups = qparam.logit.numel()
         shape = (groups, self._group_size_of(qparam.param))
@@ -282,7 +282,7 @@ class DiffQuantizer(BaseQuantizer):
     def _unquantize_param(self, qparam, quantized: tp.Any) -> torch.Tensor:
         self._check_quantized(qparam, quantized)
         levels, scales, bits = quantized
-        if isinstance(levels, ops.WidthStreams):
+        if isinstance(levels, ops.PackedWidths):
             levels = levels.materialize()
         if bits.dim() == 1:
             bits = bits[:, None]
@@ -294,7 +294,7 @@ class DiffQuantizer(BaseQuantizer):
         self._check_quantized(qparam, quantized)
         levels, scales, bits = quantized
         name = self._param_name(qparam)
-        if isinstance(levels, ops.WidthStreams):
+        if isinstance(levels, ops.PackedWidths):
             ops._check_scales(scales, name)
         else:
             ops.check_levels(levels, scales, bits.view(-1, 1), name=name)
@@ -303,7 +303,7 @@ class DiffQuantizer(BaseQuantizer):
     def _apply_restore(self, qparam, prepared) -> None:
         levels, scales, bits = prepared
         name = self._param_name(qparam)
-        if isinstance(levels, ops.WidthStreams):
+        if isinstance(levels, ops.PackedWidths):
             levels.dequantize_into(scales, qparam.param.data, name=name)
         else:
             ops.dequantize_levels(levels, scales, bits.view(-1, 1), name=name, out=qparam.param.data)
@@ -404,30 +404,28 @@ class DiffQuantizer(BaseQuantizer):
 
     @staticmethod
     def _unpack_levels_by_width(all_packed, bits: torch.Tensor, counts, group_size: int):
-        """Levels [groups, group_size] from diffq's per-width packed tensors:
-        each unpacked into its place in the per-width streams, then merged
-        back into rows. Every group has one width, so every row is filled,
-        or an error is raised."""
-        streams = torch.empty(bits.numel() * group_size, dtype=torch.int16)
-        start = 0
+        """The levels of diffq's per-width packed tensors, left packed
+        (ops.PackedWidths) once each needed one is checked: present, of the
+        right width and exactly the size its groups take. Every group has one
+        width, so every row is filled, or an error is raised."""
+        packs = [None] * 16
         missing = []
-        for width in range(16):
+        for width in range(1, 16):
             values = counts[width] * group_size
-            stream = streams[start:start + values]
-            start += values
             if not values:
                 continue
-            packed = all_packed[width - 1] if 1 <= width <= len(all_packed) else None
+            packed = all_packed[width - 1] if width <= len(all_packed) else None
             if packed is None:
                 missing.append(width)
                 continue
             planes = packed_planes(packed)
             if planes is not None and planes != width:
                 raise ValueError(f"packed levels of {width}-bit groups have {planes} bit planes")
-            unpack_state(packed, values, out=stream)
+            check_packed_state(packed, values)
+            packs[width] = packed
         if missing:
             _missing_widths(missing)
-        return ops.WidthStreams(streams, bits.view(-1), group_size)
+        return ops.PackedWidths(packs, bits.view(-1), counts, group_size)
 
     def detach(self):
         super().detach()

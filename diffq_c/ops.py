@@ -507,28 +507,39 @@ def widths_from_stored(stored: torch.Tensor, offset: int) -> tp.Tuple[torch.Tens
     return widths, counts
 
 
-class WidthStreams:
-    """Levels of a packed state kept as the per-width streams they were
-    unpacked into (see split_by_width), with the bits that say which rows
-    they fill. Unpacked from `w` bit planes, stream w cannot hold a level
-    outside [0, 2^w): there is nothing left to check. `materialize()`
-    gives the [groups, group_size] int16 levels."""
+class PackedWidths:
+    """Levels of a packed state left packed: packs[w] holds, in diffq's
+    [lines, w, 32] layout, the levels of the groups of width w in group
+    order (None for widths no group has), bits says which width each group
+    has. Read from w bit planes, a level cannot fall outside [0, 2^w): there
+    is nothing to check beyond the packs' sizes. `dequantize_into` goes from
+    the packs straight to the weights; `materialize()` gives the
+    [groups, group_size] int16 levels."""
 
-    def __init__(self, streams: torch.Tensor, bits: torch.Tensor, group_size: int):
-        self.streams = streams
+    def __init__(self, packs: tp.Sequence[tp.Optional[torch.Tensor]], bits: torch.Tensor,
+                 counts: tp.Sequence[int], group_size: int):
+        self.packs = [None if p is None else p.detach().cpu().contiguous() for p in packs]
         self.bits = bits
+        self.counts = list(counts)
         self.group_size = group_size
         self.shape = torch.Size((bits.numel(), group_size))
 
     def materialize(self) -> torch.Tensor:
-        return merge_by_width(self.streams, self.bits, self.group_size)
+        streams = torch.empty(self.bits.numel() * self.group_size, dtype=torch.int16)
+        start = 0
+        for width, count in enumerate(self.counts):
+            values = count * self.group_size
+            if values:
+                unpack_into(self.packs[width], streams[start:start + values])
+            start += values
+        return merge_by_width(streams, self.bits, self.group_size)
 
     def dequantize_into(self, scales, out: torch.Tensor, name: str = "?") -> torch.Tensor:
-        """dequantize_levels(materialize(), ...) straight from the streams."""
+        """dequantize_levels(materialize(), ...) straight from the packs."""
         mn, mx = _check_scales(scales, name)
         if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
-            _C.dequantize_streams(self.streams, _flat(self.bits), out.view(-1), self.group_size,
-                                  mn, float(mx - mn), num_threads())
+            _C.dequantize_packed(self.packs, _flat(self.bits), out.view(-1), self.group_size,
+                                 mn, float(mx - mn), num_threads())
             return out
         return dequantize_levels(self.materialize(), scales, self.bits.view(-1, 1), name, out=out)
 

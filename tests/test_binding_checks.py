@@ -54,6 +54,15 @@ def _pack_outs():
     return outs
 
 
+def _packs():
+    """dequantize_packed's input for the bits [2, 3, 2, 4, 3, 2] of groups of
+    4: one line of 2, 3 and 4 planes (any bit pattern is valid levels)."""
+    packs = [None] * 16
+    for w in (2, 3, 4):
+        packs[w] = torch.arange(w * 32, dtype=torch.int64).view(1, w, 32)
+    return packs
+
+
 SPECS: tp.Dict[str, Spec] = {
     "philox4x32_10": Spec(
         make=lambda: dict(ctr=(1, 2, 3, 4), key=(5, 6)),
@@ -184,15 +193,15 @@ SPECS: tp.Dict[str, Spec] = {
         bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
-    "dequantize_streams": Spec(
-        make=lambda: dict(streams=_levels(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+    "dequantize_packed": Spec(
+        make=lambda: dict(packs=_packs(), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
                           out=_out(N, torch.float32), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
-        tensors=("streams", "bits", "out"), outputs=("out",), any_size=(),
-        overlaps=(("out", "streams"), ("out", "bits")),
+        tensors=("bits", "out"), outputs=("out",), any_size=(), overlaps=(("out", "bits"),),
         bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
                      ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
-                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
+                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
+                     ({"packs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
     "widths_from_stored": Spec(
         make=lambda: dict(stored=_levels(N), offset=2, widths=_out(N, torch.uint8), nthreads=1),
         tensors=("stored", "widths"), outputs=("widths",), any_size=("stored",),
@@ -524,3 +533,35 @@ def test_quantize_pack_checks_each_packed_output():
     kwargs = SPECS["quantize_pack"].make()
     _C.quantize_pack(**kwargs)
     assert all(not bool((o == SENTINEL).any()) for o in kwargs["outs"] if o is not None)
+
+
+def test_dequantize_packed_checks_each_pack():
+    """packs is a list: each entry a width's groups need is checked (dtype,
+    shape with the width's planes, enough lines, layout, overlap with out),
+    None there is refused, entries no group reads are ignored; a refused
+    call leaves out untouched."""
+    def bad(mutate, error=ValueError, match=None):
+        kwargs = SPECS["dequantize_packed"].make()
+        mutate(kwargs)
+        before = kwargs["out"].clone()
+        with pytest.raises(error, match=match):
+            _C.dequantize_packed(**kwargs)
+        assert torch.equal(kwargs["out"].view(torch.int32), before.view(torch.int32)), \
+            "a refused call wrote out"
+
+    def setter(w, value):
+        return lambda kw: kw["packs"].__setitem__(w, value)
+
+    bad(setter(3, None), match=r"packs\[3\] is None")
+    bad(setter(3, torch.zeros(1, 3, 32, dtype=torch.int32)), TypeError, match=r"packs\[3\]")
+    bad(setter(3, torch.zeros(1, 4, 32, dtype=torch.int64)), match=r"packs\[3\] must have shape")
+    bad(setter(3, torch.zeros(0, 3, 32, dtype=torch.int64)), match=r"packs\[3\] holds 0 lines")
+    bad(setter(3, _non_contiguous(torch.zeros(1, 3, 32, dtype=torch.int64))), match=r"packs\[3\]")
+    bad(setter(3, "not a tensor"), TypeError, match=r"packs\[3\]")
+    bad(lambda kw: kw.__setitem__("out", kw["packs"][4].view(-1).view(torch.float32)[:N]),
+        match="overlap")
+    # a width no group has is not read: anything goes there
+    kwargs = SPECS["dequantize_packed"].make()
+    kwargs["packs"][7] = "ignored"
+    _C.dequantize_packed(**kwargs)
+    assert not bool((kwargs["out"] == SENTINEL).any())
