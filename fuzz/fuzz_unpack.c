@@ -1,5 +1,6 @@
 /* libFuzzer target: unpack + dequantize of arbitrary bytes, through the same
- * validation the binding applies (dq_validate_packed, dq_validate_levels).
+ * validation the binding applies (dq_validate_packed, dq_validate_levels),
+ * and dequantizing straight from per-width packs (dq_dequantize_packed).
  *
  * Input layout (little endian):
  *   byte 0      nbits: bit planes claimed by the packed shape (any byte)
@@ -90,6 +91,37 @@ static void check_dequantize(const int16_t *values, int64_t n, int64_t group_siz
     free(levels);
 }
 
+/* The packed words as every width's pack at once (as many whole lines of w
+ * planes as the words hold): dq_dequantize_packed reads only what the
+ * groups' widths ask for, refuses a short pack, and writes values within
+ * [min, min + range]. */
+static void check_dequantize_packed(const uint64_t *packed, int64_t words, int64_t n,
+                                    int64_t group_size, const uint8_t *bits, int64_t ngroups,
+                                    const float scale[2]) {
+    int64_t gs = group_size ? group_size : n;
+    if (n == 0 || gs == 0 || n % gs || n / gs != ngroups)
+        return;
+    int64_t where;
+    if (dq_validate_levels(NULL, 2, n, gs, bits, ngroups, &where) != DQ_OK)
+        return; /* widths outside 1..15: the binding refuses them first */
+    const uint64_t *packs[16] = {NULL};
+    int64_t lines[16] = {0};
+    for (int w = 1; w < 16; ++w) {
+        packs[w] = packed;
+        lines[w] = words / (w * DQ_PACK_BLOCK);
+    }
+    float *out = alloc((size_t)n * sizeof(float));
+    int err = dq_dequantize_packed(packs, lines, gs, bits, ngroups, scale[0], scale[1], out, 2);
+    if (err == DQ_OK) {
+        for (int64_t i = 0; i < n; ++i)
+            if (!(out[i] >= scale[0] && out[i] <= scale[0] + scale[1] * 1.0001f))
+                fail("dequantized packed value outside [min, min + range]");
+    } else if (err != DQ_ERR_PACK_SHORT) {
+        fail("dequantize packed: unexpected error");
+    }
+    free(out);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < HEADER)
         return 0;
@@ -110,6 +142,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint64_t *packed = alloc((size_t)words * sizeof(uint64_t));
     memcpy(packed, data + off, (size_t)words * sizeof(uint64_t));
 
+    check_dequantize_packed(packed, words, n, group_size, bits, ngroups, scale);
     if (dq_validate_packed(lines, nbits, DQ_PACK_BLOCK, words, n) == DQ_OK) {
         int16_t *values = alloc((size_t)n * sizeof(int16_t));
         int16_t *ref = alloc((size_t)n * sizeof(int16_t));
