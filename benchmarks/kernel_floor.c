@@ -1,0 +1,76 @@
+/* The floors the Python-level numbers sit on: per-value time of the noise
+ * generator, the fused noise forward/backward and the size penalty, next to
+ * a memcpy of the same buffer, on 1 and 2 threads. Not a comparison with
+ * diffq (benchmarks/compare.py is); it shows what a step cannot go below.
+ *
+ *   make -C csrc floor
+ *
+ * Each figure is the best of 7 runs over 2^24 values, in ns per value. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "diffq_c.h"
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+#define BEST(label, expr)                                                        \
+    do {                                                                         \
+        double best = 1e9;                                                       \
+        for (int r = 0; r < 7; ++r) {                                            \
+            double t0 = now();                                                   \
+            expr;                                                                \
+            double t = now() - t0;                                               \
+            best = t < best ? t : best;                                          \
+        }                                                                        \
+        printf("%-34s %d thread%s %6.3f ns/value\n", label, threads, threads > 1 ? "s" : " ", \
+               best * 1e9 / (double)n);                                          \
+    } while (0)
+
+static void copy_slices(float *dst, const float *src, int64_t n, int threads) {
+    (void)threads;
+#pragma omp parallel for num_threads(threads)
+    for (int k = 0; k < 16; ++k)
+        memcpy(dst + k * (n / 16), src + k * (n / 16), (size_t)(n / 16) * sizeof(float));
+}
+
+int main(void) {
+    const int64_t n = (int64_t)1 << 24;
+    float *p = malloc((size_t)n * 4), *logit = malloc((size_t)n * 4), *out = malloc((size_t)n * 4);
+    float *grad_logit = malloc((size_t)n * 4);
+    if (!p || !logit || !out || !grad_logit)
+        return 1;
+    for (int64_t i = 0; i < n; ++i) {
+        p[i] = (float)((i * 7919) % 1000) * 1e-3f;
+        logit[i] = (float)(i % 1000) * 0.01f - 5.0f;
+    }
+    /* faulted in once: the figures are compute and bandwidth */
+    memset(out, 0, (size_t)n * 4);
+    memset(grad_logit, 0, (size_t)n * 4);
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
+    dq_range range;
+    dq_size_stats stats;
+    dq_noise_simd(1); /* asks for AVX-512; taken only where the CPU has it */
+    printf("AVX-512 noise generator: %s\n", dq_noise_simd(-1) == 1 ? "yes" : "no");
+    for (int threads = 1; threads <= 2; ++threads) {
+        BEST("copy (memcpy in 16 slices)", copy_slices(out, p, n, threads));
+        BEST("uniform noise", dq_noise_fill(DQ_NOISE_UNIFORM, 42, n, out, threads));
+        BEST("gaussian noise", dq_noise_fill(DQ_NOISE_GAUSSIAN, 42, n, out, threads));
+        BEST("noise forward, group_size 1", dq_noise_forward(&prm, p, n, logit, 1, 1, 42, out, &range, threads));
+        BEST("noise forward, group_size 8", dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads));
+        BEST("noise backward, group_size 1",
+             dq_noise_backward(&prm, p, p, n, logit, 1, 1, 42, &range, out, grad_logit, threads));
+        BEST("size forward", dq_size_forward(&prm, logit, n, &stats, threads));
+        BEST("size backward", dq_size_backward(&prm, logit, n, 1.0f, out, threads));
+    }
+    free(p);
+    free(logit);
+    free(out);
+    free(grad_logit);
+    return 0;
+}
