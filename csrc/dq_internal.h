@@ -54,19 +54,19 @@ DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) 
 /* Branch-free exp2 and sigmoid, so the loops around them vectorize; the
  * fast bits, steps and size penalty use them. */
 /* 2^x for x in [-126, 126]: the nearest integer goes into the exponent, a
- * degree-6 Taylor polynomial takes the rest in [-1/2, 1/2] (relative error
- * below 2e-7 there). */
+ * degree-5 polynomial takes the rest in [-1/2, 1/2] (fitted for the least
+ * maximum relative error: 2.4e-7 evaluated in float32, as close as the
+ * degree-6 Taylor polynomial it replaced, one multiply-add fewer). */
 DQ_INLINE float dq_fast_exp2f(float x) {
     x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
     int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
     float f = x - (float)i;
-    float p = 1.5403530393e-4f;
-    p = p * f + 1.3333558146e-3f;
-    p = p * f + 9.6181291076e-3f;
-    p = p * f + 5.5504108665e-2f;
-    p = p * f + 2.4022650696e-1f;
-    p = p * f + 6.9314718056e-1f;
-    p = p * f + 1.0f;
+    float p = 1.3276471291e-3f;
+    p = p * f + 9.6755409613e-3f;
+    p = p * f + 5.5507130921e-2f;
+    p = p * f + 2.4022120237e-1f;
+    p = p * f + 6.9314694405e-1f;
+    p = p * f + 1.0000001192e+0f;
     return p * dq_bits_float((uint32_t)(i + 127) << 23);
 }
 
