@@ -9,7 +9,6 @@ the others, so parallel training gives bitwise the results of sequential
 training.
 """
 import os
-import socket
 import tempfile
 import threading
 
@@ -187,17 +186,12 @@ def test_generator_also_drives_the_torch_path():
 DDP_STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank, world, outdir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (a free port can be taken before
+    # rank 0 binds it)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(outdir, "rendezvous"),
+                            rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -230,7 +224,7 @@ def _ddp_worker(rank, world, port, outdir):
                     reason="torch.distributed with gloo is not available")
 def test_ddp_keeps_ranks_identical():
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), outdir), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, outdir), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in (0, 1))
     names = sorted(r0["final"])
     assert any(n.endswith("_diffq") for n in names) and any(n.endswith("weight") for n in names)
