@@ -207,8 +207,8 @@ int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int6
 }
 
 /* Where a chunk's values of one width land: [begin, end) of that width's
- * stream, and whether the lines at either end are shared with another
- * chunk (then zeroed first and ORed into). */
+ * own stream (the lines at either end may be shared with the next chunk;
+ * see line_shared). */
 typedef struct {
     int64_t begin, end;
 } stream_range;
