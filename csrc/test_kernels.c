@@ -325,6 +325,39 @@ static void test_noise_forward_backward(void) {
     CHECK(err == DQ_ERR_NONFINITE && out[0] == 7 && r.nonfinite == 1, "nonfinite forward");
 }
 
+/* The size forward on odd sizes, with a NaN logit: the sum is NaN, the max
+ * skips it (all NaN: -inf), as the reference does; 1 and 2 threads give
+ * the same bits. */
+static void test_size_odd_sizes_and_nan(void) {
+    dq_bits_param modes[2] = {{DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0},
+                              {DQ_PARAM_NOISE, 2.0f, 15.0f, logf(1.0f / 32767.0f), logf(1.0f / 3.0f)}};
+    for (int m = 0; m < 2; ++m)
+        for (int s = 0; s < NSIZES; ++s) {
+            int64_t n = SIZES[s];
+            float *logit = xmalloc(n * 4);
+            for (int64_t i = 0; i < n; ++i)
+                logit[i] = frand() * 6;
+            dq_size_stats a, b, c;
+            dq_size_forward_ref(&modes[m], logit, 0, n, &a);
+            dq_size_forward(&modes[m], logit, n, &b, 1);
+            dq_size_forward(&modes[m], logit, n, &c, 2);
+            CHECK(fabs(a.sum_bits - b.sum_bits) <= TOL_FAST_EXP_REL * fabs(a.sum_bits) &&
+                      fabsf(a.max_bits - b.max_bits) <= TOL_FAST_EXP_REL * a.max_bits,
+                  "size forward mode %d n %lld: %.9g vs %.9g", m, (long long)n, a.sum_bits, b.sum_bits);
+            CHECK(b.sum_bits == c.sum_bits && b.max_bits == c.max_bits, "size forward threads n %lld",
+                  (long long)n);
+            logit[n / 2] = NAN;
+            dq_size_forward_ref(&modes[m], logit, 0, n, &a);
+            dq_size_forward(&modes[m], logit, n, &b, 2);
+            int all_nan = n == 1;
+            CHECK(isnan(b.sum_bits) && (all_nan ? b.max_bits == -INFINITY
+                                                : fabsf(a.max_bits - b.max_bits) <= TOL_FAST_EXP_REL * a.max_bits),
+                  "size forward with NaN mode %d n %lld: sum %g max %g (ref %g)", m, (long long)n, b.sum_bits,
+                  b.max_bits, a.max_bits);
+            free(logit);
+        }
+}
+
 static void test_size(void) {
     dq_bits_param modes[2] = {{DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0},
                               {DQ_PARAM_NOISE, 2.0f, 15.0f, logf(1.0f / 32767.0f), logf(1.0f / 3.0f)}};
@@ -766,6 +799,7 @@ int main(void) {
     test_bitpack();
     test_noise_forward_backward();
     test_size();
+    test_size_odd_sizes_and_nan();
     test_grouped_packing_and_requantize();
     test_dequantize_streams_large_groups();
     test_validation_of_levels();
