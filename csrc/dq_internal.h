@@ -58,7 +58,9 @@ DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) 
  * maximum relative error: 2.4e-7 evaluated in float32, as close as the
  * degree-6 Taylor polynomial it replaced, one multiply-add fewer). */
 DQ_INLINE float dq_fast_exp2f(float x) {
+    const float in = x;
     x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
+    x = x == x ? x : 0.0f; /* NaN: converting it to an integer is undefined */
     int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
     float f = x - (float)i;
     float p = 1.3276471291e-3f;
@@ -67,7 +69,8 @@ DQ_INLINE float dq_fast_exp2f(float x) {
     p = p * f + 2.4022120237e-1f;
     p = p * f + 6.9314694405e-1f;
     p = p * f + 1.0000001192e+0f;
-    return p * dq_bits_float((uint32_t)(i + 127) << 23);
+    const float y = p * dq_bits_float((uint32_t)(i + 127) << 23);
+    return in == in ? y : in; /* NaN in, NaN out */
 }
 
 DQ_INLINE float dq_fast_sigmoid(float x) {
