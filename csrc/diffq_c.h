@@ -102,6 +102,7 @@ void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int 
 typedef struct {
     float min, max;
     int64_t count_min, count_max; /* ties at min / max (filled by the noise forward) */
+    int64_t first_min, first_max; /* first index holding min / max (noise forward), -1 unknown */
     int64_t nonfinite;            /* NaN and infinities */
 } dq_range;
 

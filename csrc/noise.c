@@ -292,6 +292,16 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
 
 /* ------------------------------------------------------------- drivers */
 
+/* The first index of chunk c holding `value`, or -1 (c == INT64_MAX: none). */
+static int64_t first_index_in_chunk(const float *restrict p, int64_t n, int64_t c, float value) {
+    if (c == INT64_MAX)
+        return -1;
+    for (int64_t i = c * DQ_CHUNK; i < DQ_MIN(n, (c + 1) * DQ_CHUNK); ++i)
+        if (p[i] == value)
+            return i;
+    return -1;
+}
+
 int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,
                      const float *restrict logit, int64_t group_size, int kind,
                      uint64_t seed, float *restrict noisy, dq_range *range, int nthreads) {
@@ -302,24 +312,33 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
     if (range->nonfinite)
         return DQ_ERR_NONFINITE;
     range->count_min = range->count_max = 0;
+    range->first_min = range->first_max = -1;
     if (n == 0)
         return 0;
     const float scale = range->max - range->min;
     const float mn = range->min, mx = range->max;
     int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
-    int64_t nmin = 0, nmax = 0;
+    int64_t nmin = 0, nmax = 0, chunk_min = INT64_MAX, chunk_max = INT64_MAX;
     (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1) \
-    reduction(+ : nmin, nmax)
+    reduction(+ : nmin, nmax) reduction(min : chunk_min, chunk_max)
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK, cmin, cmax;
         dq_noise_forward_fused(prm, p, logit, scale, group_size, kind, seed, start,
                                DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax);
         nmin += cmin;
         nmax += cmax;
+        if (cmin && c < chunk_min)
+            chunk_min = c;
+        if (cmax && c < chunk_max)
+            chunk_max = c;
     }
     range->count_min = nmin;
     range->count_max = nmax;
+    /* where the extrema are: one chunk searched for each, so the backward
+     * can update them without a pass over p */
+    range->first_min = first_index_in_chunk(p, n, chunk_min, mn);
+    range->first_max = first_index_in_chunk(p, n, chunk_max, mx);
     return 0;
 }
 
@@ -370,6 +389,20 @@ static void add_extrema_grad(const float *grad, const float *restrict p, int64_t
     const float g_min = range->count_min ? (float)(through_scale / (double)range->count_min) : 0;
     int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
     (void)nthreads;
+    if (grad_p == grad && range->count_min == 1 && range->count_max == 1 && range->first_min >= 0 &&
+        range->first_min < n && range->first_max >= 0 && range->first_max < n &&
+        p[range->first_min] == mn && p[range->first_max] == mx) {
+        /* in place, one element at each end and the forward said where: the
+         * same update as the scan below, without reading p */
+        int64_t at[2] = {range->first_min, range->first_max};
+        for (int e = 0; e < 2; ++e) {
+            int64_t i = at[e];
+            if (e == 1 && i == at[0])
+                break;
+            grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
+        }
+        return;
+    }
     if (grad_p == grad) {
         /* in place: read p, touch only the extrema */
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)

@@ -21,6 +21,7 @@ void dq_range_ref(const float *restrict x, int64_t start, int64_t count, dq_rang
     out->min = mn;
     out->max = mx;
     out->count_min = out->count_max = 0;
+    out->first_min = out->first_max = -1;
     out->nonfinite = bad;
 }
 
@@ -66,6 +67,7 @@ void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_ran
     out->min = rmn;
     out->max = rmx;
     out->count_min = out->count_max = 0;
+    out->first_min = out->first_max = -1;
     out->nonfinite = 0;
 }
 
@@ -87,6 +89,7 @@ void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthread
     out->min = mn;
     out->max = mx;
     out->count_min = out->count_max = 0;
+    out->first_min = out->first_max = -1;
     out->nonfinite = bad;
 }
 

@@ -325,6 +325,55 @@ static void test_noise_forward_backward(void) {
     CHECK(err == DQ_ERR_NONFINITE && out[0] == 7 && r.nonfinite == 1, "nonfinite forward");
 }
 
+/* The noise forward says where the first min and max are; the in-place
+ * backward uses that to update them without a pass over p: the same
+ * gradient as the scan (indices unknown) and as the copying backward, with
+ * single extrema, ties, and a one-element tensor. */
+static void test_extrema_shortcut(void) {
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
+    const int64_t sizes[] = {1, 7, 3 * DQ_CHUNK + 11};
+    for (int si = 0; si < 3; ++si)
+        for (int ties = 0; ties < 2; ++ties) {
+            int64_t n = sizes[si];
+            float *p = xmalloc(n * 4), *noisy = xmalloc(n * 4), *logit = xmalloc(n * 4);
+            float *g1 = xmalloc(n * 4), *g2 = xmalloc(n * 4), *g3 = xmalloc(n * 4);
+            float *gl = xmalloc(n * 4);
+            for (int64_t i = 0; i < n; ++i) {
+                p[i] = frand();
+                logit[i] = frand();
+                g1[i] = g2[i] = frand();
+            }
+            if (ties && n > 2) {
+                p[n - 1] = p[n / 2] = 2.0f; /* two maxima */
+                p[1] = -2.0f;               /* one minimum, early */
+            }
+            dq_range r;
+            CHECK(dq_noise_forward(&prm, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 5, noisy, &r, 2) == DQ_OK,
+                  "forward");
+            int first_ok = r.first_min >= 0 && r.first_max >= 0 && p[r.first_min] == r.min &&
+                           p[r.first_max] == r.max;
+            for (int64_t i = 0; first_ok && i < r.first_min; ++i)
+                first_ok = p[i] != r.min;
+            for (int64_t i = 0; first_ok && i < r.first_max; ++i)
+                first_ok = p[i] != r.max;
+            CHECK(first_ok, "first extrema n %lld ties %d: %lld %lld", (long long)n, ties,
+                  (long long)r.first_min, (long long)r.first_max);
+            dq_range scan = r;
+            scan.first_min = scan.first_max = -1;
+            dq_noise_backward(&prm, g1, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 5, &r, g1, gl, 2);
+            dq_noise_backward(&prm, g2, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 5, &scan, g2, gl, 2);
+            CHECK(memcmp(g1, g2, n * 4) == 0, "extrema shortcut vs scan n %lld ties %d", (long long)n, ties);
+            for (int64_t i = 0; i < n; ++i)
+                g3[i] = frand();
+            memcpy(g2, g3, n * 4);
+            float *copied = xmalloc(n * 4);
+            dq_noise_backward(&prm, g3, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 5, &r, copied, gl, 2);
+            dq_noise_backward(&prm, g2, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 5, &r, g2, gl, 2);
+            CHECK(memcmp(copied, g2, n * 4) == 0, "in place vs copy n %lld ties %d", (long long)n, ties);
+            free(p), free(noisy), free(logit), free(g1), free(g2), free(g3), free(gl), free(copied);
+        }
+}
+
 /* The size forward on odd sizes, with a NaN logit: the sum is NaN, the max
  * skips it (all NaN: -inf), as the reference does; 1 and 2 threads give
  * the same bits. */
@@ -798,6 +847,7 @@ int main(void) {
     test_quantize();
     test_bitpack();
     test_noise_forward_backward();
+    test_extrema_shortcut();
     test_size();
     test_size_odd_sizes_and_nan();
     test_grouped_packing_and_requantize();

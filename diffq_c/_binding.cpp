@@ -308,7 +308,8 @@ std::tuple<float, float, int64_t> value_range(py::handle x_obj, int nthreads) {
     return {r.min, r.max, r.nonfinite};
 }
 
-using RangeTuple = std::tuple<float, float, int64_t, int64_t, int64_t>;
+// (min, max, ties at min, ties at max, non-finite count, first index of min, of max)
+using RangeTuple = std::tuple<float, float, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle noisy_obj, int64_t group_size, int kind,
                          uint64_t seed, std::tuple<int, float, float, float, float> prm_t, int nthreads) {
@@ -332,7 +333,7 @@ RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle nois
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
-    return {r.min, r.max, r.count_min, r.count_max, r.nonfinite};
+    return {r.min, r.max, r.count_min, r.count_max, r.nonfinite, r.first_min, r.first_max};
 }
 
 // grad_p None: the gradient for p is written into grad itself (only the
@@ -370,8 +371,13 @@ void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj,
     r.count_min = std::get<2>(range);
     r.count_max = std::get<3>(range);
     r.nonfinite = std::get<4>(range);
+    r.first_min = std::get<5>(range);
+    r.first_max = std::get<6>(range);
     if (r.count_min < 0 || r.count_max < 0 || r.count_min > p.numel || r.count_max > p.numel)
         value_error("range counts out of bounds");
+    // the kernel reads p at these (after checking they hold min and max)
+    if (r.first_min < -1 || r.first_max < -1 || r.first_min >= p.numel || r.first_max >= p.numel)
+        value_error("range indices out of bounds");
     int err;
     {
         py::gil_scoped_release nogil;
