@@ -173,6 +173,27 @@ void dq_unpack_bits(const uint64_t *restrict packed, int64_t lines, int nbits, i
  * [c * G, (c + 1) * G) with G * group_size about DQ_CHUNK values. */
 #define groups_per_chunk dq__groups_per_chunk
 
+/* count[w] = groups of width w (bits taken mod 16) among bits[0..m). A
+ * chunk of one width (the common case: widths move slowly, and all start
+ * equal) is found by one vectorized pass; otherwise one increment a group. */
+DQ_FAST
+static void count_widths(const uint8_t *restrict bits, int64_t m, int64_t count[16]) {
+    for (int w = 0; w < 16; ++w)
+        count[w] = 0;
+    if (m == 0)
+        return;
+    const uint8_t first = bits[0] & 15;
+    uint8_t differs = 0;
+    for (int64_t g = 0; g < m; ++g)
+        differs |= (uint8_t)((bits[g] & 15) ^ first);
+    if (!differs) {
+        count[first] = m;
+        return;
+    }
+    for (int64_t g = 0; g < m; ++g)
+        ++count[bits[g] & 15];
+}
+
 /* counts[c * 16 + w]: values of width w in chunk c; then turned in place
  * into each chunk's write (or read) position of width w in the streams,
  * streams laid out by increasing width. */
@@ -186,9 +207,8 @@ int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int6
     (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
-        int64_t count[16] = {0};
-        for (int64_t g = c * per; g < DQ_MIN(ngroups, (c + 1) * per); ++g)
-            ++count[bits[g] & 15];
+        int64_t count[16];
+        count_widths(bits + c * per, DQ_MIN(ngroups, (c + 1) * per) - c * per, count);
         for (int w = 0; w < 16; ++w)
             pos[c * 16 + w] = count[w] * group_size;
     }
@@ -479,6 +499,24 @@ void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int n
 
 /* ------------------------------------------- quantize straight into packs */
 
+/* How many groups from bits[g] on have width w, at most `most`: eight
+ * widths compared at once while they match. */
+DQ_INLINE int64_t same_width_run(const uint8_t *restrict bits, int64_t g, int w, int64_t most) {
+    const uint64_t want = 0x0101010101010101ull * (uint64_t)w;
+    int64_t k = 0;
+    for (; k + 8 <= most; k += 8) {
+        uint64_t eight;
+        memcpy(&eight, bits + g + k, sizeof eight);
+        if ((eight & 0x0f0f0f0f0f0f0f0full) != want)
+            break;
+    }
+    while (k < most && (bits[g + k] & 15) == w)
+        ++k;
+    return k;
+}
+
+
+
 int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                     int64_t totals[16], int nthreads) {
     int64_t *pos = dq__width_positions(bits, ngroups, group_size, totals, nthreads);
@@ -547,8 +585,7 @@ static void quantize_pack_chunk(const float *restrict p, int64_t group_size,
             if (take == group_size - within) {
                 /* the whole groups after it that have the same width go in
                  * the same copy (all of them while widths are uniform) */
-                for (int64_t next = g + 1; take + group_size <= limit && (bits[next] & 15) == w; ++next)
-                    take += group_size;
+                take += group_size * same_width_run(bits, g + 1, w, (limit - take) / group_size);
             }
             if (take == 1)
                 stage[w][fill] = level[k];
@@ -679,8 +716,7 @@ static void dequantize_packed_chunk(const uint64_t *const packed[16], int64_t gr
         if (take == group_size - within) {
             /* the whole groups after it that have the same width come from
              * the same line: one loop for all of them */
-            for (int64_t next = g + 1; take + group_size <= limit && (bits[next] & 15) == w; ++next)
-                take += group_size;
+            take += group_size * same_width_run(bits, g + 1, w, (limit - take) / group_size);
         }
         const float u = unit[w];
         const uint16_t *restrict src = stage[w] + from;
