@@ -177,26 +177,6 @@ def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: s
 # ---------------------------------------------------------------- size
 
 
-class _SumBits(torch.autograd.Function):
-    """sum(bits(logit)) with its gradient; the largest bits value goes to
-    `extra`, a list, since it is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, logit, prm, extra):
-        total, top = _C.size_forward(_flat(logit), tuple(prm), num_threads())
-        extra.append(top)
-        ctx.save_for_backward(logit)
-        ctx.prm = prm
-        return torch.tensor(total, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (logit,) = ctx.saved_tensors
-        out = torch.empty(logit.shape, dtype=torch.float32)
-        _C.size_backward(_flat(logit), out.view(-1), float(grad), tuple(ctx.prm), num_threads())
-        return out, None, None
-
-
 class _WeightedSumBits(torch.autograd.Function):
     """sum_i weight_i * sum(bits(logit_i)) over many logits in one autograd
     node (one per parameter costs more than the sums of small logits); the
@@ -237,10 +217,10 @@ def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[fl
 
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:
     """(sum of bits over the logits, differentiable; max bits as a float)."""
-    if on_kernel_path(logit):
-        extra: tp.List[float] = []
-        total = _SumBits.apply(logit, prm, extra)
-        return total, extra[0]
+    kernels = weighted_sum_bits([logit], [1.0], prm)
+    if kernels is not None:
+        total, tops = kernels
+        return total, tops[0]
     bits = bits_from_logit(logit, prm)
     return bits.sum(), bits.max().item()
 
