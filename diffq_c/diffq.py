@@ -324,14 +324,16 @@ class DiffQuantizer(BaseQuantizer):
         if packs is None:
             return super()._quantized_state_of(qparam, packed, pack_fn)
         outs, totals, mn, mx = packs
-        top = MAX_STORED_BITS if totals[MAX_STORED_BITS] else MAX_STORED_BITS - 1
+        top = self._packed_widths(totals[MAX_STORED_BITS] > 0)
         return (outs[1:top + 1], (mn, mx), self._pack_stored_bits(qparam, bits, pack_fn))
 
-    def _packed_widths(self, bits: torch.Tensor) -> int:
+    @staticmethod
+    def _packed_widths(has_top_width: bool) -> int:
         """diffq's layout has one packed tensor per width 1..14. diffq drops
-        groups of 15 bits; we add their entry only when there are some, so
-        every other state stays byte-identical and diffq reads ours."""
-        return MAX_STORED_BITS if bool((bits == MAX_STORED_BITS).any()) else MAX_STORED_BITS - 1
+        groups of 15 bits; we add their entry only when there are some
+        (`has_top_width`), so every other state stays byte-identical and
+        diffq reads ours."""
+        return MAX_STORED_BITS if has_top_width else MAX_STORED_BITS - 1
 
     def _pack_stored_bits(self, qparam, bits: torch.Tensor, pack_fn):
         offset = self._bits_offset()
@@ -349,7 +351,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def _bit_pack_param(self, qparam, quantized, pack_fn):
         levels, scales, bits = quantized
-        top = self._packed_widths(bits)
+        top = self._packed_widths(bool((bits == MAX_STORED_BITS).any()))
         if pack_fn is bitpack.pack and ops.kernels_available() and levels.device.type == "cpu":
             # one pass splits the levels into per-width streams (no masked copies)
             group_size = levels.shape[-1] if levels.dim() == 2 else levels.numel()
