@@ -616,24 +616,9 @@ void merge_by_width(py::handle streams_obj, py::handle bits_obj, py::handle leve
         throw std::bad_alloc();
 }
 
-// out = levels dequantized straight from per-width packs: packs[w] is an
-// int64 [lines, w, 32] buffer with the lines width w's values need, or None
-// where no group has width w (packs has 16 entries).
-void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size, float mn,
-                       float range, int nthreads) {
-    finite(mn, "mn");
-    finite(range, "range");
-    Buffer out = view(out_obj, "out", DType::f32);
-    if (group_size < 1)
-        value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(out.numel, group_size, "out");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    no_overlap(out, "out", bits, "bits");
-    threads(nthreads);
-    check_widths(bits, "bits");
-    if (py::len(packs_obj) != 16)
-        value_error("packs must have 16 entries (one per width), got " + std::to_string(py::len(packs_obj)));
-    int64_t totals[16];
+// Values of each width 1..15 (group_size times its groups), from bits
+// already checked; the kernel runs without the GIL.
+void width_counts(const Buffer &bits, int64_t ngroups, int64_t group_size, int nthreads, int64_t totals[16]) {
     int err;
     {
         py::gil_scoped_release nogil;
@@ -641,6 +626,45 @@ void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle o
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
+}
+
+// What quantize_pack and dequantize_packed share: the float values, their
+// widths (one per group, 1..15), a list of one packed buffer per width
+// (16 entries) and how many values each width has.
+struct PackCall {
+    Buffer values, bits;
+    int64_t ngroups;
+    int64_t totals[16];
+};
+
+PackCall pack_call(py::handle values_obj, const char *values_name, py::handle bits_obj, py::sequence packs,
+                   const char *packs_name, int64_t group_size, int nthreads) {
+    PackCall c;
+    c.values = view(values_obj, values_name, DType::f32);
+    if (group_size < 1)
+        value_error("group_size must be >= 1, got " + std::to_string(group_size));
+    c.ngroups = groups_of(c.values.numel, group_size, values_name);
+    c.bits = view(bits_obj, "bits", DType::u8, c.ngroups);
+    threads(nthreads);
+    check_widths(c.bits, "bits");
+    if (py::len(packs) != 16)
+        value_error(std::string(packs_name) + " must have 16 entries (one per width), got " +
+                    std::to_string(py::len(packs)));
+    width_counts(c.bits, c.ngroups, group_size, nthreads, c.totals);
+    return c;
+}
+
+// out = levels dequantized straight from per-width packs: packs[w] is an
+// int64 [lines, w, 32] buffer with the lines width w's values need, or None
+// where no group has width w (packs has 16 entries).
+void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle out_obj, int64_t group_size, float mn,
+                       float range, int nthreads) {
+    finite(mn, "mn");
+    finite(range, "range");
+    PackCall c = pack_call(out_obj, "out", bits_obj, packs_obj, "packs", group_size, nthreads);
+    const Buffer &out = c.values, &bits = c.bits;
+    const int64_t *totals = c.totals;
+    no_overlap(out, "out", bits, "bits");
     std::vector<Buffer> packs(16);
     const uint64_t *ptrs[16] = {nullptr};
     int64_t lines[16] = {0};
@@ -663,9 +687,10 @@ void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle o
         ptrs[w] = reinterpret_cast<const uint64_t *>(b.data);
         lines[w] = b.shape[0];
     }
+    int err;
     {
         py::gil_scoped_release nogil;
-        err = dq_dequantize_packed(ptrs, lines, group_size, reinterpret_cast<const uint8_t *>(bits.data), ngroups,
+        err = dq_dequantize_packed(ptrs, lines, group_size, reinterpret_cast<const uint8_t *>(bits.data), c.ngroups,
                                    mn, range, reinterpret_cast<float *>(out.data), nthreads);
     }
     if (err == DQ_ERR_NOMEM)
@@ -706,14 +731,7 @@ std::vector<int64_t> width_totals(py::handle bits_obj, int64_t group_size, int n
         value_error("bits times group_size overflows");
     check_widths(bits, "bits");
     std::vector<int64_t> totals(16);
-    int err;
-    {
-        py::gil_scoped_release nogil;
-        err = dq_width_totals(reinterpret_cast<const uint8_t *>(bits.data), bits.numel, group_size, totals.data(),
-                              nthreads);
-    }
-    if (err == DQ_ERR_NOMEM)
-        throw std::bad_alloc();
+    width_counts(bits, bits.numel, group_size, nthreads, totals.data());
     return totals;
 }
 
@@ -724,23 +742,9 @@ void quantize_pack(py::handle p_obj, py::handle bits_obj, py::sequence outs_obj,
                    float range, int nthreads) {
     finite(mn, "mn");
     finite(range, "range");
-    Buffer p = view(p_obj, "p", DType::f32);
-    if (group_size < 1)
-        value_error("group_size must be >= 1, got " + std::to_string(group_size));
-    int64_t ngroups = groups_of(p.numel, group_size, "p");
-    Buffer bits = view(bits_obj, "bits", DType::u8, ngroups);
-    threads(nthreads);
-    check_widths(bits, "bits");
-    if (py::len(outs_obj) != 16)
-        value_error("outs must have 16 entries (one per width), got " + std::to_string(py::len(outs_obj)));
-    int64_t totals[16];
-    int err;
-    {
-        py::gil_scoped_release nogil;
-        err = dq_width_totals(reinterpret_cast<const uint8_t *>(bits.data), ngroups, group_size, totals, nthreads);
-    }
-    if (err == DQ_ERR_NOMEM)
-        throw std::bad_alloc();
+    PackCall c = pack_call(p_obj, "p", bits_obj, outs_obj, "outs", group_size, nthreads);
+    const Buffer &p = c.values, &bits = c.bits;
+    const int64_t *totals = c.totals;
     std::vector<Buffer> outs(16);
     uint64_t *ptrs[16] = {nullptr};
     for (int w = 0; w < 16; ++w) {
@@ -762,10 +766,11 @@ void quantize_pack(py::handle p_obj, py::handle bits_obj, py::sequence outs_obj,
                 no_overlap(outs[w], name.c_str(), outs[v], ("outs[" + std::to_string(v) + "]").c_str());
         ptrs[w] = reinterpret_cast<uint64_t *>(outs[w].data);
     }
+    int err;
     {
         py::gil_scoped_release nogil;
         err = dq_quantize_pack(reinterpret_cast<const float *>(p.data), group_size,
-                               reinterpret_cast<const uint8_t *>(bits.data), ngroups, mn, range, ptrs, nthreads);
+                               reinterpret_cast<const uint8_t *>(bits.data), c.ngroups, mn, range, ptrs, nthreads);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
