@@ -375,54 +375,6 @@ int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
     return DQ_OK;
 }
 
-int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
-                          const uint8_t *restrict bits, int64_t ngroups, float mn, float range,
-                          float *restrict out, int nthreads) {
-    assert(group_size > 0);
-    chunk_plan plan;
-    if (plan_chunks(bits, ngroups, group_size, nthreads, &plan) != DQ_OK)
-        return DQ_ERR_NOMEM;
-    const int64_t n = plan.n, chunk_len = plan.chunk_len, chunks = plan.chunks;
-    const int64_t *totals = plan.totals;
-    const stream_range *ranges = plan.ranges;
-    int64_t begin_of[16], offset = 0;
-    for (int w = 0; w < 16; ++w) {
-        begin_of[w] = offset; /* the streams follow one another by width */
-        offset += totals[w];
-    }
-    float unit[16];
-    for (int b = 0; b < 16; ++b)
-        unit[b] = b ? 1.0f / (float)((1 << b) - 1) : 0.0f;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        int64_t at[16];
-        for (int w = 0; w < 16; ++w)
-            at[w] = begin_of[w] + ranges[c * 16 + w].begin;
-        const int64_t first = c * chunk_len, end = DQ_MIN(n, first + chunk_len);
-        if (group_size == 1) {
-            for (int64_t g = first; g < end; ++g) {
-                const int w = bits[g] & 15;
-                out[g] = ((float)streams[at[w]++] * unit[w]) * range + mn;
-            }
-            continue;
-        }
-        for (int64_t i = first, g = first / group_size; i < end; ++g) {
-            const int64_t len = DQ_MIN(end, (g + 1) * group_size) - i;
-            const int w = bits[g] & 15;
-            const int16_t *restrict src = streams + at[w];
-            float *restrict dst = out + i;
-            at[w] += len;
-            const float u = unit[w];
-            /* the same operations, in the same order, as dq_dequantize */
-            for (int64_t j = 0; j < len; ++j)
-                dst[j] = ((float)src[j] * u) * range + mn;
-            i += len;
-        }
-    }
-    free(plan.ranges);
-    return DQ_OK;
-}
-
 int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int offset,
                               uint8_t *restrict widths, int64_t counts[16], int nthreads) {
     for (int w = 0; w < 16; ++w)

@@ -243,8 +243,8 @@ int dq_merge_by_width(const int16_t *restrict streams, int64_t group_size,
  * of that width). DQ_OK or DQ_ERR_NOMEM. */
 int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                     int64_t totals[16], int nthreads);
-/* dq_quantize_split followed by dq_pack_bits of each stream, without the
- * streams: levels go straight into out[w], dq_pack_lines(totals[w]) lines
+/* dq_quantize, dq_split_by_width and dq_pack_bits of each stream, without
+ * the levels or streams: levels go straight into out[w], dq_pack_lines(totals[w]) lines
  * of w planes (NULL where no group has width w; totals from
  * dq_width_totals). Bits must be 1..15. The same bytes as packing the
  * streams. DQ_OK or DQ_ERR_NOMEM (then out is partly written). */
@@ -260,12 +260,6 @@ int dq_quantize_pack(const float *restrict p, int64_t group_size, const uint8_t 
 int dq_dequantize_packed(const uint64_t *const packed[16], const int64_t lines[16],
                          int64_t group_size, const uint8_t *restrict bits, int64_t ngroups,
                          float mn, float range, float *restrict out, int nthreads);
-/* dq_quantize followed by dq_split_by_width, without the levels in
- * between: the levels of p go straight to their width's stream. Bits must
- * be 1..15. Same levels as dq_quantize. */
-int dq_quantize_split(const float *restrict p, int64_t group_size, const uint8_t *restrict bits,
-                      int64_t ngroups, float mn, float range, int16_t *restrict streams,
-                      int64_t totals[16], int nthreads);
 /* Packs widths[i] - offset (uint8 in, each in [0, 2^nbits)) like
  * dq_pack_bits: diffq's packed bits of a state, without an int16 copy. */
 void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int nbits,
@@ -275,11 +269,6 @@ void dq_pack_widths(const uint8_t *restrict widths, int64_t n, int offset, int n
  * width outside 1..15, or -1. */
 int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int offset,
                               uint8_t *restrict widths, int64_t counts[16], int nthreads);
-/* dq_dequantize of the merged levels, without materializing them: each
- * group's values are read from its width's stream. Same numbers. */
-int dq_dequantize_streams(const int16_t *restrict streams, int64_t group_size,
-                          const uint8_t *restrict bits, int64_t ngroups, float mn, float range,
-                          float *restrict out, int nthreads);
 
 /* ----------------------------------------------------------------- size.c */
 

@@ -564,33 +564,6 @@ static void test_lsq_fast_and_threads(void) {
     printf("lsq: effective scale differed from the scale in %d of 10000 draws\n", differs);
 }
 
-/* Groups larger than a work chunk are split among chunks: the streams'
- * dequantization still equals dq_dequantize, for 1 to 3 threads. */
-static void test_dequantize_streams_large_groups(void) {
-    const int64_t group_sizes[] = {DQ_CHUNK + 5, 3 * DQ_CHUNK - 1};
-    for (int gi = 0; gi < 2; ++gi)
-        for (int64_t ng = 1; ng <= 3; ++ng) {
-            int64_t gs = group_sizes[gi], n = ng * gs, totals[16];
-            uint8_t *bits = xmalloc(ng);
-            int16_t *levels = xmalloc(n * 2), *stream = xmalloc(n * 2);
-            float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
-            for (int64_t g = 0; g < ng; ++g)
-                bits[g] = (uint8_t)(1 + lcg() % 15);
-            for (int64_t i = 0; i < n; ++i)
-                levels[i] = (int16_t)(lcg() & ((1u << bits[i / gs]) - 1));
-            CHECK(dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 2) == DQ_OK, "split");
-            dq_dequantize(levels, 2, n, gs, bits, -0.75f, 1.5f, d1, 2);
-            for (int threads = 1; threads <= 3; ++threads) {
-                memset(d2, 0xff, n * 4);
-                CHECK(dq_dequantize_streams(stream, gs, bits, ng, -0.75f, 1.5f, d2, threads) == DQ_OK &&
-                          memcmp(d1, d2, n * 4) == 0,
-                      "dequantize streams gs %lld groups %lld threads %d", (long long)gs, (long long)ng,
-                      threads);
-            }
-            free(bits), free(levels), free(stream), free(d1), free(d2);
-        }
-}
-
 static void test_grouped_packing_and_requantize(void) {
     const int64_t group_sizes[] = {1, 3, 8, 5000};
     for (int gi = 0; gi < 4; ++gi)
@@ -622,15 +595,6 @@ static void test_grouped_packing_and_requantize(void) {
             CHECK(dq_merge_by_width(stream, gs, bits, ng, back, 2) == DQ_OK, "merge");
             CHECK(memcmp(back, levels, n * 2) == 0, "merge by width gs %lld n %lld", (long long)gs,
                   (long long)ng);
-            {
-                float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
-                dq_dequantize(levels, 2, n, gs, bits, -0.75f, 1.5f, d1, 2);
-                CHECK(dq_dequantize_streams(stream, gs, bits, ng, -0.75f, 1.5f, d2, 2) == DQ_OK &&
-                          memcmp(d1, d2, n * 4) == 0,
-                      "dequantize streams gs %lld n %lld", (long long)gs, (long long)ng);
-                free(d1);
-                free(d2);
-            }
             /* uint8 levels split to the same streams */
             uint8_t *small = xmalloc(n);
             for (int64_t i = 0; i < n; ++i)
@@ -656,15 +620,6 @@ static void test_grouped_packing_and_requantize(void) {
             dq_dequantize(levels, 2, n, gs, bits, rg.min, range, d, 2);
             dq_requantize(p, n, gs, bits, rg.min, range, r, 2);
             CHECK(memcmp(d, r, n * 4) == 0, "requantize gs %lld", (long long)gs);
-            {
-                int64_t t2[16];
-                int16_t *s2 = xmalloc(n * 2);
-                dq_split_by_width(levels, 2, gs, bits, ng, stream, totals, 2);
-                CHECK(dq_quantize_split(p, gs, bits, ng, rg.min, range, s2, t2, 2) == DQ_OK &&
-                          memcmp(s2, stream, n * 2) == 0 && memcmp(t2, totals, sizeof t2) == 0,
-                      "quantize split gs %lld", (long long)gs);
-                free(s2);
-            }
             dq_requantize(p, n, gs, bits, rg.min, range, p, 2);
             CHECK(memcmp(d, p, n * 4) == 0, "requantize in place gs %lld", (long long)gs);
             free(p);
@@ -686,7 +641,7 @@ static void test_grouped_packing_and_requantize(void) {
     CHECK(a[0] == 1, "stored bits clamp below: %d", a[0]);
 }
 
-/* Quantizing straight into packed lines gives the bytes of quantize_split
+/* Quantizing straight into packed lines gives the bytes of quantize, split
  * followed by pack_bits of each width's stream: group sizes that split
  * lines between chunks, groups split among chunks, widths that are rare
  * (lines shared by many chunks), all one width, a zero range, 1 to 3
@@ -710,10 +665,11 @@ static void test_quantize_pack(void) {
                     bits[g] = mix == 0 ? 8 : mix == 1 ? (uint8_t)(1 + lcg() % 15)
                                                       : (uint8_t)(lcg() % 97 == 0 ? 15 : 3);
                 float range = mix == 2 && b == 1 ? 0.0f : 2.0f;
+                /* the reference: quantize, split by width, pack each stream */
                 int64_t totals[16], t2[16];
-                int16_t *streams = xmalloc(n * 2);
-                CHECK(dq_quantize_split(p, gs, bits, ng, -1.0f, range, streams, totals, 2) == DQ_OK,
-                      "split");
+                int16_t *streams = xmalloc(n * 2), *levels = xmalloc(n * 2);
+                dq_quantize(p, n, gs, bits, -1.0f, range, levels, 2, 2);
+                CHECK(dq_split_by_width(levels, 2, gs, bits, ng, streams, totals, 2) == DQ_OK, "split");
                 CHECK(dq_width_totals(bits, ng, gs, t2, 2) == DQ_OK &&
                           memcmp(totals, t2, sizeof t2) == 0, "width totals gs %lld", (long long)gs);
                 uint64_t *want[16] = {0}, *got[16] = {0};
@@ -755,9 +711,7 @@ static void test_quantize_pack(void) {
                         lines[w] = totals[w] ? dq_pack_lines(totals[w]) : 0;
                         packs[w] = want[w];
                     }
-                    int16_t *levels = xmalloc(n * 2);
                     float *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
-                    dq_quantize(p, n, gs, bits, -1.0f, range, levels, 2, 2);
                     dq_dequantize(levels, 2, n, gs, bits, -1.0f, range, d1, 2);
                     for (int threads = 1; threads <= 3; threads += 2) {
                         memset(d2, 0xff, n * 4);
@@ -775,11 +729,12 @@ static void test_quantize_pack(void) {
                                   DQ_ERR_PACK_SHORT &&
                               ((unsigned char *)d2)[0] == 0xff,
                           "short pack refused");
-                    free(levels), free(d1), free(d2);
+                    free(d1), free(d2);
                 }
                 for (int w = 0; w < 16; ++w)
                     free(want[w]);
                 free(streams);
+                free(levels);
                 free(bits);
                 free(p);
             }
@@ -851,7 +806,6 @@ int main(void) {
     test_size();
     test_size_odd_sizes_and_nan();
     test_grouped_packing_and_requantize();
-    test_dequantize_streams_large_groups();
     test_validation_of_levels();
     test_widths_from_stored();
     test_pack_widths();
