@@ -647,9 +647,7 @@ static void dequantize_packed_chunk(const uint64_t *const packed[16], int64_t gr
                                     const uint8_t *restrict bits, int64_t first, int64_t end,
                                     float mn, float range, const stream_range ranges[16],
                                     float *restrict out, uint16_t (*restrict stage)[DQ_PACK_LINE]) {
-    float unit[16];
-    for (int b = 0; b < 16; ++b)
-        unit[b] = b ? 1.0f / (float)((1 << b) - 1) : 0.0f;
+    const float *unit = dq__step_of;
     int64_t at[16], held[16];
     for (int w = 0; w < 16; ++w) {
         at[w] = ranges[w].begin;

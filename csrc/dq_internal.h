@@ -83,18 +83,21 @@ DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 
 /* Per-element step and top level of a span, so that the level loop runs
  * over whole spans whatever the group size (groups of 8 are too short to
  * vectorize one by one). */
-DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
-                                int64_t len, float *restrict step, float *restrict top) {
-    /* indexed by width (checked to be 1..15); folded by the compiler to the
-     * same correctly rounded quotients dq_step_of_bits computes */
-    static const float step_of[16] = {
-        1.0f,           1.0f / 1.0f,     1.0f / 3.0f,     1.0f / 7.0f,
-        1.0f / 15.0f,   1.0f / 31.0f,    1.0f / 63.0f,    1.0f / 127.0f,
-        1.0f / 255.0f,  1.0f / 511.0f,   1.0f / 1023.0f,  1.0f / 2047.0f,
-        1.0f / 4095.0f, 1.0f / 8191.0f,  1.0f / 16383.0f, 1.0f / 32767.0f};
-    static const float top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f,   31.0f,
+/* Step and top level of each width, indexed by width (checked to be
+ * 1..15; entry 0 is never used for a level): folded by the compiler to the
+ * same correctly rounded quotients dq_step_of_bits computes. */
+static const float dq__step_of[16] = {
+    1.0f,           1.0f / 1.0f,     1.0f / 3.0f,     1.0f / 7.0f,
+    1.0f / 15.0f,   1.0f / 31.0f,    1.0f / 63.0f,    1.0f / 127.0f,
+    1.0f / 255.0f,  1.0f / 511.0f,   1.0f / 1023.0f,  1.0f / 2047.0f,
+    1.0f / 4095.0f, 1.0f / 8191.0f,  1.0f / 16383.0f, 1.0f / 32767.0f};
+static const float dq__top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f,   31.0f,
                                      63.0f,   127.0f,  255.0f,  511.0f,  1023.0f, 2047.0f,
                                      4095.0f, 8191.0f, 16383.0f, 32767.0f};
+
+DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
+                                int64_t len, float *restrict step, float *restrict top) {
+    const float *step_of = dq__step_of, *top_of = dq__top_of;
     if (group_size == 1) {
         for (int64_t k = 0; k < len; ++k) {
             step[k] = step_of[bits[i0 + k] & 15];
