@@ -45,6 +45,17 @@ def _out(n, dtype):
     return torch.full((n,), SENTINEL, dtype=dtype)
 
 
+def _widths(values=(2, 3, 2, 4, 3, 2)):
+    """One bit width per group of GS values (NG groups), for the entry points
+    that split, pack or dequantize by width."""
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+# what every entry point taking widths refuses: a 0 and a 16
+BAD_WIDTHS = (({"bits": _widths((2, 3, 0, 4, 3, 2))}, ValueError),
+              ({"bits": _widths((2, 3, 16, 4, 3, 2))}, ValueError))
+
+
 def _pack_outs():
     """quantize_pack's outputs for the bits [2, 3, 2, 4, 3, 2] of groups of 4:
     one line of 2, 3 and 4 planes."""
@@ -180,31 +191,28 @@ SPECS: tp.Dict[str, Spec] = {
         bad_scalars=(({"bits": 0}, ValueError), ({"bits": 16}, ValueError),
                      ({"nthreads": 0}, ValueError))),
     "split_by_width": Spec(
-        make=lambda: dict(levels=_levels(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+        make=lambda: dict(levels=_levels(N), bits=_widths(),
                           streams=_out(N, torch.int16), group_size=GS, nthreads=1),
         tensors=("levels", "bits", "streams"), outputs=("streams",), any_size=(),
         overlaps=(("streams", "levels"), ("streams", "bits")),
-        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
-                     ({"nthreads": 0}, ValueError))),
+        bad_scalars=BAD_WIDTHS + (
+            ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
+            ({"nthreads": 0}, ValueError))),
     "merge_by_width": Spec(
-        make=lambda: dict(streams=_levels(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+        make=lambda: dict(streams=_levels(N), bits=_widths(),
                           levels=_out(N, torch.int16), group_size=GS, nthreads=1),
         tensors=("streams", "bits", "levels"), outputs=("levels",), any_size=(),
         overlaps=(("levels", "streams"), ("levels", "bits")),
-        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
+        bad_scalars=BAD_WIDTHS + (
+            ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError))),
     "dequantize_packed": Spec(
-        make=lambda: dict(packs=_packs(), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+        make=lambda: dict(packs=_packs(), bits=_widths(),
                           out=_out(N, torch.float32), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
         tensors=("bits", "out"), outputs=("out",), any_size=(), overlaps=(("out", "bits"),),
-        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
-                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
-                     ({"packs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
+        bad_scalars=BAD_WIDTHS + (
+            ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
+            ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
+            ({"packs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
     "widths_from_stored": Spec(
         make=lambda: dict(stored=_levels(N), offset=2, widths=_out(N, torch.uint8), nthreads=1),
         tensors=("stored", "widths"), outputs=("widths",), any_size=("stored",),
@@ -212,21 +220,20 @@ SPECS: tp.Dict[str, Spec] = {
         bad_scalars=(({"offset": 14}, ValueError), ({"offset": -1}, ValueError),
                      ({"offset": 2 ** 20}, ValueError), ({"nthreads": 0}, ValueError))),
     "width_totals": Spec(
-        make=lambda: dict(bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8), group_size=GS, nthreads=1),
+        make=lambda: dict(bits=_widths(), group_size=GS, nthreads=1),
         tensors=("bits",), outputs=(), any_size=("bits",), overlaps=(),
         bad_scalars=(({"bits": torch.tensor([2, 3, 0], dtype=torch.uint8)}, ValueError),
                      ({"bits": torch.tensor([2, 16], dtype=torch.uint8)}, ValueError),
                      ({"group_size": 0}, ValueError), ({"group_size": 2 ** 62}, ValueError),
                      ({"nthreads": 0}, ValueError))),
     "quantize_pack": Spec(
-        make=lambda: dict(p=_f32(N), bits=torch.tensor([2, 3, 2, 4, 3, 2], dtype=torch.uint8),
+        make=lambda: dict(p=_f32(N), bits=_widths(),
                           outs=_pack_outs(), group_size=GS, mn=-1.0, range=2.0, nthreads=1),
         tensors=("p", "bits"), outputs=(), any_size=(), overlaps=(),
-        bad_scalars=(({"bits": torch.tensor([2, 3, 0, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"bits": torch.tensor([2, 3, 16, 4, 3, 2], dtype=torch.uint8)}, ValueError),
-                     ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
-                     ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
-                     ({"outs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
+        bad_scalars=BAD_WIDTHS + (
+            ({"mn": float("nan")}, ValueError), ({"range": float("inf")}, ValueError),
+            ({"group_size": 0}, ValueError), ({"group_size": 5}, ValueError),
+            ({"outs": [None] * 15}, ValueError), ({"nthreads": 0}, ValueError))),
     "pack_widths": Spec(
         make=lambda: dict(widths=torch.full((N,), 5, dtype=torch.uint8), offset=2,
                           out=_out(2 * 32, torch.int64), nbits=2, nthreads=1),
