@@ -184,22 +184,14 @@ DQ_INLINE void noise_blocks(int kind, uint64_t seed, int64_t first_block, int nb
 
 /* ---- AVX-512 path: the same arithmetic as noise_blocks, written with
  * intrinsics. GCC vectorizes Philox's 32x32->64 products with 64-bit
- * multiplies on half-width lanes; vpmuludq on even and odd lanes does the
- * work in a third of the instructions. Every float operation is the one
+ * multiplies on half-width lanes; vpmuludq on 64-bit lanes does the work in
+ * a fraction of the instructions. Every float operation is the one
  * noise_blocks performs, in the same order and without contraction, so the
  * two agree bit for bit (test_kernels checks it). */
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
 #include <immintrin.h>
 #define DQ_HAVE_AVX512 1
 #define DQ_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
-
-/* hi and lo 32 bits of a * m in every lane */
-DQ_AVX512 static inline __m512i mul_hilo(__m512i a, __m512i m, __m512i *lo) {
-    __m512i even = _mm512_mul_epu32(a, m);
-    __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-    return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
 
 DQ_AVX512 static inline __m512 unit16(__m512i u) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)), _mm512_set1_ps(0x1p-24f));
@@ -280,32 +272,45 @@ DQ_AVX512 static inline void store_interleaved4(float *out, __m512 v0, __m512 v1
 DQ_AVX512 static void noise_blocks_avx512(int kind, uint64_t seed, int64_t first_block, int nblocks,
                                           float *restrict out) {
     assert(nblocks % 16 == 0);
-    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    /* round keys from memory: the xors take them as broadcast operands */
-    uint32_t key0[10], key1[10];
-    key0[0] = (uint32_t)seed, key1[0] = (uint32_t)(seed >> 32);
-    for (int round = 1; round < 10; ++round) {
-        key0[round] = key0[round - 1] + PHILOX_W0;
-        key1[round] = key1[round - 1] + PHILOX_W1;
-    }
+    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+    const __m512i iota64 = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    long long key0[10], key1[10];
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; ++round, k0 += PHILOX_W0, k1 += PHILOX_W1)
+        key0[round] = k0, key1[round] = k1;
     for (int b = 0; b < nblocks; b += 16) {
         uint64_t block = (uint64_t)(first_block + b);
-        __m512i base = _mm512_set1_epi32((int)(uint32_t)block);
-        __m512i c0 = _mm512_add_epi32(base, iota);
-        __m512i c1 = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-        /* the low word wrapped: carry into the high word */
-        c1 = _mm512_mask_add_epi32(c1, _mm512_cmplt_epu32_mask(c0, base), c1, _mm512_set1_epi32(1));
-        __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-        for (int round = 0; round < 10; ++round) {
-            __m512i lo0, lo1;
-            __m512i hi0 = mul_hilo(c0, m0, &lo0);
-            __m512i hi1 = mul_hilo(c2, m1, &lo1);
-            c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)key0[round]), 0x96);
-            c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)key1[round]), 0x96);
-            c1 = lo1;
-            c3 = lo0;
+        /* The rounds run on 64-bit lanes, eight blocks a register (h = 0:
+         * blocks b..b+7, h = 1: b+8..b+15), each word in a lane's low half.
+         * vpmuludq multiplies those low halves into the full 64-bit
+         * product: its high word is a shift away and its low word is
+         * already in place, so no lanes are blended. The high halves
+         * collect garbage that no multiply reads; the packing at the end
+         * drops it. */
+        __m512i w0[2], w1[2], w2[2], w3[2];
+        for (int h = 0; h < 2; ++h) {
+            __m512i first = _mm512_add_epi64(_mm512_set1_epi64((long long)(block + 8 * (uint64_t)h)), iota64);
+            w0[h] = first; /* low half: the counter's low word */
+            w1[h] = _mm512_srli_epi64(first, 32);
+            w2[h] = _mm512_setzero_si512();
+            w3[h] = _mm512_setzero_si512();
         }
+        for (int round = 0; round < 10; ++round) {
+            const __m512i k0 = _mm512_set1_epi64(key0[round]), k1 = _mm512_set1_epi64(key1[round]);
+            for (int h = 0; h < 2; ++h) {
+                __m512i p0 = _mm512_mul_epu32(w0[h], m0);
+                __m512i p1 = _mm512_mul_epu32(w2[h], m1);
+                w0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), w1[h], k0, 0x96);
+                w2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), w3[h], k1, 0x96);
+                w1[h] = p1;
+                w3[h] = p0;
+            }
+        }
+        __m512i c0 = _mm512_permutex2var_epi32(w0[0], low_halves, w0[1]);
+        __m512i c1 = _mm512_permutex2var_epi32(w1[0], low_halves, w1[1]);
+        __m512i c2 = _mm512_permutex2var_epi32(w2[0], low_halves, w2[1]);
+        __m512i c3 = _mm512_permutex2var_epi32(w3[0], low_halves, w3[1]);
         float *o = out + 4 * b;
         if (kind == DQ_NOISE_UNIFORM) {
             store_interleaved4(o, SUB(unit16(c0), SET(0.5f)), SUB(unit16(c1), SET(0.5f)),
