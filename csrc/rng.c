@@ -113,16 +113,16 @@ DQ_INLINE void fast_sincos_turns(float v, float *s, float *c) {
     float x2 = x * x;
     float sx = x + x * x2 * horner(x2, SIN_POLY, 4);
     float cx = 1.0f + x2 * horner(x2, COS_POLY, 4);
-    /* quadrant rotation with arithmetic blends instead of branches, so the
-     * loop around this stays vectorizable */
+    /* quadrant rotation: selects and sign flips, which the compiler turns
+     * into blends and xors (a flip of the sign bit is what multiplying by
+     * -1 gives, -0 included) */
     int32_t quadrant = (int32_t)q & 3;
-    float odd = (float)(quadrant & 1);
-    float sv = odd * cx + (1.0f - odd) * sx;
-    float cv = odd * sx + (1.0f - odd) * cx;
-    float s_sign = 1.0f - (float)(quadrant & 2);              /* q 2, 3: negative sin */
-    float c_sign = 1.0f - (float)((quadrant + 1) & 2);        /* q 1, 2: negative cos */
-    *s = s_sign * sv;
-    *c = c_sign * cv;
+    float sv = (quadrant & 1) ? cx : sx;
+    float cv = (quadrant & 1) ? sx : cx;
+    uint32_t s_flip = (uint32_t)(quadrant & 2) << 30;       /* q 2, 3: negative sin */
+    uint32_t c_flip = (uint32_t)((quadrant + 1) & 2) << 30; /* q 1, 2: negative cos */
+    *s = dq_bits_float(dq_float_bits(sv) ^ s_flip);
+    *c = dq_bits_float(dq_float_bits(cv) ^ c_flip);
 }
 
 DQ_INLINE void philox_batch(uint64_t seed, int64_t first_block, int nblocks,
@@ -242,15 +242,14 @@ DQ_AVX512 static inline void sincos_turns16(__m512 v, __m512 *s, __m512 *c) {
     __m512 sx = ADD(x, MUL(MUL(x, x2), horner16(x2, SIN_POLY, 4)));
     __m512 cx = ADD(SET(1.0f), MUL(x2, horner16(x2, COS_POLY, 4)));
     __m512i quadrant = _mm512_and_si512(qi, _mm512_set1_epi32(3));
-    __m512 odd = _mm512_cvtepi32_ps(_mm512_and_si512(quadrant, _mm512_set1_epi32(1)));
-    __m512 even = SUB(SET(1.0f), odd);
-    __m512 sv = ADD(MUL(odd, cx), MUL(even, sx));
-    __m512 cv = ADD(MUL(odd, sx), MUL(even, cx));
-    __m512 s_sign = SUB(SET(1.0f), _mm512_cvtepi32_ps(_mm512_and_si512(quadrant, _mm512_set1_epi32(2))));
-    __m512i q1 = _mm512_add_epi32(quadrant, _mm512_set1_epi32(1));
-    __m512 c_sign = SUB(SET(1.0f), _mm512_cvtepi32_ps(_mm512_and_si512(q1, _mm512_set1_epi32(2))));
-    *s = MUL(s_sign, sv);
-    *c = MUL(c_sign, cv);
+    __mmask16 odd = _mm512_test_epi32_mask(quadrant, _mm512_set1_epi32(1));
+    __m512 sv = _mm512_mask_blend_ps(odd, sx, cx);
+    __m512 cv = _mm512_mask_blend_ps(odd, cx, sx);
+    __m512i two = _mm512_set1_epi32(2);
+    __m512i s_flip = _mm512_slli_epi32(_mm512_and_si512(quadrant, two), 30);
+    __m512i c_flip = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(quadrant, _mm512_set1_epi32(1)), two), 30);
+    *s = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sv), s_flip));
+    *c = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(cv), c_flip));
 }
 
 /* out[4 k + l] = v_l[k] for k < 16 */
