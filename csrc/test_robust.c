@@ -387,6 +387,37 @@ static void test_validate_levels(void) {
     CHECK(dq_validate_levels(lv, 2, 6, INT64_MAX / 2, bits, 3, &where) == DQ_ERR_OVERFLOW,
           "groups overflow");
     CHECK(dq_validate_levels(lv, 2, -6, 2, bits, 3, &where) == DQ_ERR_SIZE, "negative n");
+    /* the widths are tested a block at a time: offenders at the edges of
+     * blocks and in the last, partial block are found, the first one wins */
+    enum { NG = 3 * 4096 + 5 };
+    uint8_t *many = malloc(NG);
+    CHECK(many != NULL, "alloc");
+    if (many) {
+        const int64_t at[] = {0, 4095, 4096, 8191, 2 * 4096 + 17, NG - 1};
+        const uint8_t bad[] = {0, 16, 255};
+        for (size_t a = 0; a < sizeof at / sizeof at[0]; ++a) {
+            for (size_t b = 0; b < sizeof bad / sizeof bad[0]; ++b) {
+                memset(many, 8, NG);
+                many[at[a]] = bad[b];
+                if (at[a] + 1 < NG)
+                    many[NG - 1] = 0; /* a later offender does not hide the first */
+                CHECK(dq_validate_levels(NULL, 2, NG, 1, many, NG, &where) == DQ_ERR_BITS &&
+                          where == at[a],
+                      "width %d at %lld: found at %lld", bad[b], (long long)at[a], (long long)where);
+            }
+            memset(many, 8, NG);
+            many[at[a]] = 9;
+            CHECK(dq_validate_levels(NULL, 1, NG, 1, many, NG, &where) == DQ_ERR_LEVEL_BYTES &&
+                      where == at[a],
+                  "9 bits in uint8 levels at %lld", (long long)at[a]);
+            CHECK(dq_validate_levels(NULL, 2, NG, 1, many, NG, &where) == DQ_OK, "9 bits in int16");
+        }
+        for (int w = 1; w <= 15; ++w)
+            many[w * 97] = (uint8_t)w;
+        CHECK(dq_validate_levels(NULL, 2, NG, 1, many, NG, &where) == DQ_OK && where == -1,
+              "every width 1..15 is valid");
+        free(many);
+    }
     /* every code has its own message */
     const int codes[] = {DQ_OK, DQ_ERR_NONFINITE, DQ_ERR_NOMEM, DQ_ERR_NBITS, DQ_ERR_PACK_SHAPE,
                          DQ_ERR_PACK_SHORT, DQ_ERR_OVERFLOW, DQ_ERR_GROUPS, DQ_ERR_BITS,

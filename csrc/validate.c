@@ -66,16 +66,28 @@ int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t g
         if (total != n)
             return DQ_ERR_GROUPS;
     }
-    for (int64_t g = 0; g < ngroups; ++g) {
-        if (bits[g] < 1 || bits[g] > 15) {
-            if (where)
-                *where = g;
-            return DQ_ERR_BITS;
-        }
-        if (level_bytes == 1 && bits[g] > 8) {
-            if (where)
-                *where = g;
-            return DQ_ERR_LEVEL_BYTES;
+    /* the widths in blocks with a branch-free test (bits as large as the
+     * weight at group_size=1 must not cost a branch a byte); a block that
+     * fails is searched for its first offender */
+    const unsigned widest = level_bytes == 1 ? 8u : 15u;
+    for (int64_t g0 = 0; g0 < ngroups; g0 += 4096) {
+        int64_t g1 = DQ_MIN(ngroups, g0 + 4096);
+        unsigned out_of_range = 0;
+        for (int64_t g = g0; g < g1; ++g)
+            out_of_range |= (unsigned)(uint8_t)(bits[g] - 1u) >= widest;
+        if (!out_of_range)
+            continue;
+        for (int64_t g = g0; g < g1; ++g) {
+            if (bits[g] < 1 || bits[g] > 15) {
+                if (where)
+                    *where = g;
+                return DQ_ERR_BITS;
+            }
+            if (level_bytes == 1 && bits[g] > 8) {
+                if (where)
+                    *where = g;
+                return DQ_ERR_LEVEL_BYTES;
+            }
         }
     }
     if (levels) {
