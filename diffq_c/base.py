@@ -16,6 +16,7 @@ import zlib
 import torch
 
 from . import bitpack, ops
+from .scratch import Scratch
 
 
 
@@ -57,6 +58,8 @@ class BaseQuantizer:
         self._rnns: tp.List[torch.nn.RNNBase] = []
         self._saved: tp.List[torch.Tensor] = []  # float values while quantized
         self._full_names: tp.Dict[int, str] = {}
+        # weight-sized outputs kept between calls (see scratch.py)
+        self._scratch = Scratch()
         self._find_params()
         self._pre_handle = self.model.register_forward_pre_hook(self._forward_pre_hook)
         try:
@@ -412,6 +415,20 @@ class BaseQuantizer:
         """Remove the hooks (and, in subclasses, the extra parameters)."""
         self._pre_handle.remove()
         self._post_handle.remove()
+        self._scratch.clear()
+
+    @property
+    def reuse_buffers(self) -> bool:
+        """Whether the noisy and quantized weights are written into memory
+        kept from the previous call (the default; see diffq_c/scratch.py)
+        instead of fresh tensors. Setting it False also frees what is kept."""
+        return self._scratch.enabled
+
+    @reuse_buffers.setter
+    def reuse_buffers(self, value: bool) -> None:
+        self._scratch.enabled = bool(value)
+        if not value:
+            self._scratch.clear()
 
     # --------------------------------------------------------------- sizes
 

@@ -187,7 +187,7 @@ class DiffQuantizer(BaseQuantizer):
         qparams = self._unique_qparams()
         fused = None if exact else ops.weighted_sum_bits(
             [qp.logit for qp in qparams], [self._group_size_of(qp.param) for qp in qparams],
-            self._bits_param)
+            self._bits_param, [self._scratch.lender(id(qp)) for qp in qparams])
         if fused is not None:
             # one autograd node for all the logits; the rest does not depend
             # on them and is summed in Python
@@ -226,6 +226,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def _pre_forward_train(self):
         self._require_optimizer()
+        self._scratch.release_small()
         base_seed = ops.draw_seed(self._generator)
         for index, qparam in enumerate(self._qparams):
             if qparam.other is not None:
@@ -234,7 +235,8 @@ class DiffQuantizer(BaseQuantizer):
                 noisy = ops.noisy_weight(qparam.param, qparam.logit, self.group_size, self.noise,
                                          self._bits_param, ops._derive_seed(base_seed, index),
                                          name=self._param_name(qparam),
-                                         generator=self._generator)
+                                         generator=self._generator,
+                                         alloc=self._scratch.lender(id(qparam)))
             # bypass nn.Module's check that parameters are leaves
             qparam.module._parameters[qparam.name] = noisy
         return True
@@ -244,14 +246,17 @@ class DiffQuantizer(BaseQuantizer):
 
     # ------------------------------------------------------------ quantized
 
-    def _stored_bits(self, qparam) -> torch.Tensor:
+    def _stored_bits(self, qparam, small_too: bool = False) -> torch.Tensor:
         return ops.stored_bits(qparam.logit, self._bits_param, self.extra_bits,
-                               name=self._param_name(qparam))
+                               name=self._param_name(qparam),
+                               alloc=self._scratch.lender(id(qparam), small_too))
 
     def _quantized_value(self, qparam) -> torch.Tensor:
-        bits = self._stored_bits(qparam)
+        # eval: quantized on every forward, so small tensors are kept too
+        bits = self._stored_bits(qparam, small_too=True)
         value = ops.requantize(qparam.param.data, bits, self.group_size,
-                               name=self._param_name(qparam))
+                               name=self._param_name(qparam),
+                               alloc=self._scratch.lender(id(qparam), small_too=True))
         return value if value is not None else super()._quantized_value(qparam)
 
     def _quantize_param(self, qparam) -> tp.Any:

@@ -88,6 +88,13 @@ def draw_seed(generator: tp.Optional[torch.Generator] = None) -> int:
     return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator).item())
 
 
+def _empty_f32(shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
+Alloc = tp.Callable[[tp.Sequence[int]], torch.Tensor]
+
+
 class _NoisyWeight(torch.autograd.Function):
     """noisy = p + (max(p) - min(p)) * step(bits(logit)) * noise(seed).
 
@@ -95,10 +102,10 @@ class _NoisyWeight(torch.autograd.Function):
     noise tensor lives between forward and backward."""
 
     @staticmethod
-    def forward(ctx, p, logit, group_size, kind, seed, prm, name):
+    def forward(ctx, p, logit, group_size, kind, seed, prm, name, alloc):
         p_flat = _flat(p)
         logit_flat = _flat(logit)
-        noisy = torch.empty(p.shape, dtype=torch.float32)
+        noisy = alloc(p.shape)
         rng = _C.noise_forward(p_flat, logit_flat, noisy.view(-1), group_size, kind, seed,
                                tuple(prm), num_threads())
         if rng[4]:
@@ -106,13 +113,14 @@ class _NoisyWeight(torch.autograd.Function):
                              "(NaN or inf); cannot add quantization noise")
         ctx.save_for_backward(p, logit)
         ctx.config = (group_size, kind, seed, prm, rng)
+        ctx.alloc = alloc
         return noisy
 
     @staticmethod
     def backward(ctx, grad):
         p, logit = ctx.saved_tensors
         group_size, kind, seed, prm, rng = ctx.config
-        grad_logit = torch.empty(logit.shape, dtype=torch.float32)
+        grad_logit = ctx.alloc(logit.shape)
         if _owned_by_autograd(grad):
             # d(noisy)/dp is the identity but at the extrema: update the
             # incoming gradient there rather than copying it whole
@@ -122,7 +130,7 @@ class _NoisyWeight(torch.autograd.Function):
             out = grad_p.view(-1)
         _C.noise_backward(_flat(grad), _flat(p), _flat(logit), out, grad_logit.view(-1),
                           group_size, kind, seed, tuple(prm), rng, num_threads())
-        return grad_p, grad_logit, None, None, None, None, None
+        return grad_p, grad_logit, None, None, None, None, None, None
 
 
 # references to a gradient nobody else holds, seen from _owned_by_autograd:
@@ -162,12 +170,15 @@ def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
 
 def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,
                  prm: BitsParam, seed: int, name: str = "?",
-                 generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: tp.Optional[torch.Generator] = None,
+                 alloc: tp.Optional[Alloc] = None) -> torch.Tensor:
     """The weight with pseudo quantization noise, differentiable in p and logit.
     The kernels derive the noise from `seed`; the torch path draws it from
-    `generator` (torch's global one when None)."""
+    `generator` (torch's global one when None). `alloc(shape)` gives the
+    kernels' float32 output (a fresh tensor when None)."""
     if on_kernel_path(p, logit):
-        return _NoisyWeight.apply(p, logit, group_size, NOISE_KINDS[noise], seed, prm, name)
+        return _NoisyWeight.apply(p, logit, group_size, NOISE_KINDS[noise], seed, prm, name,
+                                  alloc or _empty_f32)
     if not torch.isfinite(p).all():
         raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
                          "cannot add quantization noise")
@@ -183,35 +194,40 @@ class _WeightedSumBits(torch.autograd.Function):
     largest bits of each logit go to `extra`."""
 
     @staticmethod
-    def forward(ctx, prm, weights, extra, *logits):
+    def forward(ctx, prm, weights, extra, allocs, *logits):
         total = 0.0
         for weight, logit in zip(weights, logits):
             bits_sum, top = _C.size_forward(_flat(logit), tuple(prm), num_threads())
             total += weight * bits_sum
             extra.append(top)
         ctx.save_for_backward(*logits)
-        ctx.prm, ctx.weights = prm, weights
+        ctx.prm, ctx.weights, ctx.allocs = prm, weights, allocs
         return torch.tensor(total, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
         grad = float(grad)
         grads = []
-        for weight, logit in zip(ctx.weights, ctx.saved_tensors):
-            out = torch.empty(logit.shape, dtype=torch.float32)
+        for weight, logit, alloc in zip(ctx.weights, ctx.saved_tensors, ctx.allocs):
+            out = alloc(logit.shape)
             _C.size_backward(_flat(logit), out.view(-1), grad * weight, tuple(ctx.prm), num_threads())
             grads.append(out)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float],
-                      prm: BitsParam) -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[float]]]:
+                      prm: BitsParam, allocs: tp.Optional[tp.Sequence[Alloc]] = None
+                      ) -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[float]]]:
     """(sum_i weights[i] * sum(bits(logits[i])), differentiable; the max
-    bits of each logit), or None when the kernels cannot take the logits."""
+    bits of each logit), or None when the kernels cannot take the logits.
+    `allocs[i](shape)` gives the gradient of logits[i]."""
     if not logits or not on_kernel_path(*logits):
         return None
+    if allocs is None:
+        allocs = [_empty_f32] * len(logits)
     extra: tp.List[float] = []
-    total = _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), extra, *logits)
+    total = _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), extra, tuple(allocs),
+                                   *logits)
     return total, extra
 
 
@@ -393,13 +409,18 @@ def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
 # ------------------------------------------------- stored bits, grouped packing
 
 
-def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: str = "?") -> torch.Tensor:
+def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: str = "?",
+                alloc: tp.Optional[Alloc] = None) -> torch.Tensor:
     """Integer bits stored for each group, uint8 in 1..15:
     clamp(round(extra_bits + bits(logit)), 1, 15), equal to torch's float32
-    evaluation of that formula (the sigmoid is torch's own)."""
+    evaluation of that formula (the sigmoid is torch's own; `alloc(shape)`
+    gives the float32 tensor it is written to)."""
     logit = logit.detach()
     if on_kernel_path(logit) and prm.mode == PARAM_MODES["bits"]:
-        t = torch.sigmoid(logit).contiguous().view(-1)
+        if alloc is not None:
+            t = torch.sigmoid(logit, out=alloc(logit.shape)).view(-1)
+        else:
+            t = torch.sigmoid(logit).contiguous().view(-1)
         out = torch.empty(t.shape, dtype=torch.uint8)
         _C.stored_bits(t, out, prm.min_bits, prm.max_bits, float(extra_bits), num_threads())
         if logit.numel() and not bool(out.min() > 0):
@@ -412,10 +433,11 @@ def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: st
 
 
 def requantize(p: torch.Tensor, bits: torch.Tensor, group_size: int,
-               name: str = "?") -> tp.Optional[torch.Tensor]:
+               name: str = "?", alloc: tp.Optional[Alloc] = None) -> tp.Optional[torch.Tensor]:
     """A new tensor (shape and strides of p) of p's quantized values, in one
-    pass: the same numbers as dequantizing its levels. None when the kernels
-    cannot take p (the caller then goes the long way)."""
+    pass: the same numbers as dequantizing its levels; from `alloc(shape)`
+    when given. None when the kernels cannot take p (the caller then goes
+    the long way)."""
     if not (on_kernel_path(p) and p.is_contiguous() and bits.dtype == torch.uint8):
         return None
     flat = p.view(-1)
@@ -423,7 +445,7 @@ def requantize(p: torch.Tensor, bits: torch.Tensor, group_size: int,
     if bad:
         raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
                          "cannot quantize it")
-    out = torch.empty_like(p)
+    out = (alloc or _empty_f32)(p.shape)
     _C.requantize(flat, bits.contiguous().view(-1), out.view(-1), group_size, mn, float(mx - mn),
                   num_threads())
     return out
