@@ -95,14 +95,16 @@ static const float dq__top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f, 
                                      63.0f,   127.0f,  255.0f,  511.0f,  1023.0f, 2047.0f,
                                      4095.0f, 8191.0f, 16383.0f, 32767.0f};
 
+/* step[k] and top[k] of the width bits[k] for k < len (a width a value:
+ * group_size=1); table lookups as AVX-512 permutes where the CPU has them. */
+void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
+                     float *restrict top);
+
 DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
                                 int64_t len, float *restrict step, float *restrict top) {
     const float *step_of = dq__step_of, *top_of = dq__top_of;
     if (group_size == 1) {
-        for (int64_t k = 0; k < len; ++k) {
-            step[k] = step_of[bits[i0 + k] & 15];
-            top[k] = top_of[bits[i0 + k] & 15];
-        }
+        dq__widths_each(bits + i0, len, step, top);
         return;
     }
     /* one division for the first group, then group by group */

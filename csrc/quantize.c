@@ -95,6 +95,59 @@ void dq_range_all(const float *restrict x, int64_t n, dq_range *out, int nthread
 
 #define step_of_bits dq_step_of_bits
 
+/* ---- widths a value */
+
+static void widths_each_scalar(const uint8_t *restrict bits, int64_t len, float *restrict step,
+                               float *restrict top) {
+    for (int64_t k = 0; k < len; ++k) {
+        step[k] = dq__step_of[bits[k] & 15];
+        top[k] = dq__top_of[bits[k] & 15];
+    }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
+#include <immintrin.h>
+
+/* vpermps looks up 16 values in a 16-entry table held in a register; it
+ * reads the low four bits of each index, the `& 15` of the scalar loop. The
+ * plain loop makes two scalar loads a value, and a table gather compiled
+ * for AVX2 or SSE2 is slower still. */
+__attribute__((target("avx512f"))) static void widths_each_avx512(const uint8_t *restrict bits,
+                                                                  int64_t len,
+                                                                  float *restrict step,
+                                                                  float *restrict top) {
+    const __m512 step_tab = _mm512_loadu_ps(dq__step_of), top_tab = _mm512_loadu_ps(dq__top_of);
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bits + k)));
+        _mm512_storeu_ps(step + k, _mm512_permutexvar_ps(idx, step_tab));
+        _mm512_storeu_ps(top + k, _mm512_permutexvar_ps(idx, top_tab));
+    }
+    widths_each_scalar(bits + k, len - k, step + k, top + k);
+}
+
+void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
+                     float *restrict top) {
+    /* -1: not asked yet; racing first calls store the same answer */
+    static int avx512 = -1;
+    int have = __atomic_load_n(&avx512, __ATOMIC_RELAXED);
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx512f");
+        __atomic_store_n(&avx512, have, __ATOMIC_RELAXED);
+    }
+    if (have)
+        widths_each_avx512(bits, len, step, top);
+    else
+        widths_each_scalar(bits, len, step, top);
+}
+#else
+void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
+                     float *restrict top) {
+    widths_each_scalar(bits, len, step, top);
+}
+#endif
+
 DQ_INLINE void store_level(void *restrict levels, int level_bytes, int64_t i, float level) {
     if (level_bytes == 1)
         ((uint8_t *)levels)[i] = (uint8_t)level;
