@@ -277,16 +277,18 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
             through_scale += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
             continue;
         }
-        int64_t j = 0;
+        /* group after group without a division (one a group measured as
+         * much as the rest of the loop at group_size=8) */
+        int64_t j = 0, g = g0, group_end = (g0 + 1) * group_size - i0;
         while (j < len) {
-            int64_t g = (i0 + j) / group_size;
-            int64_t group_end = (g + 1) * group_size - i0;
             int64_t seg_end = DQ_MIN(len, group_end);
             pending += segment_dot(gs, z, j, seg_end);
             if (seg_end == group_end) {
                 grad_logit[g] = (float)((double)scale * pending * (double)ds[g - g0]);
                 through_scale += (double)st[g - g0] * pending;
                 pending = 0;
+                ++g;
+                group_end += group_size;
             }
             j = seg_end;
         }

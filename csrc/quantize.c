@@ -298,8 +298,8 @@ static int64_t check_levels_chunk(const void *restrict levels, int level_bytes, 
         }
         return -1;
     }
-    while (i < end) {
-        int64_t g = i / group_size;
+    /* group after group from one division */
+    for (int64_t g = i / group_size; i < end; ++g) {
         int64_t seg_end = DQ_MIN(end, (g + 1) * group_size);
         int b = bits[g];
         if (b < 1 || b > 15)
