@@ -217,14 +217,13 @@ void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
         if (group_size > 1) {
-            /* each group's step onto its noise, group after group without a
-             * division, then one loop over the span */
+            /* group after group without a division, straight into the
+             * output: scaling z in place first made group-wide stores that
+             * the span-wide loads after them waited on */
             int64_t k = 0, end = DQ_MIN(len, (g0 + 1) * group_size - i0);
             for (int64_t g = 0; k < len; ++g, end = DQ_MIN(len, end + group_size))
                 for (const float s = ss[g]; k < end; ++k)
-                    z[k] *= s;
-            for (int64_t j = 0; j < len; ++j)
-                out[j] = ps[j] + z[j];
+                    out[k] = ps[k] + z[k] * s;
         } else {
             for (int64_t j = 0; j < len; ++j)
                 out[j] = ps[j] + ss[j] * z[j];
