@@ -2,7 +2,8 @@
 
 Runs of the two are interleaved and each figure is the median of several
 repeats, so the ratios hold on a shared, noisy machine. Peak memory is
-measured in a fresh process per case.
+measured in a fresh process per case, with glibc returning freed memory at
+once so that the resident set is live memory (LIVE_MEMORY_MALLOC).
 
     python benchmarks/compare.py                      # Linear(4096, 4096), group_size 1 and 8
     python benchmarks/compare.py --models linear lstm transformer --group-sizes 1 8 0
@@ -11,6 +12,7 @@ measured in a fresh process per case.
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -186,11 +188,21 @@ def _peak_child(lib_name, model_name, group_size):
     print(json.dumps({"peak_kb": _status_kb("VmHWM") - base + kept_kb}))
 
 
+# glibc told to give freed memory back at once (no trim threshold, every
+# allocation of 64 KiB or more its own mapping): the resident set then
+# follows live memory, and a step's growth is its peak of live memory. With
+# glibc's defaults it also counts what the allocator happens to keep or
+# reuse, and the same case moved by up to 1.8x of the weights between runs.
+LIVE_MEMORY_MALLOC = "glibc.malloc.trim_threshold=0:glibc.malloc.mmap_threshold=65536"
+
+
 def peak_memory(model_name, group_size):
     out = {}
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), LIVE_MEMORY_MALLOC]))
     for lib_name in ("plain", "diffq", "diffq_c"):
         res = subprocess.run([sys.executable, __file__, "--_peak", lib_name, model_name, str(group_size)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         out[lib_name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
     return out
 
