@@ -42,16 +42,22 @@ static void copy_slices(float *dst, const float *src, int64_t n, int threads) {
 int main(void) {
     const int64_t n = (int64_t)1 << 24;
     float *p = malloc((size_t)n * 4), *logit = malloc((size_t)n * 4), *out = malloc((size_t)n * 4);
-    float *grad_logit = malloc((size_t)n * 4);
-    if (!p || !logit || !out || !grad_logit)
+    float *grad_logit = malloc((size_t)n * 4), *grad = malloc((size_t)n * 4);
+    if (!p || !logit || !out || !grad_logit || !grad)
         return 1;
     for (int64_t i = 0; i < n; ++i) {
         p[i] = (float)((i * 7919) % 1000) * 1e-3f;
         logit[i] = (float)(i % 1000) * 0.01f - 5.0f;
     }
+    /* one smallest and one largest value, as in trained weights: the
+     * backward then updates the incoming gradient at those two only */
+    p[0] = -1.0f;
+    p[n - 1] = 2.0f;
     /* faulted in once: the figures are compute and bandwidth */
     memset(out, 0, (size_t)n * 4);
     memset(grad_logit, 0, (size_t)n * 4);
+    for (int64_t i = 0; i < n; ++i)
+        grad[i] = (float)(i % 7) - 3.0f; /* the incoming gradient, updated in place */
     dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
     dq_range range;
     dq_size_stats stats;
@@ -64,7 +70,10 @@ int main(void) {
         BEST("noise forward, group_size 1", dq_noise_forward(&prm, p, n, logit, 1, 1, 42, out, &range, threads));
         BEST("noise forward, group_size 8", dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads));
         BEST("noise backward, group_size 1",
-             dq_noise_backward(&prm, p, p, n, logit, 1, 1, 42, &range, out, grad_logit, threads));
+             dq_noise_backward(&prm, grad, p, n, logit, 1, 1, 42, &range, grad, grad_logit, threads));
+        dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads);
+        BEST("noise backward, group_size 8",
+             dq_noise_backward(&prm, grad, p, n, logit, 8, 1, 42, &range, grad, grad_logit, threads));
         BEST("size forward", dq_size_forward(&prm, logit, n, &stats, threads));
         BEST("size backward", dq_size_backward(&prm, logit, n, 1.0f, out, threads));
     }
@@ -72,5 +81,6 @@ int main(void) {
     free(logit);
     free(out);
     free(grad_logit);
+    free(grad);
     return 0;
 }
