@@ -63,6 +63,18 @@ class UniformQuantizer(BaseQuantizer):
     def _post_forward_train(self):
         return self.qat and self._put_back_params()
 
+    def _quantized_value(self, qparam) -> torch.Tensor:
+        # eval with whole bits: one pass to the quantized values (the same
+        # numbers as dequantizing the levels), into memory kept between
+        # forwards; fractional bits take the levels' way
+        if float(self.bits).is_integer():
+            bits = torch.full((1,), int(self.bits), dtype=torch.uint8)
+            value = ops.requantize(qparam.param.data, bits, 0, name=self._param_name(qparam),
+                                   alloc=self._scratch.lender(id(qparam), small_too=True))
+            if value is not None:
+                return value
+        return super()._quantized_value(qparam)
+
     def _quantize_param(self, qparam):
         return ops.quantize_levels(qparam.param.data, torch.tensor(self.bits),
                                    name=self._param_name(qparam))

@@ -77,6 +77,21 @@ def test_packed_state_and_sizes_match_diffq(bits):
     assert torch.equal(fresh.eval()(x), expected)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 8, 9, 15, 7.5])
+def test_eval_weights_match_diffq(bits):
+    """The eval forward (one pass to the quantized values for whole bits, the
+    levels' way for fractional ones) gives diffq's outputs exactly, forward
+    after forward."""
+    theirs, ours = conv_net(seed=3), conv_net(seed=3)
+    diffq.UniformQuantizer(theirs, bits=bits, min_size=0)
+    diffq_c.UniformQuantizer(ours, bits=bits, min_size=0)
+    theirs.eval()
+    ours.eval()
+    for step in range(3):
+        x = torch.randn(2, 8, 30)
+        assert torch.equal(ours(x), theirs(x)), step
+
+
 def test_unpacked_state_matches_diffq():
     theirs, ours = conv_net(), conv_net()
     s_theirs = diffq.UniformQuantizer(theirs, bits=5, min_size=0).get_quantized_state(packed=False)
