@@ -129,6 +129,11 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
 #define SPAN 256
 
 
+/* Groups up to this size take the backward's vector path. */
+#define SMALL_GROUP 64
+
+typedef double dq_v4d __attribute__((vector_size(32)));
+
 /* sum over k in [j, end) of grad[k] * z[k], in double, on four independent
  * sums (no add latency chain) combined in a fixed order, so the result does
  * not depend on threads. */
@@ -274,6 +279,28 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
             for (; j < len; ++j)
                 acc[0] += (double)through[j];
             through_scale += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            continue;
+        }
+        if (group_size % 4 == 0 && group_size <= SMALL_GROUP && SPAN % group_size == 0) {
+            /* small groups, whole in the span: the products in one
+             * vectorized pass, then each group's rows of four added as
+             * vectors. The same sums in the same order as segment_dot
+             * (lane l adds elements l, l + 4, ... from 0), so the same bits,
+             * without its per-group scalar conversions. */
+            double prod[SPAN];
+            for (int64_t k = 0; k < len; ++k)
+                prod[k] = (double)gs[k] * (double)z[k];
+            for (int64_t q = 0; q < len / group_size; ++q) {
+                dq_v4d acc = {0.0, 0.0, 0.0, 0.0};
+                for (int64_t m = q * group_size; m < (q + 1) * group_size; m += 4) {
+                    dq_v4d row;
+                    memcpy(&row, prod + m, sizeof row);
+                    acc += row;
+                }
+                double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                grad_logit[g0 + q] = (float)((double)scale * dot * (double)ds[q]);
+                through_scale += (double)st[q] * dot;
+            }
             continue;
         }
         /* group after group without a division (one a group measured as
