@@ -100,11 +100,21 @@ static const float dq__top_of[16] = {0.0f,    1.0f,    3.0f,    7.0f,    15.0f, 
 void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
                      float *restrict top);
 
+/* The same for values [0, len) of groups of 2^shift values (shift 1..4),
+ * the first value starting a group: bits[g] is the width of group g. */
+void dq__widths_grouped(const uint8_t *restrict bits, int shift, int64_t len,
+                        float *restrict step, float *restrict top);
+
 DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
                                 int64_t len, float *restrict step, float *restrict top) {
     const float *step_of = dq__step_of, *top_of = dq__top_of;
     if (group_size == 1) {
         dq__widths_each(bits + i0, len, step, top);
+        return;
+    }
+    if (group_size <= 16 && (group_size & (group_size - 1)) == 0 && i0 % group_size == 0) {
+        int shift = group_size == 2 ? 1 : group_size == 4 ? 2 : group_size == 8 ? 3 : 4;
+        dq__widths_grouped(bits + i0 / group_size, shift, len, step, top);
         return;
     }
     /* one division for the first group, then group by group */

@@ -105,6 +105,15 @@ static void widths_each_scalar(const uint8_t *restrict bits, int64_t len, float 
     }
 }
 
+/* values [k, len) of groups of 2^shift values; bits[g] is group g's width */
+static void widths_grouped_scalar(const uint8_t *restrict bits, int shift, int64_t k,
+                                  int64_t len, float *restrict step, float *restrict top) {
+    for (; k < len; ++k) {
+        step[k] = dq__step_of[bits[k >> shift] & 15];
+        top[k] = dq__top_of[bits[k >> shift] & 15];
+    }
+}
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
 #include <immintrin.h>
 
@@ -126,25 +135,67 @@ __attribute__((target("avx512f"))) static void widths_each_avx512(const uint8_t 
     widths_each_scalar(bits + k, len - k, step + k, top + k);
 }
 
-void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
-                     float *restrict top) {
-    /* -1: not asked yet; racing first calls store the same answer */
-    static int avx512 = -1;
-    int have = __atomic_load_n(&avx512, __ATOMIC_RELAXED);
+/* Groups of 2^shift values (shift 1..4): the widths of the groups a
+ * register of 16 values covers, loaded without reading past the last group,
+ * spread to their values with one permute, then looked up as above. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void widths_grouped_avx512(
+    const uint8_t *restrict bits, int shift, int64_t len, float *restrict step,
+    float *restrict top) {
+    const __m512 step_tab = _mm512_loadu_ps(dq__step_of), top_tab = _mm512_loadu_ps(dq__top_of);
+    const __m512i spread = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (unsigned)shift);
+    const int per = 16 >> shift; /* groups in 16 values */
+    const __mmask16 first = (__mmask16)((1u << per) - 1u);
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+        __m128i w = _mm_maskz_loadu_epi8(first, bits + (k >> shift));
+        __m512i idx = _mm512_permutexvar_epi32(spread, _mm512_cvtepu8_epi32(w));
+        _mm512_storeu_ps(step + k, _mm512_permutexvar_ps(idx, step_tab));
+        _mm512_storeu_ps(top + k, _mm512_permutexvar_ps(idx, top_tab));
+    }
+    widths_grouped_scalar(bits, shift, k, len, step, top);
+}
+
+/* -1: not asked yet; racing first calls store the same answer */
+static int avx512_level = -1; /* 0: none, 1: avx512f, 2: also bw and vl */
+
+static int avx512_support(void) {
+    int have = __atomic_load_n(&avx512_level, __ATOMIC_RELAXED);
     if (have < 0) {
         __builtin_cpu_init();
-        have = __builtin_cpu_supports("avx512f");
-        __atomic_store_n(&avx512, have, __ATOMIC_RELAXED);
+        have = !__builtin_cpu_supports("avx512f") ? 0
+               : (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) ? 2
+                                                                                           : 1;
+        __atomic_store_n(&avx512_level, have, __ATOMIC_RELAXED);
     }
-    if (have)
+    return have;
+}
+
+void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
+                     float *restrict top) {
+    if (avx512_support())
         widths_each_avx512(bits, len, step, top);
     else
         widths_each_scalar(bits, len, step, top);
+}
+
+void dq__widths_grouped(const uint8_t *restrict bits, int shift, int64_t len,
+                        float *restrict step, float *restrict top) {
+    assert(shift >= 1 && shift <= 4);
+    if (avx512_support() == 2)
+        widths_grouped_avx512(bits, shift, len, step, top);
+    else
+        widths_grouped_scalar(bits, shift, 0, len, step, top);
 }
 #else
 void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
                      float *restrict top) {
     widths_each_scalar(bits, len, step, top);
+}
+
+void dq__widths_grouped(const uint8_t *restrict bits, int shift, int64_t len,
+                        float *restrict step, float *restrict top) {
+    widths_grouped_scalar(bits, shift, 0, len, step, top);
 }
 #endif
 

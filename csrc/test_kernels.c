@@ -151,13 +151,12 @@ static void test_range(void) {
 }
 
 static void test_quantize(void) {
-    const int64_t group_sizes[] = {1, 3, 8, 0};
+    /* 2, 4, 8, 16: the widths of groups of 2^k values take a vector path */
+    const int64_t group_sizes[] = {1, 3, 8, 0, 2, 4, 16};
     for (int s = 0; s < NSIZES; ++s)
-        for (int gi = 0; gi < 4; ++gi) {
-            int64_t n = SIZES[s] * (group_sizes[gi] == 3 ? 3 : 1);
+        for (int gi = 0; gi < 7; ++gi) {
+            int64_t n = SIZES[s] * (group_sizes[gi] ? group_sizes[gi] : 1);
             int64_t gs = group_sizes[gi] ? group_sizes[gi] : n;
-            if (n % gs)
-                continue;
             int64_t ngroups = n / gs;
             float *p = xmalloc(n * sizeof(float)), *d1 = xmalloc(n * sizeof(float)),
                   *d2 = xmalloc(n * sizeof(float));
