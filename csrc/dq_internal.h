@@ -25,6 +25,24 @@
 #define DQ_FAST
 #endif
 
+/* Kernels with an AVX-512 version written with intrinsics (the noise
+ * generator, the width lookups) pick it at run time from what the CPU has:
+ * 0 no AVX-512, 1 AVX-512F only, 2 AVX-512F with DQ, BW and VL. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
+#define DQ_X86_AVX512 1
+static inline int dq__avx512_level(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f"))
+        return 0;
+    return __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl")
+               ? 2
+               : 1;
+}
+#else
+#define DQ_X86_AVX512 0
+#endif
+
 /* Helpers called from the fast kernels are forced inline, so each clone
  * compiles them for its own instruction set. */
 #define DQ_INLINE static inline __attribute__((always_inline))

@@ -114,7 +114,7 @@ static void widths_grouped_scalar(const uint8_t *restrict bits, int shift, int64
     }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
+#if DQ_X86_AVX512
 #include <immintrin.h>
 
 /* vpermps looks up 16 values in a 16-entry table held in a register; it
@@ -156,24 +156,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void widths_grouped_
     widths_grouped_scalar(bits, shift, k, len, step, top);
 }
 
-/* -1: not asked yet; racing first calls store the same answer */
-static int avx512_level = -1; /* 0: none, 1: avx512f, 2: also bw and vl */
-
-static int avx512_support(void) {
-    int have = __atomic_load_n(&avx512_level, __ATOMIC_RELAXED);
-    if (have < 0) {
-        __builtin_cpu_init();
-        have = !__builtin_cpu_supports("avx512f") ? 0
-               : (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) ? 2
-                                                                                           : 1;
-        __atomic_store_n(&avx512_level, have, __ATOMIC_RELAXED);
-    }
-    return have;
-}
-
 void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict step,
                      float *restrict top) {
-    if (avx512_support())
+    if (dq__avx512_level() >= 1)
         widths_each_avx512(bits, len, step, top);
     else
         widths_each_scalar(bits, len, step, top);
@@ -182,7 +167,7 @@ void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict 
 void dq__widths_grouped(const uint8_t *restrict bits, int shift, int64_t len,
                         float *restrict step, float *restrict top) {
     assert(shift >= 1 && shift <= 4);
-    if (avx512_support() == 2)
+    if (dq__avx512_level() == 2)
         widths_grouped_avx512(bits, shift, len, step, top);
     else
         widths_grouped_scalar(bits, shift, 0, len, step, top);

@@ -188,9 +188,8 @@ DQ_INLINE void noise_blocks(int kind, uint64_t seed, int64_t first_block, int nb
  * a fraction of the instructions. Every float operation is the one
  * noise_blocks performs, in the same order and without contraction, so the
  * two agree bit for bit (test_kernels checks it). */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(DQ_NO_AVX512)
+#if DQ_X86_AVX512
 #include <immintrin.h>
-#define DQ_HAVE_AVX512 1
 #define DQ_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 
 DQ_AVX512 static inline __m512 unit16(__m512i u) {
@@ -329,13 +328,6 @@ DQ_AVX512 static void noise_blocks_avx512(int kind, uint64_t seed, int64_t first
 #undef SUB
 #undef SET
 
-static int avx512_usable(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-#else
-#define DQ_HAVE_AVX512 0
 #endif
 
 /* -1: not decided yet; 0: portable; 1: AVX-512. Racing first calls store the
@@ -344,8 +336,8 @@ static int noise_simd = -1;
 
 int dq_noise_simd(int enable) {
     int previous = noise_simd;
-#if DQ_HAVE_AVX512
-    noise_simd = enable < 0 ? -1 : (enable && avx512_usable());
+#if DQ_X86_AVX512
+    noise_simd = enable < 0 ? -1 : (enable && dq__avx512_level() == 2);
 #else
     (void)enable;
     noise_simd = 0;
@@ -356,10 +348,10 @@ int dq_noise_simd(int enable) {
 /* Whole blocks, on the AVX-512 path for the multiples of 16 when it runs. */
 DQ_INLINE void noise_blocks_any(int kind, uint64_t seed, int64_t first_block, int nblocks,
                                 float *restrict out) {
-#if DQ_HAVE_AVX512
+#if DQ_X86_AVX512
     int simd = __atomic_load_n(&noise_simd, __ATOMIC_RELAXED);
     if (simd < 0) {
-        simd = avx512_usable();
+        simd = dq__avx512_level() == 2;
         __atomic_store_n(&noise_simd, simd, __ATOMIC_RELAXED);
     }
     if (simd) {
