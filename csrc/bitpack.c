@@ -269,10 +269,10 @@ static stream_range *chunk_ranges(const uint8_t *restrict bits, int64_t ngroups,
             for (int w = 0; w < 16; ++w)
                 ranges[c * 16 + w].begin = count[w] + ((bits[g] & 15) == w ? first - g * group_size : 0);
         }
+        int64_t groups[16];
+        count_widths(bits, ngroups, groups);
         for (int w = 0; w < 16; ++w)
-            totals[w] = 0;
-        for (int64_t k = 0; k < ngroups; ++k)
-            totals[bits[k] & 15] += group_size;
+            totals[w] = groups[w] * group_size;
     }
     for (int64_t c = 0; c < chunks; ++c)
         for (int w = 0; w < 16; ++w)
@@ -466,8 +466,6 @@ DQ_INLINE int64_t same_width_run(const uint8_t *restrict bits, int64_t g, int w,
         ++k;
     return k;
 }
-
-
 
 int dq_width_totals(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                     int64_t totals[16], int nthreads) {

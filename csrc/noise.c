@@ -128,7 +128,6 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
  * drawing (256 against 1024: noise forward and backward 10% faster). */
 #define SPAN 256
 
-
 /* Groups up to this size take the backward's vector path. */
 #define SMALL_GROUP 64
 
