@@ -385,11 +385,15 @@ def dequantize_levels(levels: torch.Tensor, scales: tp.Tuple[float, float],
 # ------------------------------------------------------------- bitpack
 
 
+def pack_lines(values: int) -> int:
+    """Lines of diffq's packed layout that `values` values take."""
+    return (values + _C.PACK_LINE - 1) // _C.PACK_LINE
+
+
 def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
     """int16 values in [0, 2^nbits) into diffq's [lines, nbits, 32] int64 layout."""
     flat = _flat(values.to("cpu", torch.int16))
-    lines = (flat.numel() + _C.PACK_LINE - 1) // _C.PACK_LINE
-    out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
+    out = torch.empty(pack_lines(flat.numel()), nbits, _C.PACK_BLOCK, dtype=torch.int64)
     _C.pack_bits(flat, out, nbits, num_threads())
     return out
 
@@ -479,8 +483,8 @@ def quantize_pack(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: st
         raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
                          "cannot quantize it")
     totals = _C.width_totals(bits, group_size, num_threads())
-    outs = [torch.empty((total + _C.PACK_LINE - 1) // _C.PACK_LINE, w, _C.PACK_BLOCK, dtype=torch.int64)
-            if total else None for w, total in enumerate(totals)]
+    outs = [torch.empty(pack_lines(total), w, _C.PACK_BLOCK, dtype=torch.int64) if total else None
+            for w, total in enumerate(totals)]
     _C.quantize_pack(flat, bits, outs, group_size, mn, float(mx - mn), num_threads())
     return outs, totals, mn, mx
 
@@ -494,8 +498,7 @@ def pack_widths(widths: torch.Tensor, offset: int) -> torch.Tensor:
         raise ValueError(f"widths below the offset {offset}")
     top = int(hi) - offset
     nbits = int(math.ceil(math.log2(1 + top))) if top > 0 else 0
-    lines = (flat.numel() + _C.PACK_LINE - 1) // _C.PACK_LINE
-    out = torch.empty(lines, nbits, _C.PACK_BLOCK, dtype=torch.int64)
+    out = torch.empty(pack_lines(flat.numel()), nbits, _C.PACK_BLOCK, dtype=torch.int64)
     _C.pack_widths(flat, int(offset), out, nbits, num_threads())
     return out
 
