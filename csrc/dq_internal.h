@@ -98,9 +98,6 @@ DQ_INLINE float dq_fast_sigmoid(float x) {
 /* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
 DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
 
-/* Per-element step and top level of a span, so that the level loop runs
- * over whole spans whatever the group size (groups of 8 are too short to
- * vectorize one by one). */
 /* Step and top level of each width, indexed by width (checked to be
  * 1..15; entry 0 is never used for a level): folded by the compiler to the
  * same correctly rounded quotients dq_step_of_bits computes. */
@@ -123,6 +120,9 @@ void dq__widths_each(const uint8_t *restrict bits, int64_t len, float *restrict 
 void dq__widths_grouped(const uint8_t *restrict bits, int shift, int64_t len,
                         float *restrict step, float *restrict top);
 
+/* Per-element step and top level of a span, so that the level loop runs
+ * over whole spans whatever the group size (groups of 8 are too short to
+ * vectorize one by one). */
 DQ_INLINE void dq__span_widths(int64_t group_size, const uint8_t *restrict bits, int64_t i0,
                                 int64_t len, float *restrict step, float *restrict top) {
     const float *step_of = dq__step_of, *top_of = dq__top_of;
