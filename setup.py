@@ -12,7 +12,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = ["csrc/rng.c", "csrc/noise.c", "csrc/quantize.c", "csrc/bitpack.c", "csrc/size.c",
-           "csrc/lsq.c", "csrc/validate.c"]
+           "csrc/lsq.c", "csrc/validate.c", "csrc/multi.c"]
 
 
 def _compiler_accepts(compiler, flag):

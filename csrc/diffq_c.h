@@ -289,6 +289,12 @@ void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
 void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int64_t n,
                       float scale, float *restrict grad, int nthreads);
 
+/* The chunk kernels of the two drivers above: logits [start, start + count). */
+void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                          int64_t count, dq_size_stats *out);
+void dq_size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float scale, float *restrict grad);
+
 /* bits value and d(bits)/d(logit) of one logit. */
 float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits);
 
@@ -361,6 +367,61 @@ int dq_validate_packed(int64_t lines, int64_t nbits, int64_t block, int64_t word
  * (DQ_ERR_LEVEL), else -1. */
 int dq_validate_levels(const void *levels, int level_bytes, int64_t n, int64_t group_size,
                        const uint8_t *bits, int64_t ngroups, int64_t *where);
+
+
+/* ----------------------------------------------------------------- multi.c */
+
+/* Multi-tensor drivers: the chunks of many tensors in one table, each pass
+ * one OpenMP region over it. Every tensor is cut in the single-tensor
+ * drivers' DQ_CHUNK chunks and reduced in chunk order: outputs are
+ * bit-identical to those drivers', tensor by tensor. Each returns DQ_OK,
+ * DQ_ERR_NOMEM, or as said. */
+
+/* The seed of tensor `index` of a forward whose seed is `base` (splitmix64). */
+uint64_t dq_derive_seed(uint64_t base, int64_t index);
+
+/* One tensor of dq_noise_forward_multi: the arguments of dq_noise_forward. */
+typedef struct {
+    const float *p;
+    int64_t n;
+    const float *logit;
+    int64_t group_size; /* 0: one group */
+    uint64_t seed;
+    float *noisy;
+    dq_range range; /* filled as dq_noise_forward fills it */
+} dq_noise_job;
+
+/* dq_noise_forward of every job. DQ_ERR_NONFINITE when a p holds NaN or
+ * infinities (each job's range.nonfinite says which; no noisy is written). */
+int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
+                           int nthreads);
+
+/* dq_size_forward of logits[j] (ns[j] values) into out[j], and
+ * dq_size_backward of each with its own scale. */
+int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,
+                          int64_t njobs, dq_size_stats *out, int nthreads);
+int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,
+                           const float *scales, float *const *grads, int64_t njobs, int nthreads);
+
+/* One tensor to quantize (eval, quantized states). */
+typedef struct {
+    const float *p;
+    int64_t n;
+    int64_t group_size; /* 0: one group */
+    const float *t;     /* sigmoid of each group's logit */
+    uint8_t *bits;      /* out: stored bits of each group (dq_stored_bits) */
+    float *out;         /* dq_requantize_multi: the quantized values; NULL skips the job */
+    float min, max;     /* out: extrema of p */
+    int64_t nonfinite;  /* out: NaN and infinities in p */
+    int64_t nan_bits;   /* out: groups whose bits are NaN (stored as 0) */
+} dq_quant_job;
+
+/* Extrema and stored bits of every job (the first pass of quantizing). */
+int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, dq_quant_job *jobs,
+                              int64_t njobs, int nthreads);
+/* dq_requantize of every job with an `out`, from what the first pass filled
+ * (the caller checks nonfinite and nan_bits are 0 first). */
+int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads);
 
 #ifdef __cplusplus
 }

@@ -47,7 +47,7 @@ DQ_INLINE void span_sum_max(const float *restrict v, int64_t len, double *sum, f
  * t = sigmoid(logit): the buffer holds t and the bits follow from its sum
  * and max (0.71 -> 0.52 ns a logit on one thread). */
 DQ_FAST
-static void size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                               int64_t count, dq_size_stats *out) {
     enum { SPAN = 1024 };
     float buf[SPAN];
@@ -85,7 +85,7 @@ void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
 /* grad = scale * dbits/dlogit, in one pass in the bits mode (the same
  * arithmetic as dq_logit_to_bits_fast's derivative, then the scale) */
 DQ_FAST
-static void size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+void dq_size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                                int64_t count, float scale, float *restrict grad) {
     if (prm->mode == DQ_PARAM_BITS) {
         const float span = prm->max_bits - prm->min_bits;
@@ -115,7 +115,7 @@ void dq_size_forward(const dq_bits_param *prm, const float *restrict logit, int6
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (m > 1)
         for (int64_t c = 0; c < m; ++c) {
             int64_t start = (base + c) * DQ_CHUNK;
-            size_forward_fast(prm, logit, start, DQ_MIN(DQ_CHUNK, n - start), &parts[c]);
+            dq_size_forward_fast(prm, logit, start, DQ_MIN(DQ_CHUNK, n - start), &parts[c]);
         }
         for (int64_t c = 0; c < m; ++c) {
             sum += parts[c].sum_bits;
@@ -134,6 +134,6 @@ void dq_size_backward(const dq_bits_param *prm, const float *restrict logit, int
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK;
         int64_t len = DQ_MIN(DQ_CHUNK, n - start);
-        size_backward_fast(prm, logit, start, len, scale, grad);
+        dq_size_backward_fast(prm, logit, start, len, scale, grad);
     }
 }

@@ -88,7 +88,128 @@ std::string exception_text(py::error_already_set &e) {
     return std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
 }
 
+// torch's own objects, looked up once: torch tensors are read through
+// their public attributes (data_ptr, dtype, shape, ...), which costs about
+// a tenth of a DLPack export (0.4 against 5.6 us a tensor measured here).
+// A model has hundreds of parameters and a step reads several buffers of
+// each, so this is most of the fixed cost per parameter. Anything else
+// (numpy arrays, tensor subclasses such as FakeTensor) goes through DLPack.
+struct TorchObjects {
+    PyObject *tensor_type = nullptr, *parameter_type = nullptr, *strided = nullptr;
+    PyObject *dtypes[5] = {nullptr};  // indexed by DType, u8_or_i16 unused
+    PyObject *s_is_cpu, *s_layout, *s_dtype, *s_shape, *s_is_contiguous, *s_data_ptr;
+    bool ready = false;
+};
+
+TorchObjects &torch_objects() {
+    static TorchObjects t;
+    if (t.ready)
+        return t;
+    py::module_ torch = py::module_::import("torch");
+    auto keep = [](py::object o) { return o.release().ptr(); };  // alive for the process
+    t.tensor_type = keep(torch.attr("Tensor"));
+    t.parameter_type = keep(torch.attr("nn").attr("Parameter"));
+    t.strided = keep(torch.attr("strided"));
+    t.dtypes[(int)DType::f32] = keep(torch.attr("float32"));
+    t.dtypes[(int)DType::u8] = keep(torch.attr("uint8"));
+    t.dtypes[(int)DType::i16] = keep(torch.attr("int16"));
+    t.dtypes[(int)DType::i64] = keep(torch.attr("int64"));
+    t.s_is_cpu = PyUnicode_InternFromString("is_cpu");
+    t.s_layout = PyUnicode_InternFromString("layout");
+    t.s_dtype = PyUnicode_InternFromString("dtype");
+    t.s_shape = PyUnicode_InternFromString("shape");
+    t.s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    t.s_data_ptr = PyUnicode_InternFromString("data_ptr");
+    t.ready = true;
+    return t;
+}
+
+bool is_plain_torch_tensor(py::handle obj) {
+    // nothing is a torch tensor before torch is imported (and the binding
+    // never imports it itself: it builds and loads without torch)
+    static bool torch_seen = false;
+    if (!torch_seen) {
+        if (!PyDict_GetItemString(PyImport_GetModuleDict(), "torch"))
+            return false;
+        torch_seen = true;
+    }
+    const TorchObjects &t = torch_objects();
+    PyObject *type = (PyObject *)Py_TYPE(obj.ptr());
+    return type == t.tensor_type || type == t.parameter_type;
+}
+
+py::object get_attr(py::handle obj, PyObject *name) {
+    PyObject *r = PyObject_GetAttr(obj.ptr(), name);
+    if (!r)
+        throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(r);
+}
+
+py::object call_method(py::handle obj, PyObject *name) {
+    PyObject *r = PyObject_CallMethodNoArgs(obj.ptr(), name);
+    if (!r)
+        throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(r);
+}
+
+std::string torch_dtype_name(py::handle dtype) {
+    std::string s = py::str(dtype);
+    return s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
+}
+
+// The checks of view() below, for a plain torch.Tensor or Parameter.
+Buffer torch_view(py::handle obj, const char *name, DType want, int64_t want_numel) {
+    const TorchObjects &t = torch_objects();
+    if (get_attr(obj, t.s_is_cpu).ptr() != Py_True)
+        value_error(std::string(name) + " must be a CPU tensor");
+    if (get_attr(obj, t.s_layout).ptr() != t.strided)
+        type_error(std::string(name) + " must be a dense (strided) tensor");
+    py::object dtype = get_attr(obj, t.s_dtype);
+    int elem_size = 0;
+    const DType kinds[4] = {DType::f32, DType::u8, DType::i16, DType::i64};
+    const int sizes[4] = {4, 1, 2, 8};
+    for (int k = 0; k < 4; ++k)
+        if (dtype.ptr() == t.dtypes[(int)kinds[k]] &&
+            (want == kinds[k] || (want == DType::u8_or_i16 && (kinds[k] == DType::u8 || kinds[k] == DType::i16))))
+            elem_size = sizes[k];
+    if (!elem_size)
+        type_error(std::string(name) + " must be " + dtype_name(want) + ", got " + torch_dtype_name(dtype));
+    Buffer b;
+    b.elem_size = elem_size;
+    b.numel = 1;
+    py::object shape = get_attr(obj, t.s_shape);
+    for (py::handle d : shape) {
+        int64_t size = PyLong_AsLongLong(d.ptr());
+        if (size == -1 && PyErr_Occurred())
+            throw py::error_already_set();
+        if (size < 0)
+            value_error(std::string(name) + " has a negative dimension");
+        b.shape.push_back(size);
+        if (!dq_mul_size(b.numel, size, &b.numel) || b.numel > INT64_MAX / 8)
+            value_error(std::string(name) + " is too large to index with 64 bits");
+    }
+    if (b.numel > 0 && call_method(obj, t.s_is_contiguous).ptr() != Py_True)
+        value_error(std::string(name) + " must be contiguous");
+    if (want_numel >= 0 && b.numel != want_numel)
+        value_error(std::string(name) + " has " + std::to_string(b.numel) + " elements, expected " +
+                    std::to_string(want_numel));
+    py::object ptr = call_method(obj, t.s_data_ptr);
+    unsigned long long address = PyLong_AsUnsignedLongLong(ptr.ptr());
+    if (address == (unsigned long long)-1 && PyErr_Occurred())
+        throw py::error_already_set();
+    b.data = reinterpret_cast<char *>((uintptr_t)address);
+    if (b.numel > 0 && !b.data)
+        value_error(std::string(name) + " has no data");
+    if (b.numel > 0 && reinterpret_cast<uintptr_t>(b.data) % b.elem_size)
+        value_error(std::string(name) + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
+    // the tensor itself keeps its memory alive while a kernel runs
+    b.capsule = py::reinterpret_borrow<py::object>(obj);
+    return b;
+}
+
 Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -1) {
+    if (is_plain_torch_tensor(obj))
+        return torch_view(obj, name, want, want_numel);
     if (!py::hasattr(obj, "__dlpack__"))
         type_error(std::string(name) + " must be a tensor, got " +
                    std::string(py::str(py::type::of(obj).attr("__name__"))));

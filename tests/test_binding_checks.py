@@ -486,11 +486,28 @@ def test_empty_buffers_are_valid():
     _C.unpack_bits(torch.empty(0, 3, 32, dtype=torch.int64), torch.empty(0, dtype=torch.int16))
 
 
-def test_requires_grad_tensor_is_refused_by_its_producer():
-    """torch refuses to export tensors that require grad; the binding turns
-    that into a TypeError naming the argument instead of crashing."""
+def test_requires_grad_tensor_is_read_as_its_values():
+    """Torch tensors are read through their attributes, not DLPack (which
+    refuses tensors that require grad): a parameter is read as its values,
+    the same as its detached tensor."""
+    x = torch.tensor([3.0, -1.0, 2.0], requires_grad=True)
+    assert _C.value_range(x) == _C.value_range(x.detach()) == (-1.0, 3.0, 0)
+
+
+def test_tensor_subclass_goes_through_dlpack():
+    """Subclasses of torch.Tensor are not read by attributes (their data_ptr
+    may lie, as a FakeTensor's does) but exported by DLPack, with the same
+    checks and messages."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.tensor([3.0, -1.0, 2.0]).as_subclass(Sub)
+    assert _C.value_range(x) == (-1.0, 3.0, 0)
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        _C.value_range(torch.zeros(3, dtype=torch.float64).as_subclass(Sub))
     with pytest.raises(TypeError, match="x cannot be read"):
-        _C.value_range(torch.zeros(3, requires_grad=True))
+        _C.value_range(torch.zeros(3, requires_grad=True).as_subclass(Sub))
 
 
 @pytest.mark.parametrize("reference", [False, True])

@@ -1,0 +1,300 @@
+/* Multi-tensor drivers: one call, and one OpenMP region a pass, over the
+ * chunks of many tensors. A model has tens to hundreds of quantized
+ * parameters, most of them small: a driver per tensor pays its fixed cost
+ * (a call, a parallel region) per tensor and runs a small tensor on one
+ * thread. Here the chunks of all tensors form one table that the threads
+ * share, so a model of many small tensors costs about what one tensor of
+ * the same total size costs.
+ *
+ * Each tensor is cut into the same DQ_CHUNK chunks as the single-tensor
+ * drivers, and per-tensor reductions add the chunks' parts in chunk order,
+ * so every output is bit-identical to the single-tensor driver's. */
+#include <stdlib.h>
+
+#include "dq_internal.h"
+
+/* The chunk table of many tensors: chunk c is elements [start[c],
+ * start[c] + len[c]) of tensor job[c]. */
+typedef struct {
+    int64_t total;
+    int64_t *job, *start, *len;
+} chunk_table;
+
+static void table_free(chunk_table *t) {
+    free(t->job);
+    t->job = t->start = t->len = NULL;
+}
+
+static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        total += dq_num_chunks(sizes[j], DQ_CHUNK);
+    t->total = total;
+    t->job = malloc((size_t)(total ? total : 1) * 3 * sizeof(int64_t));
+    if (!t->job)
+        return DQ_ERR_NOMEM;
+    t->start = t->job + total;
+    t->len = t->start + total;
+    int64_t c = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        for (int64_t s = 0; s < sizes[j]; s += DQ_CHUNK, ++c) {
+            t->job[c] = j;
+            t->start[c] = s;
+            t->len[c] = DQ_MIN(DQ_CHUNK, sizes[j] - s);
+        }
+    return DQ_OK;
+}
+
+uint64_t dq_derive_seed(uint64_t base, int64_t index) {
+    /* splitmix64 of base + golden-ratio increments: well-mixed, independent
+     * seeds for the tensors of one forward */
+    uint64_t z = base + 0x9E3779B97F4A7C15ull * (uint64_t)(index + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Extrema and non-finite count of each tensor ps[j]; part holds one range
+ * per chunk, combined in chunk order. */
+static void ranges_of(const chunk_table *t, const float *const *ps, int64_t njobs,
+                      dq_range *part, dq_range *out, int nthreads) {
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
+    for (int64_t c = 0; c < t->total; ++c)
+        dq_range_fast(ps[t->job[c]], t->start[c], t->len[c], &part[c]);
+    for (int64_t j = 0; j < njobs; ++j) {
+        out[j].min = INFINITY;
+        out[j].max = -INFINITY;
+        out[j].count_min = out[j].count_max = 0;
+        out[j].first_min = out[j].first_max = -1;
+        out[j].nonfinite = 0;
+    }
+    for (int64_t c = 0; c < t->total; ++c) {
+        dq_range *r = &out[t->job[c]];
+        r->min = part[c].min < r->min ? part[c].min : r->min;
+        r->max = part[c].max > r->max ? part[c].max : r->max;
+        r->nonfinite += part[c].nonfinite;
+    }
+}
+
+/* The first index of [from, to) holding value, or -1. */
+static int64_t first_index(const float *restrict p, int64_t from, int64_t to, float value) {
+    for (int64_t i = from; i < to; ++i)
+        if (p[i] == value)
+            return i;
+    return -1;
+}
+
+/* Scratch of a multi-tensor pass: the chunk table, a range per chunk and
+ * per tensor, the tensors' pointers and sizes. */
+typedef struct {
+    chunk_table table;
+    dq_range *part, *ranges;
+    const float **ps;
+    int64_t *ns;
+} multi_scratch;
+
+static void scratch_free(multi_scratch *s) {
+    table_free(&s->table);
+    free(s->part);
+    free(s->ranges);
+    free(s->ps);
+    free(s->ns);
+}
+
+/* Fills s for the tensors ps/ns already set; DQ_OK or DQ_ERR_NOMEM. */
+static int scratch_make(multi_scratch *s, int64_t njobs) {
+    if (!s->ps || !s->ns || table_make(s->ns, njobs, &s->table))
+        return DQ_ERR_NOMEM;
+    s->part = malloc((size_t)(s->table.total ? s->table.total : 1) * sizeof(dq_range));
+    s->ranges = malloc((size_t)(njobs ? njobs : 1) * sizeof(dq_range));
+    return s->part && s->ranges ? DQ_OK : DQ_ERR_NOMEM;
+}
+
+static int scratch_alloc_arrays(multi_scratch *s, int64_t njobs) {
+    memset(s, 0, sizeof *s);
+    s->ps = calloc((size_t)(njobs ? njobs : 1), sizeof(float *));
+    s->ns = calloc((size_t)(njobs ? njobs : 1), sizeof(int64_t));
+    return s->ps && s->ns ? DQ_OK : DQ_ERR_NOMEM;
+}
+
+int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
+                           int nthreads) {
+    multi_scratch s;
+    int err = scratch_alloc_arrays(&s, njobs);
+    if (!err) {
+        for (int64_t j = 0; j < njobs; ++j) {
+            s.ps[j] = jobs[j].p;
+            s.ns[j] = jobs[j].n;
+        }
+        err = scratch_make(&s, njobs);
+    }
+    if (err) {
+        scratch_free(&s);
+        return err;
+    }
+    const chunk_table *t = &s.table;
+    dq_range *part = s.part;
+    ranges_of(t, s.ps, njobs, part, s.ranges, nthreads);
+    int64_t bad = 0;
+    for (int64_t j = 0; j < njobs; ++j) {
+        jobs[j].range = s.ranges[j];
+        bad += s.ranges[j].nonfinite;
+    }
+    if (bad) {
+        scratch_free(&s);
+        return DQ_ERR_NONFINITE;
+    }
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
+    for (int64_t c = 0; c < t->total; ++c) {
+        const dq_noise_job *job = &jobs[t->job[c]];
+        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const float mn = job->range.min, mx = job->range.max;
+        int64_t cmin = 0, cmax = 0;
+        dq_noise_forward_fused(prm, job->p, job->logit, mx - mn, gs, kind, job->seed, t->start[c],
+                               t->len[c], job->noisy, mn, mx, &cmin, &cmax);
+        part[c].count_min = cmin;
+        part[c].count_max = cmax;
+    }
+    /* ties at each end, and the first chunk holding each (as -2 - its
+     * start): the backward then updates the extrema without a pass over p */
+    for (int64_t c = 0; c < t->total; ++c) {
+        dq_range *r = &jobs[t->job[c]].range;
+        r->count_min += part[c].count_min;
+        r->count_max += part[c].count_max;
+        if (part[c].count_min && r->first_min == -1)
+            r->first_min = -2 - t->start[c];
+        if (part[c].count_max && r->first_max == -1)
+            r->first_max = -2 - t->start[c];
+    }
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (njobs > 1)
+    for (int64_t j = 0; j < njobs; ++j) {
+        dq_noise_job *job = &jobs[j];
+        dq_range *r = &job->range;
+        if (r->first_min <= -2) {
+            int64_t from = -2 - r->first_min;
+            r->first_min = first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->min);
+        }
+        if (r->first_max <= -2) {
+            int64_t from = -2 - r->first_max;
+            r->first_max = first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->max);
+        }
+    }
+    scratch_free(&s);
+    return DQ_OK;
+}
+
+int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,
+                          int64_t njobs, dq_size_stats *out, int nthreads) {
+    chunk_table t;
+    if (table_make(ns, njobs, &t))
+        return DQ_ERR_NOMEM;
+    dq_size_stats *part = malloc((size_t)(t.total ? t.total : 1) * sizeof(dq_size_stats));
+    if (!part) {
+        table_free(&t);
+        return DQ_ERR_NOMEM;
+    }
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
+    for (int64_t c = 0; c < t.total; ++c) {
+        int64_t j = t.job[c];
+        dq_size_forward_fast(prm, logits[j], t.start[c], t.len[c],
+                             &part[c]);
+    }
+    for (int64_t j = 0; j < njobs; ++j) {
+        out[j].sum_bits = 0;
+        out[j].max_bits = -INFINITY;
+    }
+    for (int64_t c = 0; c < t.total; ++c) {
+        dq_size_stats *o = &out[t.job[c]];
+        o->sum_bits += part[c].sum_bits;
+        o->max_bits = part[c].max_bits > o->max_bits ? part[c].max_bits : o->max_bits;
+    }
+    free(part);
+    table_free(&t);
+    return DQ_OK;
+}
+
+int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,
+                           const float *scales, float *const *grads, int64_t njobs, int nthreads) {
+    chunk_table t;
+    if (table_make(ns, njobs, &t))
+        return DQ_ERR_NOMEM;
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
+    for (int64_t c = 0; c < t.total; ++c) {
+        int64_t j = t.job[c];
+        dq_size_backward_fast(prm, logits[j], t.start[c], t.len[c],
+                              scales[j], grads[j]);
+    }
+    table_free(&t);
+    return DQ_OK;
+}
+
+int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, dq_quant_job *jobs,
+                              int64_t njobs, int nthreads) {
+    multi_scratch s;
+    int err = scratch_alloc_arrays(&s, njobs);
+    if (!err) {
+        for (int64_t j = 0; j < njobs; ++j) {
+            s.ps[j] = jobs[j].p;
+            s.ns[j] = jobs[j].n;
+        }
+        err = scratch_make(&s, njobs);
+    }
+    if (err) {
+        scratch_free(&s);
+        return err;
+    }
+    const chunk_table *t = &s.table;
+    ranges_of(t, s.ps, njobs, s.part, s.ranges, nthreads);
+    /* each group's stored bits in the chunk holding its first value, so a
+     * group is computed once whatever the group size */
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
+    for (int64_t c = 0; c < t->total; ++c) {
+        const dq_quant_job *job = &jobs[t->job[c]];
+        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const int64_t g0 = (t->start[c] + gs - 1) / gs, g1 = (t->start[c] + t->len[c] + gs - 1) / gs;
+        if (g1 > g0)
+            dq_stored_bits_fast(job->t, g0, g1 - g0, min_bits, max_bits, extra_bits, job->bits);
+    }
+    for (int64_t j = 0; j < njobs; ++j) {
+        dq_quant_job *job = &jobs[j];
+        const int64_t ngroups = job->group_size > 0 ? job->n / job->group_size : (job->n > 0);
+        int64_t nan_bits = 0;
+        for (int64_t g = 0; g < ngroups; ++g)
+            nan_bits += job->bits[g] == 0;
+        job->nan_bits = nan_bits;
+        job->min = s.ranges[j].min;
+        job->max = s.ranges[j].max;
+        job->nonfinite = s.ranges[j].nonfinite;
+    }
+    scratch_free(&s);
+    return DQ_OK;
+}
+
+int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
+    int64_t *ns = malloc((size_t)(njobs ? njobs : 1) * sizeof(int64_t));
+    chunk_table t = {0};
+    if (!ns)
+        return DQ_ERR_NOMEM;
+    for (int64_t j = 0; j < njobs; ++j)
+        ns[j] = jobs[j].out ? jobs[j].n : 0;
+    int err = table_make(ns, njobs, &t);
+    free(ns);
+    if (err)
+        return err;
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
+    for (int64_t c = 0; c < t.total; ++c) {
+        const dq_quant_job *job = &jobs[t.job[c]];
+        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        /* the range as the single-tensor path computes it: in double, rounded once */
+        const float range = (float)((double)job->max - (double)job->min);
+        dq_requantize_fast(job->p, gs, job->bits, job->min, range, t.start[c], t.len[c], job->out);
+    }
+    table_free(&t);
+    return DQ_OK;
+}
