@@ -754,16 +754,16 @@ struct PackCall {
     int64_t totals[16];
 };
 
-PackCall pack_call(py::handle values_obj, const char *values_name, py::handle bits_obj, py::sequence packs,
-                   const char *packs_name, int64_t group_size, int nthreads) {
+PackCall pack_call(py::handle values_obj, const char *values_name, py::handle bits_obj, const char *bits_name,
+                   py::sequence packs, const char *packs_name, int64_t group_size, int nthreads) {
     PackCall c;
     c.values = view(values_obj, values_name, DType::f32);
     if (group_size < 1)
         value_error("group_size must be >= 1, got " + std::to_string(group_size));
     c.ngroups = groups_of(c.values.numel, group_size, values_name);
-    c.bits = view(bits_obj, "bits", DType::u8, c.ngroups);
+    c.bits = view(bits_obj, bits_name, DType::u8, c.ngroups);
     threads(nthreads);
-    check_widths(c.bits, "bits");
+    check_widths(c.bits, bits_name);
     if (py::len(packs) != 16)
         value_error(std::string(packs_name) + " must have 16 entries (one per width), got " +
                     std::to_string(py::len(packs)));
@@ -778,7 +778,7 @@ void dequantize_packed(py::sequence packs_obj, py::handle bits_obj, py::handle o
                        float range, int nthreads) {
     finite(mn, "mn");
     finite(range, "range");
-    PackCall c = pack_call(out_obj, "out", bits_obj, packs_obj, "packs", group_size, nthreads);
+    PackCall c = pack_call(out_obj, "out", bits_obj, "bits", packs_obj, "packs", group_size, nthreads);
     const Buffer &out = c.values, &bits = c.bits;
     const int64_t *totals = c.totals;
     no_overlap(out, "out", bits, "bits");
@@ -859,7 +859,7 @@ void quantize_pack(py::handle p_obj, py::handle bits_obj, py::sequence outs_obj,
                    float range, int nthreads) {
     finite(mn, "mn");
     finite(range, "range");
-    PackCall c = pack_call(p_obj, "p", bits_obj, outs_obj, "outs", group_size, nthreads);
+    PackCall c = pack_call(p_obj, "p", bits_obj, "bits", outs_obj, "outs", group_size, nthreads);
     const Buffer &p = c.values, &bits = c.bits;
     const int64_t *totals = c.totals;
     std::vector<Buffer> outs(16);
@@ -1048,6 +1048,315 @@ float lsq_backward(py::handle x_obj, py::handle grad_obj, float scale, int bits,
     return dq_lsq_backward(xp, gp, x.numel, scale, bits, grad_scale, gxp, nthreads);
 }
 
+
+// ------------------------------------------------------ multi-tensor calls
+//
+// One call covers all the quantized parameters of a model: every buffer is
+// checked once, the kernels run with the GIL released in one parallel
+// region over all of them (csrc/multi.c). List entries are named like
+// "p[3]" in errors.
+
+std::string item_name(const char *name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+void same_length(size_t n, py::sequence s, const char *name) {
+    if ((size_t)py::len(s) != n)
+        value_error(std::string(name) + " has " + std::to_string(py::len(s)) + " entries, expected " +
+                    std::to_string(n));
+}
+
+// Outputs must overlap no other buffer of the call (inputs may share
+// memory: they are only read). Sorted by start, each output is compared
+// with its neighbours only.
+struct Extent {
+    const char *lo, *hi;
+    bool output;
+    std::string name;
+};
+
+void outputs_disjoint(std::vector<Extent> &extents) {
+    std::vector<Extent *> live;
+    for (auto &e : extents)
+        if (e.hi > e.lo)
+            live.push_back(&e);
+    std::sort(live.begin(), live.end(), [](const Extent *a, const Extent *b) { return a->lo < b->lo; });
+    // the extent reaching furthest so far, for overlaps with a long earlier one
+    const Extent *reach = nullptr;
+    for (const Extent *e : live) {
+        if (reach && e->lo < reach->hi && (e->output || reach->output))
+            value_error((e->output ? e->name : reach->name) + " must not overlap " +
+                        (e->output ? reach->name : e->name));
+        if (!reach || e->hi > reach->hi || (e->output && e->hi == reach->hi))
+            reach = e;
+    }
+}
+
+void add_extent(std::vector<Extent> &extents, const Buffer &b, bool output, std::string name) {
+    extents.push_back({b.data, b.data + b.numel * b.elem_size, output, std::move(name)});
+}
+
+std::vector<RangeTuple> noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys,
+                                            std::vector<int64_t> group_sizes, int kind, uint64_t base_seed,
+                                            std::tuple<int, float, float, float, float> prm_t, int nthreads) {
+    const size_t n = group_sizes.size();
+    same_length(n, ps, "p");
+    same_length(n, logits, "logit");
+    same_length(n, noisys, "noisy");
+    noise_kind(kind);
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    std::vector<Buffer> keep;
+    keep.reserve(3 * n);
+    std::vector<Extent> extents;
+    std::vector<dq_noise_job> jobs(n);
+    for (size_t i = 0; i < n; ++i) {
+        std::string pn = item_name("p", i), ln = item_name("logit", i), nn = item_name("noisy", i);
+        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const Buffer &p = keep.back();
+        int64_t ngroups = groups_of(p.numel, group_sizes[i], pn.c_str());
+        keep.push_back(view(logits[i], ln.c_str(), DType::f32, ngroups));
+        const Buffer &logit = keep.back();
+        keep.push_back(view(noisys[i], nn.c_str(), DType::f32, p.numel));
+        const Buffer &noisy = keep.back();
+        advise_huge_pages(noisy);
+        add_extent(extents, p, false, pn);
+        add_extent(extents, logit, false, ln);
+        add_extent(extents, noisy, true, nn);
+        jobs[i] = dq_noise_job{reinterpret_cast<const float *>(p.data), p.numel,
+                               reinterpret_cast<const float *>(logit.data), group_sizes[i],
+                               dq_derive_seed(base_seed, (int64_t)i), reinterpret_cast<float *>(noisy.data), {}};
+    }
+    outputs_disjoint(extents);
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_noise_forward_multi(&prm, kind, jobs.data(), (int64_t)n, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    std::vector<RangeTuple> out;
+    out.reserve(n);
+    for (const auto &j : jobs)
+        out.emplace_back(j.range.min, j.range.max, j.range.count_min, j.range.count_max, j.range.nonfinite,
+                         j.range.first_min, j.range.first_max);
+    return out;
+}
+
+uint64_t derive_seed(uint64_t base, int64_t index) {
+    if (index < 0)
+        value_error("index must be >= 0, got " + std::to_string(index));
+    return dq_derive_seed(base, index);
+}
+
+// Views of a list of logits (float32) and pointers and sizes for the kernels.
+struct LogitList {
+    std::vector<Buffer> bufs;
+    std::vector<const float *> ptrs;
+    std::vector<int64_t> sizes;
+};
+
+LogitList logit_list(py::sequence logits, const char *name) {
+    LogitList l;
+    const size_t n = py::len(logits);
+    l.bufs.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        l.bufs.push_back(view(logits[i], item_name(name, i).c_str(), DType::f32));
+        l.ptrs.push_back(reinterpret_cast<const float *>(l.bufs.back().data));
+        l.sizes.push_back(l.bufs.back().numel);
+    }
+    return l;
+}
+
+std::vector<std::tuple<double, float>> size_forward_multi(py::sequence logits,
+                                                          std::tuple<int, float, float, float, float> prm_t,
+                                                          int nthreads) {
+    LogitList l = logit_list(logits, "logit");
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    std::vector<dq_size_stats> stats(l.ptrs.size());
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_size_forward_multi(&prm, l.ptrs.data(), l.sizes.data(), (int64_t)l.ptrs.size(), stats.data(),
+                                    nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    std::vector<std::tuple<double, float>> out;
+    for (const auto &s : stats)
+        out.emplace_back(s.sum_bits, s.max_bits);
+    return out;
+}
+
+void size_backward_multi(py::sequence logits, py::sequence grads, std::vector<float> scales,
+                         std::tuple<int, float, float, float, float> prm_t, int nthreads) {
+    LogitList l = logit_list(logits, "logit");
+    const size_t n = l.ptrs.size();
+    same_length(n, grads, "grad");
+    if (scales.size() != n)
+        value_error("scale has " + std::to_string(scales.size()) + " entries, expected " + std::to_string(n));
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    std::vector<Buffer> keep;
+    keep.reserve(n);
+    std::vector<float *> gptrs(n);
+    std::vector<Extent> extents;
+    for (size_t i = 0; i < n; ++i) {
+        std::string gn = item_name("grad", i);
+        keep.push_back(view(grads[i], gn.c_str(), DType::f32, l.sizes[i]));
+        advise_huge_pages(keep.back());
+        gptrs[i] = reinterpret_cast<float *>(keep.back().data);
+        add_extent(extents, keep.back(), true, gn);
+        add_extent(extents, l.bufs[i], false, item_name("logit", i));
+    }
+    outputs_disjoint(extents);
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_size_backward_multi(&prm, l.ptrs.data(), l.sizes.data(), scales.data(), gptrs.data(), (int64_t)n,
+                                     nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+}
+
+// (min, max, non-finite values, groups with NaN bits, values of each width
+// 0..15 when asked for)
+using QuantTuple = std::tuple<float, float, int64_t, int64_t, std::vector<int64_t>>;
+
+// Stored bits and ranges of each p (t: the sigmoid of its logits), then,
+// when `outs` is not None and every p and logit is finite, the quantized
+// values of each p into outs[i]. Nothing is written to outs otherwise.
+std::vector<QuantTuple> quantize_multi(py::sequence ps, py::sequence ts, py::sequence bits_outs, py::object outs,
+                                       std::vector<int64_t> group_sizes, float min_bits, float max_bits,
+                                       float extra_bits, bool with_totals, int nthreads) {
+    const size_t n = group_sizes.size();
+    same_length(n, ps, "p");
+    same_length(n, ts, "t");
+    same_length(n, bits_outs, "bits");
+    const bool requant = !outs.is_none();
+    py::sequence outs_seq = requant ? py::reinterpret_borrow<py::sequence>(outs) : py::sequence(py::list());
+    if (requant)
+        same_length(n, outs_seq, "out");
+    threads(nthreads);
+    finite(min_bits, "min_bits");
+    finite(max_bits, "max_bits");
+    finite(extra_bits, "extra_bits");
+    std::vector<Buffer> keep;
+    keep.reserve(4 * n);
+    std::vector<Extent> extents;
+    std::vector<dq_quant_job> jobs(n);
+    std::vector<int64_t> ngroups(n);
+    for (size_t i = 0; i < n; ++i) {
+        std::string pn = item_name("p", i), tn = item_name("t", i), bn = item_name("bits", i);
+        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const Buffer &p = keep.back();
+        ngroups[i] = groups_of(p.numel, group_sizes[i], pn.c_str());
+        keep.push_back(view(ts[i], tn.c_str(), DType::f32, ngroups[i]));
+        const Buffer &t = keep.back();
+        keep.push_back(view(bits_outs[i], bn.c_str(), DType::u8, ngroups[i]));
+        const Buffer &bits = keep.back();
+        add_extent(extents, p, false, pn);
+        add_extent(extents, t, false, tn);
+        add_extent(extents, bits, true, bn);
+        float *out = nullptr;
+        if (requant) {
+            std::string on = item_name("out", i);
+            keep.push_back(view(outs_seq[i], on.c_str(), DType::f32, p.numel));
+            add_extent(extents, keep.back(), true, on);
+            out = reinterpret_cast<float *>(keep.back().data);
+        }
+        jobs[i] = dq_quant_job{reinterpret_cast<const float *>(p.data), p.numel, group_sizes[i],
+                               reinterpret_cast<const float *>(t.data), reinterpret_cast<uint8_t *>(bits.data), out,
+                               0, 0, 0, 0};
+    }
+    outputs_disjoint(extents);
+    std::vector<std::vector<int64_t>> totals(n);
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_quantize_prepare_multi(min_bits, max_bits, extra_bits, jobs.data(), (int64_t)n, nthreads);
+        bool clean = true;
+        for (const auto &j : jobs)
+            clean = clean && !j.nonfinite && !j.nan_bits;
+        if (!err && requant && clean)
+            err = dq_requantize_multi(jobs.data(), (int64_t)n, nthreads);
+        for (size_t i = 0; i < n && !err && with_totals && clean; ++i) {
+            totals[i].assign(16, 0);
+            int64_t gs = group_sizes[i] ? group_sizes[i] : jobs[i].n;
+            err = dq_width_totals(jobs[i].bits, ngroups[i], gs, totals[i].data(), nthreads);
+        }
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    std::vector<QuantTuple> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i)
+        out.emplace_back(jobs[i].min, jobs[i].max, jobs[i].nonfinite, jobs[i].nan_bits, std::move(totals[i]));
+    return out;
+}
+
+// quantize_pack of each entry: p[i] with widths bits[i] into outs[i] (16
+// entries each), over the range (mn[i], mn[i] + range[i]).
+void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence outs_list,
+                         std::vector<int64_t> group_sizes, std::vector<float> mns, std::vector<float> ranges,
+                         int nthreads) {
+    const size_t n = group_sizes.size();
+    same_length(n, ps, "p");
+    same_length(n, bits_list, "bits");
+    same_length(n, outs_list, "outs");
+    if (mns.size() != n || ranges.size() != n)
+        value_error("mn and range need one entry per tensor");
+    threads(nthreads);
+    struct Job {
+        PackCall call;
+        std::vector<Buffer> outs;
+        uint64_t *ptrs[16];
+    };
+    std::vector<Job> jobs(n);
+    std::vector<Extent> extents;
+    for (size_t i = 0; i < n; ++i) {
+        finite(mns[i], "mn");
+        finite(ranges[i], "range");
+        Job &job = jobs[i];
+        py::sequence outs_obj = outs_list[i];
+        std::string pn = item_name("p", i);
+        std::string bn = item_name("bits", i), on = item_name("outs", i);
+        job.call = pack_call(ps[i], pn.c_str(), bits_list[i], bn.c_str(), outs_obj, on.c_str(), group_sizes[i],
+                             nthreads);
+        add_extent(extents, job.call.values, false, pn);
+        add_extent(extents, job.call.bits, false, bn);
+        job.outs.resize(16);
+        for (int w = 0; w < 16; ++w) {
+            job.ptrs[w] = nullptr;
+            py::handle o = outs_obj[w];
+            std::string name = item_name("outs", i) + "[" + std::to_string(w) + "]";
+            const int64_t total = job.call.totals[w];
+            if (total == 0) {
+                if (!o.is_none())
+                    value_error(name + " must be None: no group has " + std::to_string(w) + " bits");
+                continue;
+            }
+            if (o.is_none())
+                value_error(name + " is None but " + std::to_string(total) + " values have " + std::to_string(w) +
+                            " bits");
+            job.outs[w] = view(o, name.c_str(), DType::i64, dq_pack_lines(total) * w * DQ_PACK_BLOCK);
+            add_extent(extents, job.outs[w], true, name);
+            job.ptrs[w] = reinterpret_cast<uint64_t *>(job.outs[w].data);
+        }
+    }
+    outputs_disjoint(extents);
+    int err = DQ_OK;
+    {
+        py::gil_scoped_release nogil;
+        for (size_t i = 0; i < n && err == DQ_OK; ++i)
+            err = dq_quantize_pack(reinterpret_cast<const float *>(jobs[i].call.values.data), group_sizes[i],
+                                   reinterpret_cast<const uint8_t *>(jobs[i].call.bits.data), jobs[i].call.ngroups,
+                                   mns[i], ranges[i], jobs[i].ptrs, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -1060,6 +1369,17 @@ PYBIND11_MODULE(_C, m) {
 #else
     m.attr("OPENMP") = false;
 #endif
+    m.def("noise_forward_multi", &noise_forward_multi, py::arg("p"), py::arg("logit"), py::arg("noisy"),
+          py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("nthreads") = 1);
+    m.def("derive_seed", &derive_seed, py::arg("base"), py::arg("index"));
+    m.def("size_forward_multi", &size_forward_multi, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
+    m.def("size_backward_multi", &size_backward_multi, py::arg("logit"), py::arg("grad"), py::arg("scale"),
+          py::arg("param"), py::arg("nthreads") = 1);
+    m.def("quantize_multi", &quantize_multi, py::arg("p"), py::arg("t"), py::arg("bits"), py::arg("out"),
+          py::arg("group_size"), py::arg("min_bits"), py::arg("max_bits"), py::arg("extra_bits"),
+          py::arg("with_totals") = false, py::arg("nthreads") = 1);
+    m.def("quantize_pack_multi", &quantize_pack_multi, py::arg("p"), py::arg("bits"), py::arg("outs"),
+          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("philox4x32_10", &philox, py::arg("ctr"), py::arg("key"));
     m.def("noise_fill", &noise_fill, py::arg("out"), py::arg("kind"), py::arg("seed"), py::arg("start") = 0,
           py::arg("nthreads") = 1, py::arg("reference") = false);

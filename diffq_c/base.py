@@ -58,6 +58,10 @@ class BaseQuantizer:
         self._rnns: tp.List[torch.nn.RNNBase] = []
         self._saved: tp.List[torch.Tensor] = []  # float values while quantized
         self._full_names: tp.Dict[int, str] = {}
+        # every place a small (unquantized) parameter sits: (module, name,
+        # parameter), ties included; a compiled eval forward swaps them there
+        self._small_sites: tp.List[tp.Tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self._owners: tp.Optional[tp.List[tp.Any]] = None
         # weight-sized outputs kept between calls (see scratch.py)
         self._scratch = Scratch()
         self._find_params()
@@ -88,6 +92,7 @@ class BaseQuantizer:
                 # an empty tensor has no range to quantize, whatever min_size says
                 if (param.numel() <= min_numel or param.numel() == 0
                         or self._excluded(full_name, name)):
+                    self._small_sites.append((module, name, param))
                     if id(param) in seen:
                         continue
                     if self.detect_bound:
@@ -106,7 +111,9 @@ class BaseQuantizer:
 
     def _unique_qparams(self):
         """The quantized parameters that own their state (not tied copies)."""
-        return [qp for qp in self._qparams if qp.other is None]
+        if self._owners is None:
+            self._owners = [qp for qp in self._qparams if qp.other is None]
+        return self._owners
 
     def _register_param(self, name, param, module, other):
         return self.__class__._QuantizedParam(name, param, module, other)
@@ -114,6 +121,13 @@ class BaseQuantizer:
     # ---------------------------------------------------------------- hooks
 
     def _forward_pre_hook(self, module, input):
+        if not self.model.training and ops.compiling():
+            # a traced eval forward sees the quantized weights as module
+            # attributes (as training sees the noisy ones): no `.data` swap,
+            # which the tracer cannot follow
+            if not self._quantized:
+                self._pre_forward_eval_traced()
+            return
         if self.model.training:
             self._quantized_state = None
             self.unquantize()
@@ -133,6 +147,13 @@ class BaseQuantizer:
             self._need_unquantize = self.quantize()
 
     def _forward_hook(self, module, input, output):
+        if not self.model.training and ops.compiling():
+            if not self._quantized:
+                self._put_back_params()
+                for module, name, param in self._small_sites:
+                    module._parameters[name] = param
+                self._fix_rnns(flatten=False)
+            return
         if self.model.training:
             if self._post_forward_train():
                 # flattening here would be wasted: the next forward does it
@@ -148,6 +169,20 @@ class BaseQuantizer:
     def _post_forward_train(self) -> bool:
         """After each training forward; True when parameters were swapped back."""
         return False
+
+    def _pre_forward_eval_traced(self) -> None:
+        """Eval forward under torch.compile: each parameter's module sees its
+        quantized value, through which gradients pass straight to the
+        parameter (what the `.data` swap of eager eval amounts to)."""
+        values = dict(zip(map(id, self._unique_qparams()), self._quantized_values()))
+        for qparam in self._qparams:
+            owner = qparam if qparam.other is None else qparam.other
+            qparam.module._parameters[qparam.name] = ops.straight_through(qparam.param, values[id(owner)])
+        if self.float16:
+            for module, name, param in self._small_sites:
+                module._parameters[name] = ops.straight_through(
+                    param, param.detach().half().to(param.dtype))
+        self._fix_rnns(flatten=False)
 
     def _put_back_params(self) -> bool:
         """Put each quantized parameter back in its module after a forward
@@ -180,10 +215,10 @@ class BaseQuantizer:
             return False
         swapped: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            for qparam in self._unique_qparams():
-                value = self._quantized_value(qparam)
+            values = self._quantized_values()
+            for qparam, value in zip(self._unique_qparams(), values):
                 swapped.append((qparam.param, qparam.param.data))
-                qparam.param.data = value
+                qparam.param.data = self._same_layout(qparam.param.data, value)
             for p in self._float16:
                 swapped.append((p, p.data))
                 p.data = self._same_layout(p.data, p.data.half())
@@ -204,11 +239,16 @@ class BaseQuantizer:
             return value
         return torch.empty_like(like).copy_(value.reshape(like.shape))
 
+    def _quantized_values(self) -> tp.List[torch.Tensor]:
+        """The quantized values of every quantized parameter, in
+        _unique_qparams' order (subclasses compute them in one call)."""
+        return [self._quantized_value(qparam) for qparam in self._unique_qparams()]
+
     def _quantized_value(self, qparam) -> torch.Tensor:
         """A new tensor of the parameter's quantized values (subclasses may
         compute it in one pass)."""
         quantized = self._quantize_param(qparam)
-        return self._same_layout(qparam.param.data, self._unquantize_param(qparam, quantized))
+        return self._unquantize_param(qparam, quantized)
 
     def _restore_saved(self):
         params = [qp.param for qp in self._unique_qparams()] + list(self._float16)

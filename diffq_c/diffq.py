@@ -13,6 +13,7 @@ import typing as tp
 import torch
 
 from . import bitpack, ops
+from .eval_cache import EvalCache
 from .base import BaseQuantizer, check_packed_state, packed_planes, unpack_state
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
@@ -91,6 +92,7 @@ class DiffQuantizer(BaseQuantizer):
                 raise RuntimeError(f"the model already has a parameter ending in {suffix!r} "
                                    f"({name}): was a DiffQuantizer applied to it twice?")
         self._generator = generator
+        self._eval_cache = EvalCache()
         try:
             super().__init__(model, min_size, float16, exclude, detect_bound)
         except BaseException:
@@ -187,17 +189,12 @@ class DiffQuantizer(BaseQuantizer):
         qparams = self._unique_qparams()
         fused = None if exact else ops.weighted_sum_bits(
             [qp.logit for qp in qparams], [self._group_size_of(qp.param) for qp in qparams],
-            self._bits_param, [self._scratch.lender(id(qp)) for qp in qparams])
+            self._bits_param, self._allocs()[1])
         if fused is not None:
-            # one autograd node for all the logits; the rest does not depend
-            # on them and is summed in Python
+            # one autograd node and one kernel call for all the logits; the
+            # rest does not depend on them
             weighted, tops = fused
-            constant = 0.0
-            for qparam, top in zip(qparams, tops):
-                numel = qparam.logit.numel()
-                constant += self._group_size_of(qparam.param) * self.extra_bits * numel
-                constant += 2 * 32 + 8 + self._bits_bits(top + self.extra_bits) * numel
-            return total + (weighted + constant) / (2 ** 20 * 8)
+            return total + (weighted + self._size_constant(qparams, tops)) / (2 ** 20 * 8)
         subtotal = 0
         for qparam in qparams:
             logit = qparam.logit
@@ -214,6 +211,36 @@ class DiffQuantizer(BaseQuantizer):
         subtotal /= 2 ** 20 * 8
         return total + subtotal
 
+    def _size_constant(self, qparams, tops: torch.Tensor):
+        """The bits of a model's size that do not depend on the logits: the
+        extra bits, each tensor's (min, max) and its stored bits, each on the
+        bits the largest (`tops`) needs."""
+        numels = [qp.logit.numel() for qp in qparams]
+        constant = sum(self._group_size_of(qp.param) * self.extra_bits * n
+                       for qp, n in zip(qparams, numels)) + (2 * 32 + 8) * len(qparams)
+        if ops.compiling():
+            # the same formula in tensor operations, which a trace can hold
+            width = torch.ceil(torch.log2(1 + (torch.round(tops + self.extra_bits) - self.min_bits)))
+            return constant + (width * torch.tensor(numels, dtype=torch.float64)).sum()
+        return constant + sum(self._bits_bits(top + self.extra_bits) * n
+                              for top, n in zip(tops.tolist(), numels))
+
+    def _allocs(self):
+        """Per quantized parameter, what allocates its noisy weight and its
+        logits' gradient: kept memory (scratch.py) for the large ones, plain
+        torch.empty for the others (the pool's bookkeeping costs more than
+        it saves on small tensors)."""
+        keep = self._scratch.keep_bytes
+        if getattr(self, "_alloc_lists", None) is None or self._alloc_lists[2] != keep:
+
+            def pick(qparam, numel):
+                return self._scratch.lender(id(qparam)) if numel * 4 >= keep else ops._empty_f32
+
+            qparams = self._unique_qparams()
+            self._alloc_lists = ([pick(qp, qp.param.numel()) for qp in qparams],
+                                 [pick(qp, qp.logit.numel()) for qp in qparams], keep)
+        return self._alloc_lists
+
     def _bits_bits(self, top: float) -> int:
         """The bits of each group are stored on the bits the largest needs."""
         return math.ceil(math.log2(1 + (round(top) - self.min_bits)))
@@ -224,21 +251,48 @@ class DiffQuantizer(BaseQuantizer):
 
     # ------------------------------------------------------------- training
 
+    @property
+    def cache_eval(self) -> bool:
+        """Whether eval forwards reuse the quantized weights of the previous
+        one while weights and logits are unchanged (see eval_cache.py)."""
+        return self._eval_cache.enabled
+
+    @cache_eval.setter
+    def cache_eval(self, value: bool) -> None:
+        self._eval_cache.enabled = bool(value)
+        self._eval_cache.clear()
+
+    def clear_eval_cache(self) -> None:
+        """Forget the kept quantized weights (after an edit through `.data`)."""
+        self._eval_cache.clear()
+
     def _pre_forward_train(self):
         self._require_optimizer()
-        self._scratch.release_small()
-        base_seed = ops.draw_seed(self._generator)
-        for index, qparam in enumerate(self._qparams):
-            if qparam.other is not None:
-                noisy = qparam.other.module._parameters[qparam.other.name]
-            else:
-                noisy = ops.noisy_weight(qparam.param, qparam.logit, self.group_size, self.noise,
-                                         self._bits_param, ops._derive_seed(base_seed, index),
-                                         name=self._param_name(qparam),
-                                         generator=self._generator,
-                                         alloc=self._scratch.lender(id(qparam)))
+        if not ops.compiling():
+            self._scratch.release_small()
+            self._eval_cache.clear()
+        owners = self._unique_qparams()
+        on_kernels = [ops.on_kernel_path(qp.param, qp.logit) for qp in owners]
+        kernel_qps = [qp for qp, k in zip(owners, on_kernels) if k]
+        noisy = {}
+        if kernel_qps:
+            # every parameter's noise in one kernel call
+            allocs = [a for a, k in zip(self._allocs()[0], on_kernels) if k]
+            values = ops.noisy_weights([qp.param for qp in kernel_qps], [qp.logit for qp in kernel_qps],
+                                       [self.group_size] * len(kernel_qps), ops.NOISE_KINDS[self.noise],
+                                       self._bits_param, [self._param_name(qp) for qp in kernel_qps],
+                                       self._generator, allocs)
+            noisy = dict(zip(map(id, kernel_qps), values))
+        for qparam, kernels in zip(owners, on_kernels):
+            if not kernels:
+                noisy[id(qparam)] = ops.noisy_weight(qparam.param, qparam.logit, self.group_size,
+                                                     self.noise, self._bits_param, 0,
+                                                     name=self._param_name(qparam),
+                                                     generator=self._generator)
+        for qparam in self._qparams:
+            owner = qparam if qparam.other is None else qparam.other
             # bypass nn.Module's check that parameters are leaves
-            qparam.module._parameters[qparam.name] = noisy
+            qparam.module._parameters[qparam.name] = noisy[id(owner)]
         return True
 
     def _post_forward_train(self):
@@ -250,6 +304,25 @@ class DiffQuantizer(BaseQuantizer):
         return ops.stored_bits(qparam.logit, self._bits_param, self.extra_bits,
                                name=self._param_name(qparam),
                                alloc=self._scratch.lender(id(qparam), small_too))
+
+    def _quantized_values(self) -> tp.List[torch.Tensor]:
+        owners = self._unique_qparams()
+        if not (owners and self._bits_param.mode == ops.PARAM_MODES["bits"]
+                and all(ops.on_kernel_path(qp.param, qp.logit) for qp in owners)):
+            return super()._quantized_values()
+        if ops.compiling():
+            return list(torch.ops.diffq_c.quantize(
+                [qp.param.detach() for qp in owners], [qp.logit.detach() for qp in owners],
+                [self.group_size] * len(owners), [float(v) for v in self._bits_param],
+                float(self.extra_bits), [self._param_name(qp) for qp in owners]))
+        key = self._eval_cache.key(self, owners)
+        values = self._eval_cache.get(key)
+        if values is None:
+            values = ops.quantize_all([qp.param.detach() for qp in owners], [qp.logit for qp in owners],
+                                      [self.group_size] * len(owners), self._bits_param, self.extra_bits,
+                                      [self._param_name(qp) for qp in owners])[0]
+            self._eval_cache.put(key, values)
+        return values
 
     def _quantized_value(self, qparam) -> torch.Tensor:
         # eval: quantized on every forward, so small tensors are kept too
@@ -436,6 +509,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def detach(self):
         super().detach()
+        self._eval_cache.clear()
         for qparam in self._qparams:
             if hasattr(qparam.module, qparam.name + self.suffix):
                 delattr(qparam.module, qparam.name + self.suffix)

@@ -76,16 +76,26 @@ def bits_from_logit(logit: torch.Tensor, prm: BitsParam) -> torch.Tensor:
 
 
 def _derive_seed(base: int, index: int) -> int:
-    """Independent 64-bit seeds for each parameter of one forward (splitmix64)."""
-    z = (base + 0x9E3779B97F4A7C15 * (index + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    """The seed of parameter `index` of a forward drawn with `base`
+    (splitmix64; the binding's derive_seed computes the same)."""
+    z = (base + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def draw_seed_tensor(generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
+    """A 63-bit seed from torch's generator as an int64 scalar tensor (so a
+    compiled forward draws it inside its graph)."""
+    return torch.randint(0, 2 ** 63 - 1, (), generator=generator)
 
 
 def draw_seed(generator: tp.Optional[torch.Generator] = None) -> int:
     """A 63-bit seed from torch's generator, so torch.manual_seed replays a run."""
-    return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator).item())
+    return int(draw_seed_tensor(generator).item())
 
 
 def _empty_f32(shape) -> torch.Tensor:
@@ -95,42 +105,132 @@ def _empty_f32(shape) -> torch.Tensor:
 Alloc = tp.Callable[[tp.Sequence[int]], torch.Tensor]
 
 
-class _NoisyWeight(torch.autograd.Function):
-    """noisy = p + (max(p) - min(p)) * step(bits(logit)) * noise(seed).
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when contiguous (the binding reads it as it is), else a
+    contiguous copy in its logical order (channels_last, transposed)."""
+    return t if t.is_contiguous() else t.detach().contiguous()
 
-    Only the seed is kept for backward: the noise is regenerated there, so no
-    noise tensor lives between forward and backward."""
 
-    @staticmethod
-    def forward(ctx, p, logit, group_size, kind, seed, prm, name, alloc):
-        p_flat = _flat(p)
-        logit_flat = _flat(logit)
-        noisy = alloc(p.shape)
-        rng = _C.noise_forward(p_flat, logit_flat, noisy.view(-1), group_size, kind, seed,
-                               tuple(prm), num_threads())
+def compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing: then the quantizer calls
+    the registered operators, which it can see, instead of the kernels."""
+    return _is_compiling()
+
+
+def _find_is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling
+    return lambda: False
+
+
+_is_compiling = _find_is_compiling()
+
+RANGE_FIELDS = 7  # min, max, ties at min, ties at max, non-finite, first min, first max
+
+
+def _raise_nonfinite(ranges, names) -> None:
+    for rng, name in zip(ranges, names):
         if rng[4]:
             raise ValueError(f"parameter {name!r} holds {rng[4]} non-finite values "
                              "(NaN or inf); cannot add quantization noise")
+
+
+def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor], seed: int,
+                      group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam",
+                      names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None):
+    """noisy_i = p_i + (max(p_i) - min(p_i)) * step(bits(logit_i)) * noise(seed_i)
+    for every parameter in one kernel call (seed_i derived from `seed` and
+    i). No autograd here: returns the noisy tensors and, per parameter, the
+    range tuple the backward needs. `allocs[i](shape)` gives output i."""
+    noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
+    ranges = _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
+                                    list(group_sizes), kind, seed & _MASK64, tuple(prm), num_threads())
+    _raise_nonfinite(ranges, names)
+    return noisy, ranges
+
+
+def noise_backward_one(grad: torch.Tensor, p: torch.Tensor, logit: torch.Tensor, seed: int, index: int,
+                       group_size: int, kind: int, prm: "BitsParam", rng, in_place: bool,
+                       alloc: tp.Optional[Alloc] = None):
+    """Gradients of parameter `index` of a noise forward: (grad_p,
+    grad_logit), the noise regenerated from the seed. With `in_place` the
+    incoming gradient is updated where it differs (the extrema) and
+    returned as grad_p."""
+    grad_logit = (alloc or _empty_f32)(logit.shape)
+    grad = _dense(grad)
+    if in_place:
+        grad_p, out = grad, None
+    else:
+        grad_p = torch.empty(p.shape, dtype=torch.float32)
+        out = grad_p
+    _C.noise_backward(grad, _dense(p), _dense(logit), out, grad_logit, group_size, kind,
+                      _C.derive_seed(seed & _MASK64, index), tuple(prm), tuple(rng), num_threads())
+    return grad_p, grad_logit
+
+
+class _NoisyWeight(torch.autograd.Function):
+    """One parameter's noisy weight, computed beforehand with all the others
+    by noise_forward_all: forward hands it over, backward computes this
+    parameter's gradients as soon as its layer's gradient is there, so
+    gradients arrive layer by layer (DistributedDataParallel overlaps its
+    reductions with the rest of the backward). Only the seed and the range
+    are kept: the noise is regenerated."""
+
+    @staticmethod
+    def forward(ctx, p, logit, noisy, seed, index, group_size, kind, prm, rng, alloc):
         ctx.save_for_backward(p, logit)
-        ctx.config = (group_size, kind, seed, prm, rng)
-        ctx.alloc = alloc
+        ctx.config = (seed, index, group_size, kind, prm, rng, alloc)
         return noisy
 
     @staticmethod
     def backward(ctx, grad):
         p, logit = ctx.saved_tensors
-        group_size, kind, seed, prm, rng = ctx.config
-        grad_logit = ctx.alloc(logit.shape)
-        if _owned_by_autograd(grad):
-            # d(noisy)/dp is the identity but at the extrema: update the
-            # incoming gradient there rather than copying it whole
-            grad_p, out = grad, None
-        else:
-            grad_p = torch.empty(p.shape, dtype=torch.float32)
-            out = grad_p.view(-1)
-        _C.noise_backward(_flat(grad), _flat(p), _flat(logit), out, grad_logit.view(-1),
-                          group_size, kind, seed, tuple(prm), rng, num_threads())
-        return grad_p, grad_logit, None, None, None, None, None, None
+        seed, index, group_size, kind, prm, rng, alloc = ctx.config
+        grad_p, grad_logit = noise_backward_one(grad, p, logit, seed, index, group_size, kind, prm, rng,
+                                                _owned_by_autograd(grad), alloc)
+        return grad_p, grad_logit, None, None, None, None, None, None, None, None
+
+
+class _NoisyWeightOp(torch.autograd.Function):
+    """_NoisyWeight for torch.compile: the same gradients through the
+    registered operators, with the seed and ranges as tensors."""
+
+    @staticmethod
+    def forward(ctx, p, logit, noisy, seed, ranges, index, group_size, kind, prm):
+        ctx.save_for_backward(p, logit, seed, ranges)
+        ctx.config = (index, group_size, kind, prm)
+        return noisy
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, logit, seed, ranges = ctx.saved_tensors
+        index, group_size, kind, prm = ctx.config
+        grad_p, grad_logit = torch.ops.diffq_c.noise_backward(
+            grad.contiguous(), p, logit, seed, ranges, index, group_size, kind, [float(v) for v in prm])
+        return grad_p, grad_logit, None, None, None, None, None, None, None
+
+
+def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
+                  group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam", names: tp.Sequence[str],
+                  generator: tp.Optional[torch.Generator] = None,
+                  allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
+    """The noisy weight of every parameter (CPU float32 ones: see
+    on_kernel_path), differentiable in p and logit, from one seed drawn
+    from `generator` (torch's global one when None)."""
+    if compiling():
+        seed = draw_seed_tensor(generator)
+        prm_list = [float(v) for v in prm]
+        with torch.no_grad():
+            noisy, ranges = torch.ops.diffq_c.noise_forward(list(ps), list(logits), seed,
+                                                            list(group_sizes), kind, prm_list, list(names))
+        return [_NoisyWeightOp.apply(p, l, x, seed, ranges, i, gs, kind, prm)
+                for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
+    seed = draw_seed(generator)
+    noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs)
+    apply = _NoisyWeight.apply
+    return [apply(p, l, x, seed, i, gs, kind, prm, r, allocs[i] if allocs else None)
+            for i, (p, l, x, gs, r) in enumerate(zip(ps, logits, noisy, group_sizes, ranges))]
 
 
 # references to a gradient nobody else holds, seen from _owned_by_autograd:
@@ -172,63 +272,95 @@ def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: s
                  prm: BitsParam, seed: int, name: str = "?",
                  generator: tp.Optional[torch.Generator] = None,
                  alloc: tp.Optional[Alloc] = None) -> torch.Tensor:
-    """The weight with pseudo quantization noise, differentiable in p and logit.
-    The kernels derive the noise from `seed`; the torch path draws it from
-    `generator` (torch's global one when None). `alloc(shape)` gives the
-    kernels' float32 output (a fresh tensor when None)."""
+    """One parameter's weight with pseudo quantization noise, differentiable
+    in p and logit: the noise of parameter 0 of a forward seeded with
+    `seed`. The torch path (other devices and dtypes) draws it from
+    `generator` (torch's global one when None)."""
     if on_kernel_path(p, logit):
-        return _NoisyWeight.apply(p, logit, group_size, NOISE_KINDS[noise], seed, prm, name,
-                                  alloc or _empty_f32)
+        kind = NOISE_KINDS[noise]
+        noisy, ranges = noise_forward_all([p], [logit], seed, [group_size], kind, prm, [name],
+                                          [alloc] if alloc else None)
+        return _NoisyWeight.apply(p, logit, noisy[0], seed, 0, group_size, kind, prm, ranges[0], alloc)
     if not torch.isfinite(p).all():
         raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
                          "cannot add quantization noise")
     return _noisy_weight_torch(p, logit, group_size, noise, prm, generator)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """`value` in the forward, the gradient passed to `p` unchanged."""
+
+    @staticmethod
+    def forward(ctx, p, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (detached, p's shape) seen as p by autograd."""
+    return _StraightThrough.apply(p, value.detach())
+
+
 # ---------------------------------------------------------------- size
+
+
+def size_bits_all(logits: tp.Sequence[torch.Tensor], prm: "BitsParam") -> tp.List[tp.Tuple[float, float]]:
+    """(sum of bits, largest bits) of each logit tensor, one kernel call."""
+    return _C.size_forward_multi([_dense(l) for l in logits], tuple(prm), num_threads())
+
+
+def size_grads_all(logits: tp.Sequence[torch.Tensor], scales: tp.Sequence[float], prm: "BitsParam",
+                   allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
+    """scales[i] * d(bits)/d(logit) of each logit tensor, one kernel call."""
+    grads = [(allocs[i] if allocs else _empty_f32)(l.shape) for i, l in enumerate(logits)]
+    _C.size_backward_multi([_dense(l) for l in logits], grads, [float(s) for s in scales], tuple(prm),
+                           num_threads())
+    return grads
 
 
 class _WeightedSumBits(torch.autograd.Function):
     """sum_i weight_i * sum(bits(logit_i)) over many logits in one autograd
-    node (one per parameter costs more than the sums of small logits); the
-    largest bits of each logit go to `extra`."""
+    node and one kernel call each way; the largest bits of each logit as a
+    second, non-differentiable output."""
 
     @staticmethod
-    def forward(ctx, prm, weights, extra, allocs, *logits):
-        total = 0.0
-        for weight, logit in zip(weights, logits):
-            bits_sum, top = _C.size_forward(_flat(logit), tuple(prm), num_threads())
-            total += weight * bits_sum
-            extra.append(top)
+    def forward(ctx, prm, weights, allocs, *logits):
+        if compiling():
+            total, tops = torch.ops.diffq_c.size_bits(list(logits), list(weights),
+                                                      [float(v) for v in prm])
+        else:
+            stats = size_bits_all(logits, prm)
+            total = torch.tensor(sum(w * s for w, (s, _) in zip(weights, stats)), dtype=torch.float32)
+            tops = torch.tensor([top for _, top in stats], dtype=torch.float64)
         ctx.save_for_backward(*logits)
         ctx.prm, ctx.weights, ctx.allocs = prm, weights, allocs
-        return torch.tensor(total, dtype=torch.float32)
+        ctx.mark_non_differentiable(tops)
+        return total, tops
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = float(grad)
-        grads = []
-        for weight, logit, alloc in zip(ctx.weights, ctx.saved_tensors, ctx.allocs):
-            out = alloc(logit.shape)
-            _C.size_backward(_flat(logit), out.view(-1), grad * weight, tuple(ctx.prm), num_threads())
-            grads.append(out)
-        return (None, None, None, None, *grads)
+    def backward(ctx, grad, _grad_tops):
+        logits = ctx.saved_tensors
+        if compiling():
+            grads = torch.ops.diffq_c.size_bits_backward(list(logits), list(ctx.weights), grad,
+                                                         [float(v) for v in ctx.prm])
+        else:
+            g = float(grad)
+            grads = size_grads_all(logits, [g * w for w in ctx.weights], ctx.prm, ctx.allocs)
+        return (None, None, None, *grads)
 
 
 def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float],
                       prm: BitsParam, allocs: tp.Optional[tp.Sequence[Alloc]] = None
-                      ) -> tp.Optional[tp.Tuple[torch.Tensor, tp.List[float]]]:
+                      ) -> tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]]:
     """(sum_i weights[i] * sum(bits(logits[i])), differentiable; the max
-    bits of each logit), or None when the kernels cannot take the logits.
-    `allocs[i](shape)` gives the gradient of logits[i]."""
+    bits of each logit, a float64 tensor), or None when the kernels cannot
+    take the logits. `allocs[i](shape)` gives the gradient of logits[i]."""
     if not logits or not on_kernel_path(*logits):
         return None
-    if allocs is None:
-        allocs = [_empty_f32] * len(logits)
-    extra: tp.List[float] = []
-    total = _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), extra, tuple(allocs),
-                                   *logits)
-    return total, extra
+    return _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), allocs, *logits)
 
 
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:
@@ -236,7 +368,7 @@ def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, floa
     kernels = weighted_sum_bits([logit], [1.0], prm)
     if kernels is not None:
         total, tops = kernels
-        return total, tops[0]
+        return total, float(tops[0])
     bits = bits_from_logit(logit, prm)
     return bits.sum(), bits.max().item()
 
@@ -436,6 +568,43 @@ def stored_bits(logit: torch.Tensor, prm: BitsParam, extra_bits: float, name: st
     return bits.round().clamp(1, 15).byte()
 
 
+def _sigmoids(logits: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
+    """torch.sigmoid of each logit tensor (torch's own, so stored bits match
+    diffq's bit for bit), in one call where torch has the multi-tensor op."""
+    foreach = getattr(torch, "_foreach_sigmoid", None)  # private: optional
+    if foreach is not None and _USE_FOREACH:
+        return list(foreach([l.detach() for l in logits]))
+    return [torch.sigmoid(l.detach()) for l in logits]
+
+
+# _foreach_sigmoid is private torch; tests run with it off too
+_USE_FOREACH = True
+
+
+def quantize_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
+                 group_sizes: tp.Sequence[int], prm: "BitsParam", extra_bits: float,
+                 names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None,
+                 values: bool = True):
+    """Eval quantization of every parameter in one kernel call: the stored
+    bits of each (uint8, clamp(round(extra_bits + bits(logit)), 1, 15)), and
+    with `values` its quantized values (a new contiguous float32 tensor of
+    p's shape, from allocs[i] when given), the same numbers as
+    dequantizing its levels. Returns (values or None, bits, (min, max) of
+    each p, per-width value counts when not `values`). p must be CPU
+    float32, prm in the bits mode."""
+    bits = [torch.empty(l.shape, dtype=torch.uint8) for l in logits]
+    outs = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)] if values else None
+    res = _C.quantize_multi([_dense(p) for p in ps], _sigmoids(logits), bits, outs, list(group_sizes),
+                            prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())
+    for (mn, mx, bad, nan_bits, _), name in zip(res, names):
+        if nan_bits:
+            raise ValueError(f"bit logits of {name!r} hold non-finite values (NaN)")
+        if bad:
+            raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
+                             "cannot quantize it")
+    return outs, bits, [(mn, mx) for mn, mx, _, _, _ in res], [r[4] for r in res]
+
+
 def requantize(p: torch.Tensor, bits: torch.Tensor, group_size: int,
                name: str = "?", alloc: tp.Optional[Alloc] = None) -> tp.Optional[torch.Tensor]:
     """A new tensor (shape and strides of p) of p's quantized values, in one
@@ -555,3 +724,114 @@ def merge_by_width(streams: torch.Tensor, bits: torch.Tensor, group_size: int) -
     _C.merge_by_width(streams, _flat(bits.to(torch.uint8)), levels.view(-1), group_size,
                       num_threads())
     return levels
+
+
+# ------------------------------------------------------ torch.library ops
+#
+# What torch.compile (and anything else that traces) sees of the quantizer:
+# multi-tensor operators with a schema, a fake implementation for tracing
+# and, for the size penalty, autograd. The noise forward has no autograd of
+# its own: each parameter's noisy weight goes through _NoisyWeightOp, whose
+# backward is the per-parameter noise_backward, so gradients still arrive
+# layer by layer. Eager training calls the same implementations directly
+# (noise_forward_all, ...): a dispatcher call costs ~3 us, and they can use
+# kept memory (scratch.py) that a schema cannot express.
+
+
+def _prm_of(param: tp.Sequence[float]) -> BitsParam:
+    mode, min_bits, max_bits, log_min, log_max = param
+    return BitsParam(int(mode), float(min_bits), float(max_bits), float(log_min), float(log_max))
+
+
+def _ranges_tensor(ranges) -> torch.Tensor:
+    return torch.tensor([list(r) for r in ranges], dtype=torch.float64).reshape(len(ranges), RANGE_FIELDS)
+
+
+def _op_noise_forward(p, logit, seed, group_size, kind, param, name):
+    noisy, ranges = noise_forward_all(p, logit, int(seed), group_size, kind, _prm_of(param), name)
+    return noisy, _ranges_tensor(ranges)
+
+
+def _op_noise_backward(grad, p, logit, seed, ranges, index, group_size, kind, param):
+    rng = [int(v) if k >= 2 else float(v) for k, v in enumerate(ranges[index].tolist())]
+    return noise_backward_one(grad, p, logit, int(seed), index, group_size, kind, _prm_of(param), rng,
+                              in_place=False)
+
+
+def _op_size_bits(logit, weight, param):
+    stats = size_bits_all(logit, _prm_of(param))
+    total = torch.tensor(sum(w * s for w, (s, _) in zip(weight, stats)), dtype=torch.float32)
+    return total, torch.tensor([top for _, top in stats], dtype=torch.float64)
+
+
+def _op_size_bits_backward(logit, weight, grad, param):
+    g = float(grad)
+    return size_grads_all(logit, [g * w for w in weight], _prm_of(param))
+
+
+def _op_quantize(p, logit, group_size, param, extra_bits, name):
+    return quantize_all(p, logit, group_size, _prm_of(param), extra_bits, name)[0]
+
+
+def _contiguous_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def _register_ops() -> tp.Optional[torch.library.Library]:
+    if _C is None or not hasattr(torch, "library") or not hasattr(torch.library, "Library"):
+        return None
+    register_fake = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract")
+    lib = torch.library.Library("diffq_c", "DEF")
+    lib.define("noise_forward(Tensor[] p, Tensor[] logit, Tensor seed, int[] group_size, int kind, "
+               "float[] param, str[] name) -> (Tensor[], Tensor)")
+    lib.define("noise_backward(Tensor grad, Tensor p, Tensor logit, Tensor seed, Tensor ranges, int index, "
+               "int group_size, int kind, float[] param) -> (Tensor, Tensor)")
+    lib.define("size_bits(Tensor[] logit, float[] weight, float[] param) -> (Tensor, Tensor)")
+    lib.define("size_bits_backward(Tensor[] logit, float[] weight, Tensor grad, float[] param) -> Tensor[]")
+    lib.define("quantize(Tensor[] p, Tensor[] logit, int[] group_size, float[] param, float extra_bits, "
+               "str[] name) -> Tensor[]")
+    for name, fn in (("noise_forward", _op_noise_forward), ("noise_backward", _op_noise_backward),
+                     ("size_bits", _op_size_bits), ("size_bits_backward", _op_size_bits_backward),
+                     ("quantize", _op_quantize)):
+        lib.impl(name, fn, "CPU")
+
+    @register_fake("diffq_c::noise_forward", lib=lib)
+    def _(p, logit, seed, group_size, kind, param, name):
+        return ([_contiguous_like(t) for t in p],
+                torch.empty((len(p), RANGE_FIELDS), dtype=torch.float64, device="cpu"))
+
+    @register_fake("diffq_c::noise_backward", lib=lib)
+    def _(grad, p, logit, seed, ranges, index, group_size, kind, param):
+        return _contiguous_like(p), _contiguous_like(logit)
+
+    @register_fake("diffq_c::size_bits", lib=lib)
+    def _(logit, weight, param):
+        return (torch.empty((), dtype=torch.float32, device="cpu"),
+                torch.empty((len(logit),), dtype=torch.float64, device="cpu"))
+
+    @register_fake("diffq_c::size_bits_backward", lib=lib)
+    def _(logit, weight, grad, param):
+        return [_contiguous_like(t) for t in logit]
+
+    @register_fake("diffq_c::quantize", lib=lib)
+    def _(p, logit, group_size, param, extra_bits, name):
+        return [_contiguous_like(t) for t in p]
+
+    register_autograd = getattr(torch.library, "register_autograd", None)
+    if register_autograd is not None:
+        def setup_context(ctx, inputs, output):
+            logit, weight, param = inputs
+            ctx.save_for_backward(*logit)
+            ctx.weight, ctx.param = weight, param
+            ctx.mark_non_differentiable(output[1])
+
+        def backward(ctx, grad, _grad_tops):
+            grads = torch.ops.diffq_c.size_bits_backward(list(ctx.saved_tensors), list(ctx.weight), grad,
+                                                         list(ctx.param))
+            return list(grads), None, None
+
+        register_autograd("diffq_c::size_bits", backward, setup_context=setup_context, lib=lib)
+    return lib
+
+
+_LIBRARY = _register_ops()

@@ -6,6 +6,7 @@ The table SPECS has one entry per entry point; a new entry point without one
 fails `test_every_entry_point_has_rejection_cases`.
 """
 import ctypes
+import re
 import threading
 import typing as tp
 
@@ -54,6 +55,10 @@ def _widths(values=(2, 3, 2, 4, 3, 2)):
 # what every entry point taking widths refuses: a 0 and a 16
 BAD_WIDTHS = (({"bits": _widths((2, 3, 0, 4, 3, 2))}, ValueError),
               ({"bits": _widths((2, 3, 16, 4, 3, 2))}, ValueError))
+
+
+def _multi_pack_outs():
+    return [_pack_outs()]
 
 
 def _pack_outs():
@@ -263,6 +268,57 @@ SPECS: tp.Dict[str, Spec] = {
                           nthreads=1),
         tensors=("logit", "grad"), outputs=("grad",), any_size=(), overlaps=(("grad", "logit"),),
         bad_scalars=(({"param": (3,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError))),
+    # multi-tensor entry points: a buffer inside a list argument is named by
+    # its path, "p[1]", "outs[0][2]", as the binding names it in errors
+    "noise_forward_multi": Spec(
+        make=lambda: dict(p=[_f32(N), _f32(8)], logit=[torch.zeros(NG), torch.zeros(2)],
+                          noisy=[_out(N, torch.float32), _out(8, torch.float32)],
+                          group_size=[GS, GS], kind=1, seed=9, param=PARAM, nthreads=1),
+        tensors=("p[0]", "p[1]", "logit[1]", "noisy[0]", "noisy[1]"), outputs=("noisy[0]", "noisy[1]"),
+        any_size=(),
+        overlaps=(("noisy[1]", "p[0]"), ("noisy[0]", "logit[1]"), ("noisy[0]", "noisy[1]"),
+                  ("noisy[1]", "p[1]")),
+        bad_scalars=(({"group_size": [5, GS]}, ValueError), ({"group_size": [GS]}, ValueError),
+                     ({"p": [_f32(N)]}, ValueError), ({"kind": -1}, ValueError),
+                     ({"param": (7,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError),
+                     ({"seed": -1}, TypeError))),
+    "derive_seed": Spec(
+        make=lambda: dict(base=12345, index=3),
+        tensors=(), outputs=(), any_size=(), overlaps=(),
+        bad_scalars=(({"index": -1}, ValueError), ({"base": -1}, TypeError), ({"base": 2 ** 64}, TypeError))),
+    "size_forward_multi": Spec(
+        make=lambda: dict(logit=[_f32(N), _f32(5)], param=PARAM, nthreads=1),
+        tensors=("logit[0]", "logit[1]"), outputs=(), any_size=("logit[0]", "logit[1]"), overlaps=(),
+        bad_scalars=(({"param": (3,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError),
+                     ({"logit": _f32(N)}, TypeError))),
+    "size_backward_multi": Spec(
+        make=lambda: dict(logit=[_f32(N), _f32(5)], grad=[_out(N, torch.float32), _out(5, torch.float32)],
+                          scale=[0.5, 1.0], param=PARAM, nthreads=1),
+        tensors=("logit[0]", "grad[0]", "grad[1]"), outputs=("grad[0]", "grad[1]"), any_size=(),
+        overlaps=(("grad[1]", "logit[0]"), ("grad[0]", "grad[1]"), ("grad[0]", "logit[0]")),
+        bad_scalars=(({"scale": [0.5]}, ValueError), ({"grad": [_out(N, torch.float32)]}, ValueError),
+                     ({"param": (3,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError))),
+    "quantize_multi": Spec(
+        make=lambda: dict(p=[_f32(N), _f32(8)], t=[_f32(NG, 0.0, 1.0), _f32(2, 0.0, 1.0)],
+                          bits=[_out(NG, torch.uint8), _out(2, torch.uint8)],
+                          out=[_out(N, torch.float32), _out(8, torch.float32)], group_size=[GS, GS],
+                          min_bits=2.0, max_bits=15.0, extra_bits=0.0, with_totals=False, nthreads=1),
+        tensors=("p[0]", "p[1]", "t[1]", "bits[0]", "out[0]", "out[1]"),
+        outputs=("bits[0]", "bits[1]", "out[0]", "out[1]"), any_size=(),
+        overlaps=(("out[1]", "p[0]"), ("bits[0]", "t[1]"), ("out[0]", "bits[1]"), ("out[0]", "out[1]")),
+        bad_scalars=(({"extra_bits": float("nan")}, ValueError), ({"max_bits": float("inf")}, ValueError),
+                     ({"group_size": [5, GS]}, ValueError), ({"out": [_out(N, torch.float32)]}, ValueError),
+                     ({"nthreads": 0}, ValueError))),
+    "quantize_pack_multi": Spec(
+        make=lambda: dict(p=[_f32(N)], bits=[_widths()], outs=_multi_pack_outs(), group_size=[GS],
+                          mn=[-1.0], range=[2.0], nthreads=1),
+        tensors=("p[0]", "bits[0]", "outs[0][3]"), outputs=("outs[0][2]", "outs[0][3]", "outs[0][4]"),
+        any_size=(), overlaps=(("outs[0][3]", "p[0]"), ("outs[0][2]", "outs[0][4]")),
+        bad_scalars=(({"bits": [_widths((2, 3, 0, 4, 3, 2))]}, ValueError),
+                     ({"bits": [_widths((2, 3, 16, 4, 3, 2))]}, ValueError),
+                     ({"mn": [float("nan")]}, ValueError), ({"range": [float("inf")]}, ValueError),
+                     ({"mn": []}, ValueError), ({"group_size": [5]}, ValueError),
+                     ({"outs": [[None] * 15]}, ValueError), ({"nthreads": 0}, ValueError))),
 }
 
 
@@ -343,17 +399,44 @@ def _call(name, kwargs):
     return getattr(_C, name)(**kwargs)
 
 
+def _path(arg):
+    """("p", (1,)) for "p[1]": a buffer argument, or an entry of a list one."""
+    name, rest = re.fullmatch(r"(\w+)((?:\[\d+\])*)", arg).groups()
+    return name, tuple(int(i) for i in re.findall(r"\d+", rest))
+
+
+def _get(kwargs, arg):
+    name, index = _path(arg)
+    value = kwargs[name]
+    for i in index:
+        value = value[i]
+    return value
+
+
+def _set(kwargs, arg, value):
+    name, index = _path(arg)
+    if not index:
+        kwargs[name] = value
+        return
+    holder = kwargs[name]
+    for i in index[:-1]:
+        holder = holder[i]
+    holder[index[-1]] = value
+
+
 def _outputs_untouched(spec, kwargs, replaced):
     for out in spec.outputs:
-        if out in replaced:
+        # an output replaced by the case, itself or the list holding it
+        if any(out == r or out.startswith(r + "[") for r in replaced):
             continue
-        t = kwargs[out]
+        t = _get(kwargs, out)
         assert bool((t == SENTINEL).all()), f"{out} was written by a refused call"
 
 
 def _expect(name, spec, overrides, error, match=None):
     kwargs = spec.make()
-    kwargs.update(overrides)
+    for arg, value in overrides.items():
+        _set(kwargs, arg, value)
     with pytest.raises(error, match=match):
         _call(name, kwargs)
     _outputs_untouched(spec, kwargs, overrides)
@@ -379,49 +462,49 @@ def test_valid_call_succeeds(name):
     kwargs = spec.make()
     _call(name, kwargs)
     for out in spec.outputs:
-        assert not bool((kwargs[out] == SENTINEL).all()), f"{name} did not write {out}"
+        assert not bool((_get(kwargs, out) == SENTINEL).all()), f"{name} did not write {out}"
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
 def test_wrong_dtype_is_type_error(name):
     spec = SPECS[name]
     for arg in spec.tensors:
-        t = spec.make()[arg]
-        _expect(name, spec, {arg: t.to(WRONG_DTYPE[t.dtype])}, TypeError, match=arg)
-        _expect(name, spec, {arg: t.tolist()}, TypeError, match=arg)  # not a tensor at all
+        t = _get(spec.make(), arg)
+        _expect(name, spec, {arg: t.to(WRONG_DTYPE[t.dtype])}, TypeError, match=re.escape(arg))
+        _expect(name, spec, {arg: t.tolist()}, TypeError, match=re.escape(arg))  # not a tensor at all
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
 def test_wrong_device_is_value_error(name):
     spec = SPECS[name]
     for arg in spec.tensors:
-        t = spec.make()[arg]
+        t = _get(spec.make(), arg)
         _expect(name, spec, {arg: torch.empty(t.shape, dtype=t.dtype, device="meta")},
-                ValueError, match=f"{arg} must be a CPU tensor")
-        _expect(name, spec, {arg: OtherDevice(t)}, ValueError, match=f"{arg} must be a CPU tensor")
+                ValueError, match=re.escape(arg) + " must be a CPU tensor")
+        _expect(name, spec, {arg: OtherDevice(t)}, ValueError, match=re.escape(arg) + " must be a CPU tensor")
         _expect(name, spec, {arg: OtherDevice(t, admit_cpu=True)}, ValueError,
-                match=f"{arg} must be a CPU tensor")
+                match=re.escape(arg) + " must be a CPU tensor")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
 def test_misaligned_is_value_error(name):
     spec = SPECS[name]
     for arg in spec.tensors:
-        t = spec.make()[arg]
+        t = _get(spec.make(), arg)
         if t.element_size() == 1:
             continue  # bytes are always aligned
         # one spare element so even the shifted view stays inside the storage
         room = torch.zeros(t.numel() + 1, dtype=t.dtype)
         room[:t.numel()] = t.reshape(-1)
         view = room[:t.numel()].view(t.shape)
-        _expect(name, spec, {arg: Misaligned(view)}, ValueError, match=f"{arg} is not aligned")
+        _expect(name, spec, {arg: Misaligned(view)}, ValueError, match=re.escape(arg) + " is not aligned")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].tensors))
 def test_non_contiguous_is_value_error(name):
     spec = SPECS[name]
     for arg in spec.tensors:
-        t = spec.make()[arg]
+        t = _get(spec.make(), arg)
         _expect(name, spec, {arg: _non_contiguous(t)}, ValueError, match="contiguous")
 
 
@@ -433,11 +516,11 @@ def test_wrong_size_is_value_error(name):
         # nothing constrains the size of its only buffer: any size is valid
         kwargs = spec.make()
         for arg in spec.tensors:
-            kwargs[arg] = _resized(kwargs[arg])
+            _set(kwargs, arg, _resized(_get(kwargs, arg)))
         _call(name, kwargs)
         return
     for arg in sized:
-        t = spec.make()[arg]
+        t = _get(spec.make(), arg)
         _expect(name, spec, {arg: _resized(t)}, ValueError)
 
 
@@ -446,14 +529,15 @@ def test_overlapping_output_is_value_error(name):
     spec = SPECS[name]
     for out, other in spec.overlaps:
         kwargs = spec.make()
-        o, i = kwargs[out], kwargs[other]
+        o, i = _get(kwargs, out), _get(kwargs, other)
         size = max(o.numel() * o.element_size(), i.numel() * i.element_size())
         shared = torch.zeros(size, dtype=torch.uint8)
         # both views start at the same byte, so they overlap whatever their sizes
         i_view = shared[:i.numel() * i.element_size()].view(i.dtype).view(i.shape)
         i_view.copy_(i)
         o_view = shared[:o.numel() * o.element_size()].view(o.dtype).view(o.shape)
-        kwargs[out], kwargs[other] = o_view, i_view
+        _set(kwargs, out, o_view)
+        _set(kwargs, other, i_view)
         before = shared.clone()
         with pytest.raises(ValueError, match="overlap"):
             _call(name, kwargs)
@@ -464,7 +548,8 @@ def test_overlapping_output_is_value_error(name):
             i_view = shared[:i.numel() * i.element_size()].view(i.dtype).view(i.shape)
             i_view.copy_(i)
             o_view = shared[8:8 + o.numel() * o.element_size()].view(o.dtype).view(o.shape)
-            kwargs[out], kwargs[other] = o_view, i_view
+            _set(kwargs, out, o_view)
+            _set(kwargs, other, i_view)
             with pytest.raises(ValueError, match="overlap"):
                 _call(name, kwargs)
 

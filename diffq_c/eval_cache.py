@@ -1,0 +1,99 @@
+"""Quantized weights kept across eval forwards.
+
+A validation loop runs many eval forwards with the same weights and bits;
+diffq quantizes every weight on each of them. A quantizer keeps the
+quantized values of its last eval forward and the state they came from,
+and hands them out again while that state holds:
+
+- each weight's and each logit's version counter and data pointer: any
+  in-place change made through the tensor (an optimizer's update,
+  `load_state_dict`, `torch.no_grad()` edits, `copy_`) bumps the counter,
+  and assigning `.data` moves the pointer;
+- a count of optimizer steps taken in this process: torch's fused
+  optimizers update parameters without bumping their counters;
+- the quantizer's settings (group size, bits range, extra bits).
+
+Edits through a tensor's `.data` bypass its version counter (torch's own
+rule: autograd does not see them either); after such an edit call
+`quantizer.clear_eval_cache()`, or set `quantizer.cache_eval = False`.
+
+Version counters are read through `Tensor._version`, which torch does not
+document as public: caching is a speed path. Without it (or with
+cache_eval False) every eval forward quantizes, as diffq does, with the
+same results.
+"""
+import importlib
+import typing as tp
+
+import torch
+
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizers() -> bool:
+    try:
+        module = importlib.import_module("torch.optim.optimizer")
+    except ImportError:
+        return False
+    register = getattr(module, "register_optimizer_step_post_hook", None)
+    if register is None:
+        return False
+    register(_count_step)
+    return True
+
+
+# without the hook, fused optimizer steps could go unseen: no caching then
+_STEPS_WATCHED = _watch_optimizers()
+
+
+class EvalCache:
+    """The values of one quantizer's last eval quantization and its key."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: tp.Any = None
+        self._values: tp.Optional[tp.List[torch.Tensor]] = None
+
+    def __getstate__(self):
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+        self.enabled = state["enabled"]
+
+    def __deepcopy__(self, memo) -> "EvalCache":
+        other = EvalCache()
+        other.enabled = self.enabled
+        return other
+
+    def key(self, quantizer, owners) -> tp.Any:
+        """What the quantized values of `owners` depend on, or None when it
+        cannot be told (caching off, tensors without version counters)."""
+        if not (self.enabled and _STEPS_WATCHED):
+            return None
+        try:
+            tensors = tuple((qp.param._version, qp.param.data_ptr(), qp.logit._version, qp.logit.data_ptr())
+                            for qp in owners)
+        except (AttributeError, RuntimeError):  # inference-mode tensors have no counter
+            return None
+        return (_optimizer_steps, quantizer.group_size, quantizer.min_bits, quantizer.max_bits,
+                quantizer.extra_bits, tensors)
+
+    def get(self, key) -> tp.Optional[tp.List[torch.Tensor]]:
+        if key is None or key != self._key:
+            return None
+        return self._values
+
+    def put(self, key, values: tp.List[torch.Tensor]) -> None:
+        if key is None:
+            self.clear()
+        else:
+            self._key, self._values = key, values
