@@ -8,6 +8,12 @@ once so that the resident set is live memory (LIVE_MEMORY_MALLOC).
     python benchmarks/compare.py                      # Linear(4096, 4096), group_size 1 and 8
     python benchmarks/compare.py --models linear lstm transformer --group-sizes 1 8 0
     python benchmarks/compare.py --memory             # adds peak memory per training step
+    python benchmarks/compare.py --models many conv --group-sizes 8 1 --compile
+                                                      # many small tensors, demucs-like convs,
+                                                      # and the step of both under torch.compile
+
+Each row also gives the time per quantized parameter (us/qparam): on
+models of many small tensors that fixed cost is what matters.
 """
 import argparse
 import copy
@@ -27,7 +33,52 @@ import diffq_c
 # ---------------------------------------------------------------- models
 
 
+class ManyLinear(torch.nn.Sequential):
+    """100 Linear(16, 16): 200 small quantized parameters, no per-value work
+    to speak of (the fixed cost per parameter alone)."""
+
+    def __init__(self, depth=100, width=16):
+        super().__init__(*[torch.nn.Linear(width, width) for _ in range(depth)])
+
+
+class DemucsLike(torch.nn.Module):
+    """The widths of a demucs encoder/decoder (channels 48 to 768, kernel 8,
+    stride 4, 1x1 convolutions with GLU): tensors from 768 to 4.7M values."""
+
+    def __init__(self, channels=2, width=48, depth=5):
+        super().__init__()
+        self.encoder, self.decoder = torch.nn.ModuleList(), torch.nn.ModuleList()
+        chin = channels
+        for index in range(depth):
+            chout = width * 2 ** index
+            self.encoder.append(torch.nn.Sequential(
+                torch.nn.Conv1d(chin, chout, 8, 4), torch.nn.ReLU(),
+                torch.nn.Conv1d(chout, 2 * chout, 1), torch.nn.GLU(1)))
+            self.decoder.insert(0, torch.nn.Sequential(
+                torch.nn.Conv1d(chout, 2 * chout, 1), torch.nn.GLU(1),
+                torch.nn.ConvTranspose1d(chout, chin, 8, 4), torch.nn.ReLU() if index else torch.nn.Identity()))
+            chin = chout
+
+    def forward(self, x):
+        skips = []
+        for layer in self.encoder:
+            x = layer(x)
+            skips.append(x)
+        for layer in self.decoder:
+            x = layer(x + skips.pop()[..., :x.shape[-1]])
+        return x
+
+
+# min_size per model: the defaults' 0.01 MB would leave every tensor of
+# ManyLinear unquantized
+MIN_SIZE = {"many": 0.0}
+
+
 def make_model(name):
+    if name == "many":
+        return ManyLinear(), lambda: torch.randn(8, 16)
+    if name == "conv":
+        return DemucsLike(), lambda: torch.randn(1, 2, 4 * 4 ** 5 * 4)
     if name == "linear":
         return torch.nn.Linear(4096, 4096), lambda: torch.randn(1, 4096)
     if name == "lstm":
@@ -91,9 +142,43 @@ class Setup:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.quantizer = None
         if lib is not None:
-            self.quantizer = lib.DiffQuantizer(self.model, group_size=group_size)
+            self.quantizer = lib.DiffQuantizer(self.model, group_size=group_size,
+                                               min_size=MIN_SIZE.get(model_name, 0.01))
             self.quantizer.setup_optimizer(self.opt)
         self.x = self.make_input()
+        self.compiled = None
+
+    def qparams(self):
+        return len([qp for qp in self.quantizer._qparams if qp.other is None])
+
+    def compiled_step(self):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.model)
+        self.model.train()
+        self.opt.zero_grad()
+        loss = output_tensor(self.compiled(self.x)).sum()
+        if self.quantizer is not None:
+            loss = loss + 1e-3 * self.quantizer.model_size()
+        loss.backward()
+        self.opt.step()
+
+    def full_step(self):
+        """A user's step: loss + penalty * model_size(), backward, Adam."""
+        self.model.train()
+        self.opt.zero_grad()
+        loss = output_tensor(self.model(self.x)).sum()
+        if self.quantizer is not None:
+            loss = loss + 1e-3 * self.quantizer.model_size()
+        loss.backward()
+        self.opt.step()
+
+    def fresh_eval_forward(self):
+        # the first eval forward after weights changed (diffq_c otherwise
+        # reuses the last quantized weights, see eval_forward)
+        clear = getattr(self.quantizer, "clear_eval_cache", None)
+        if clear is not None:
+            clear()
+        self.eval_forward()
 
     def step(self):
         self.model.train()
@@ -122,7 +207,7 @@ class Setup:
         return self.quantizer.get_quantized_state(packed=True)
 
 
-def time_case(model_name, group_size, repeats):
+def time_case(model_name, group_size, repeats, compile_step=False):
     torch.manual_seed(0)
     plain = Setup(None, model_name, group_size)
     theirs = Setup(diffq, model_name, group_size, plain.model)
@@ -134,6 +219,15 @@ def time_case(model_name, group_size, repeats):
     steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, 2 * repeats)
     step_over = overheads(steps, "plain")
     rows["train step overhead"] = (step_over["diffq"], step_over["diffq_c"])
+    full = interleaved({"plain": plain.full_step, "diffq": theirs.full_step, "diffq_c": ours.full_step},
+                       2 * repeats)
+    full_over = overheads(full, "plain")
+    rows["step with model_size, over"] = (full_over["diffq"], full_over["diffq_c"])
+    if compile_step:
+        compiled = interleaved({"plain": plain.compiled_step, "diffq": theirs.compiled_step,
+                                "diffq_c": ours.compiled_step}, 2 * repeats)
+        compiled_over = overheads(compiled, "plain")
+        rows["compiled step, over"] = (compiled_over["diffq"], compiled_over["diffq_c"])
     noise = medians(interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
                                  "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
                                 repeats))
@@ -144,6 +238,10 @@ def time_case(model_name, group_size, repeats):
     eval_times, eval_over = medians(evals), overheads(evals, "plain")
     rows["eval forward"] = (eval_times["diffq"], eval_times["diffq_c"])
     rows["  (over plain eval)"] = (eval_over["diffq"], eval_over["diffq_c"])
+    fresh = interleaved({"plain": plain.eval_forward, "diffq": theirs.fresh_eval_forward,
+                         "diffq_c": ours.fresh_eval_forward}, 2 * repeats)
+    fresh_over = overheads(fresh, "plain")
+    rows["eval after a change, over"] = (fresh_over["diffq"], fresh_over["diffq_c"])
     sizes = medians(interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size}, repeats))
     rows["model_size fwd+bwd"] = (sizes["diffq"], sizes["diffq_c"])
     gets = medians(interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state}, repeats))
@@ -152,7 +250,7 @@ def time_case(model_name, group_size, repeats):
         "diffq": lambda: theirs.quantizer.restore_quantized_state(state_theirs),
         "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats))
     rows["restore_quantized_state"] = (restores["diffq"], restores["diffq_c"])
-    return rows, medians(steps)["plain"], count_params(plain.model), weight.numel()
+    return rows, medians(steps)["plain"], count_params(plain.model), weight.numel(), ours.qparams()
 
 
 # ---------------------------------------------------------------- memory
@@ -212,7 +310,9 @@ def peak_memory(model_name, group_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["linear"], choices=["linear", "lstm", "transformer"])
+    parser.add_argument("--models", nargs="+", default=["linear"],
+                        choices=["linear", "lstm", "transformer", "many", "conv"])
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd step")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory of a step")
@@ -225,14 +325,17 @@ def main(argv=None):
           f"diffq_c {diffq_c.__version__}")
     for model_name in args.models:
         for group_size in args.group_sizes:
-            rows, plain_step, nparams, biggest = time_case(model_name, group_size, args.repeats)
-            print(f"\n## {model_name} ({nparams / 1e6:.1f}M params), group_size={group_size}, "
-                  f"plain train step {plain_step:.1f} ms")
-            print(f"| {'measure':<26} | {'diffq ms':>10} | {'diffq_c ms':>10} | {'speed-up':>8} |")
-            print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
+            rows, plain_step, nparams, biggest, qparams = time_case(model_name, group_size, args.repeats,
+                                                                    args.compile)
+            print(f"\n## {model_name} ({nparams / 1e6:.1f}M params, {qparams} quantized), "
+                  f"group_size={group_size}, plain train step {plain_step:.1f} ms")
+            print(f"| {'measure':<26} | {'diffq ms':>10} | {'diffq_c ms':>10} | {'speed-up':>8} "
+                  f"| {'diffq us/qp':>11} | {'diffq_c us/qp':>13} |")
+            print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 15}|")
             for name, (a, b) in rows.items():
                 ratio = f"{a / b:.1f}x" if b > 0 and a == a and "clone" not in name else ""
-                print(f"| {name:<26} | {a:>10.1f} | {b:>10.1f} | {ratio:>8} |")
+                print(f"| {name:<26} | {a:>10.2f} | {b:>10.2f} | {ratio:>8} "
+                      f"| {a * 1000 / qparams:>11.1f} | {b * 1000 / qparams:>13.1f} |")
             if args.memory:
                 peaks = peak_memory(model_name, group_size)
                 weight_bytes = nparams * 4

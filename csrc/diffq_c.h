@@ -396,6 +396,25 @@ typedef struct {
 int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
                            int nthreads);
 
+/* One tensor of dq_noise_backward_multi: the arguments of dq_noise_backward
+ * (grad_p may be grad itself). */
+typedef struct {
+    const float *grad;
+    const float *p;
+    int64_t n;
+    const float *logit;
+    int64_t group_size;
+    uint64_t seed;
+    dq_range range;
+    float *grad_p;
+    float *grad_logit;
+} dq_noise_grad_job;
+
+/* dq_noise_backward of every job: tensors of up to DQ_CHUNK values share
+ * the threads (one a thread), larger ones then use them all. */
+int dq_noise_backward_multi(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
+                            int64_t njobs, int nthreads);
+
 /* dq_size_forward of logits[j] (ns[j] values) into out[j], and
  * dq_size_backward of each with its own scale. */
 int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,

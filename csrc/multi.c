@@ -298,3 +298,27 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
     table_free(&t);
     return DQ_OK;
 }
+
+int dq_noise_backward_multi(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
+                            int64_t njobs, int nthreads) {
+    /* small tensors one a thread, each with the single-tensor driver on one
+     * thread; large ones after, each with every thread */
+    int err = DQ_OK;
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (njobs > 1) reduction(min : err)
+    for (int64_t j = 0; j < njobs; ++j) {
+        const dq_noise_grad_job *job = &jobs[j];
+        if (job->n > DQ_CHUNK)
+            continue;
+        int e = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind, job->seed,
+                                  &job->range, job->grad_p, job->grad_logit, 1);
+        err = e < err ? e : err;
+    }
+    for (int64_t j = 0; j < njobs && err == DQ_OK; ++j) {
+        const dq_noise_grad_job *job = &jobs[j];
+        if (job->n > DQ_CHUNK)
+            err = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind, job->seed,
+                                    &job->range, job->grad_p, job->grad_logit, nthreads);
+    }
+    return err;
+}

@@ -457,6 +457,24 @@ RangeTuple noise_forward(py::handle p_obj, py::handle logit_obj, py::handle nois
     return {r.min, r.max, r.count_min, r.count_max, r.nonfinite, r.first_min, r.first_max};
 }
 
+// A range tuple from a noise forward, checked against the n values of p.
+dq_range range_of(const RangeTuple &range, int64_t n, const std::string &name) {
+    dq_range r;
+    r.min = std::get<0>(range);
+    r.max = std::get<1>(range);
+    r.count_min = std::get<2>(range);
+    r.count_max = std::get<3>(range);
+    r.nonfinite = std::get<4>(range);
+    r.first_min = std::get<5>(range);
+    r.first_max = std::get<6>(range);
+    if (r.count_min < 0 || r.count_max < 0 || r.count_min > n || r.count_max > n)
+        value_error(name + " counts out of bounds");
+    // the kernel reads p at these (after checking they hold min and max)
+    if (r.first_min < -1 || r.first_max < -1 || r.first_min >= n || r.first_max >= n)
+        value_error(name + " indices out of bounds");
+    return r;
+}
+
 // grad_p None: the gradient for p is written into grad itself (only the
 // extrema change), which saves a pass and a weight-sized buffer.
 void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj, py::object grad_p_obj,
@@ -486,19 +504,7 @@ void noise_backward(py::handle grad_obj, py::handle p_obj, py::handle logit_obj,
     noise_kind(kind);
     threads(nthreads);
     dq_bits_param prm = bits_param(prm_t);
-    dq_range r;
-    r.min = std::get<0>(range);
-    r.max = std::get<1>(range);
-    r.count_min = std::get<2>(range);
-    r.count_max = std::get<3>(range);
-    r.nonfinite = std::get<4>(range);
-    r.first_min = std::get<5>(range);
-    r.first_max = std::get<6>(range);
-    if (r.count_min < 0 || r.count_max < 0 || r.count_min > p.numel || r.count_max > p.numel)
-        value_error("range counts out of bounds");
-    // the kernel reads p at these (after checking they hold min and max)
-    if (r.first_min < -1 || r.first_max < -1 || r.first_min >= p.numel || r.first_max >= p.numel)
-        value_error("range indices out of bounds");
+    dq_range r = range_of(range, p.numel, "range");
     int err;
     {
         py::gil_scoped_release nogil;
@@ -1141,6 +1147,66 @@ std::vector<RangeTuple> noise_forward_multi(py::sequence ps, py::sequence logits
     return out;
 }
 
+// noise_backward of each entry: grad_p[i] None updates grad[i] in place.
+void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logits, py::sequence grad_ps,
+                          py::sequence grad_logits, std::vector<int64_t> group_sizes, int kind,
+                          std::vector<uint64_t> seeds, std::tuple<int, float, float, float, float> prm_t,
+                          std::vector<RangeTuple> ranges, int nthreads) {
+    const size_t n = group_sizes.size();
+    same_length(n, grads, "grad");
+    same_length(n, ps, "p");
+    same_length(n, logits, "logit");
+    same_length(n, grad_ps, "grad_p");
+    same_length(n, grad_logits, "grad_logit");
+    if (seeds.size() != n || ranges.size() != n)
+        value_error("seed and range need one entry per tensor");
+    noise_kind(kind);
+    threads(nthreads);
+    dq_bits_param prm = bits_param(prm_t);
+    std::vector<Buffer> keep;
+    keep.reserve(5 * n);
+    std::vector<Extent> extents;
+    std::vector<dq_noise_grad_job> jobs(n);
+    for (size_t i = 0; i < n; ++i) {
+        std::string pn = item_name("p", i), gn = item_name("grad", i), ln = item_name("logit", i);
+        std::string gpn = item_name("grad_p", i), gln = item_name("grad_logit", i);
+        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const Buffer &p = keep.back();
+        int64_t ngroups = groups_of(p.numel, group_sizes[i], pn.c_str());
+        keep.push_back(view(grads[i], gn.c_str(), DType::f32, p.numel));
+        const Buffer &grad = keep.back();
+        keep.push_back(view(logits[i], ln.c_str(), DType::f32, ngroups));
+        const Buffer &logit = keep.back();
+        keep.push_back(view(grad_logits[i], gln.c_str(), DType::f32, ngroups));
+        const Buffer &grad_logit = keep.back();
+        advise_huge_pages(grad_logit);
+        const bool in_place = py::handle(grad_ps[i]).is_none();
+        const Buffer *grad_p = &grad;
+        if (!in_place) {
+            keep.push_back(view(grad_ps[i], gpn.c_str(), DType::f32, p.numel));
+            grad_p = &keep.back();
+            add_extent(extents, *grad_p, true, gpn);
+        }
+        add_extent(extents, grad, in_place, gn);
+        add_extent(extents, p, false, pn);
+        add_extent(extents, logit, false, ln);
+        add_extent(extents, grad_logit, true, gln);
+        jobs[i] = dq_noise_grad_job{reinterpret_cast<const float *>(grad.data), reinterpret_cast<const float *>(p.data),
+                                    p.numel, reinterpret_cast<const float *>(logit.data), group_sizes[i], seeds[i],
+                                    range_of(ranges[i], p.numel, item_name("range", i)),
+                                    reinterpret_cast<float *>(grad_p->data),
+                                    reinterpret_cast<float *>(grad_logit.data)};
+    }
+    outputs_disjoint(extents);
+    int err;
+    {
+        py::gil_scoped_release nogil;
+        err = dq_noise_backward_multi(&prm, kind, jobs.data(), (int64_t)n, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+}
+
 uint64_t derive_seed(uint64_t base, int64_t index) {
     if (index < 0)
         value_error("index must be >= 0, got " + std::to_string(index));
@@ -1371,6 +1437,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
     m.def("noise_forward_multi", &noise_forward_multi, py::arg("p"), py::arg("logit"), py::arg("noisy"),
           py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("nthreads") = 1);
+    m.def("noise_backward_multi", &noise_backward_multi, py::arg("grad"), py::arg("p"), py::arg("logit"),
+          py::arg("grad_p"), py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"),
+          py::arg("param"), py::arg("range"), py::arg("nthreads") = 1);
     m.def("derive_seed", &derive_seed, py::arg("base"), py::arg("index"));
     m.def("size_forward_multi", &size_forward_multi, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
     m.def("size_backward_multi", &size_backward_multi, py::arg("logit"), py::arg("grad"), py::arg("scale"),

@@ -151,45 +151,98 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
 
 
 def noise_backward_one(grad: torch.Tensor, p: torch.Tensor, logit: torch.Tensor, seed: int, index: int,
-                       group_size: int, kind: int, prm: "BitsParam", rng, in_place: bool,
-                       alloc: tp.Optional[Alloc] = None):
-    """Gradients of parameter `index` of a noise forward: (grad_p,
-    grad_logit), the noise regenerated from the seed. With `in_place` the
-    incoming gradient is updated where it differs (the extrema) and
-    returned as grad_p."""
-    grad_logit = (alloc or _empty_f32)(logit.shape)
-    grad = _dense(grad)
-    if in_place:
-        grad_p, out = grad, None
-    else:
-        grad_p = torch.empty(p.shape, dtype=torch.float32)
-        out = grad_p
-    _C.noise_backward(grad, _dense(p), _dense(logit), out, grad_logit, group_size, kind,
+                       group_size: int, kind: int, prm: "BitsParam", rng):
+    """Gradients of parameter `index` of a noise forward seeded with `seed`:
+    (grad_p, grad_logit), the noise regenerated."""
+    grad_logit = _empty_f32(logit.shape)
+    grad_p = torch.empty(p.shape, dtype=torch.float32)
+    _C.noise_backward(_dense(grad), _dense(p), _dense(logit), grad_p, grad_logit, group_size, kind,
                       _C.derive_seed(seed & _MASK64, index), tuple(prm), tuple(rng), num_threads())
     return grad_p, grad_logit
 
 
-class _NoisyWeight(torch.autograd.Function):
-    """One parameter's noisy weight, computed beforehand with all the others
-    by noise_forward_all: forward hands it over, backward computes this
-    parameter's gradients as soon as its layer's gradient is there, so
-    gradients arrive layer by layer (DistributedDataParallel overlaps its
-    reductions with the rest of the backward). Only the seed and the range
-    are kept: the noise is regenerated."""
+# Parameters whose noisy weights share one autograd node: consecutive ones
+# (in the model's order, which is the reverse of backward's, as
+# DistributedDataParallel also assumes) totalling at most this many bytes;
+# a larger parameter has a node of its own. The node's backward runs when
+# backward has left every layer of its group, so gradients arrive group by
+# group: for DDP, whose first bucket is 1 MiB and the others 25 MiB, as
+# early as parameter by parameter. Tiny layers then cost one node and one
+# kernel call between them instead of one each.
+GRAD_GROUP_BYTES = 1 << 20
+
+# below this many values, copying the incoming gradient costs less than
+# finding out whether it can be updated in place
+IN_PLACE_MIN = 1 << 16
+
+
+def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
+    """[start, end) ranges of consecutive parameters, each totalling at most
+    cap_bytes of float32 values or holding a single parameter."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if i > start and total + 4 * n > cap_bytes:
+            groups.append((start, i))
+            start, total = i, 0
+        total += 4 * n
+    if numels:
+        groups.append((start, len(numels)))
+    return groups
+
+
+class _NoisyGroup(torch.autograd.Function):
+    """The noisy weights of a group of parameters (see GRAD_GROUP_BYTES),
+    computed beforehand with all the others by noise_forward_all: forward
+    hands them over, backward computes the group's gradients in one kernel
+    call. Only the seeds and ranges are kept: the noise is regenerated."""
 
     @staticmethod
-    def forward(ctx, p, logit, noisy, seed, index, group_size, kind, prm, rng, alloc):
-        ctx.save_for_backward(p, logit)
-        ctx.config = (seed, index, group_size, kind, prm, rng, alloc)
-        return noisy
+    def forward(ctx, config, noisy, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.config = config
+        ctx.set_materialize_grads(False)  # an unused weight gets no gradient, as in diffq
+        return tuple(noisy)
 
     @staticmethod
-    def backward(ctx, grad):
-        p, logit = ctx.saved_tensors
-        seed, index, group_size, kind, prm, rng, alloc = ctx.config
-        grad_p, grad_logit = noise_backward_one(grad, p, logit, seed, index, group_size, kind, prm, rng,
-                                                _owned_by_autograd(grad), alloc)
-        return grad_p, grad_logit, None, None, None, None, None, None, None, None
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        count = len(grads)
+        ps, logits = tensors[:count], tensors[count:]
+        seeds, ranges, group_sizes, kind, prm, allocs = ctx.config
+        grad_ps: tp.List[tp.Optional[torch.Tensor]] = [None] * count
+        grad_logits: tp.List[tp.Optional[torch.Tensor]] = [None] * count
+        live = [i for i in range(count) if grads[i] is not None]
+        if not live:
+            return (None, None, *grad_ps, *grad_logits)
+        dense, outs = [], []
+        for i in live:
+            grad = grads[i]
+            grad_logits[i] = (allocs[i] if allocs else _empty_f32)(logits[i].shape)
+            if grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad):
+                # d(noisy)/dp is the identity but at the extrema: update the
+                # incoming gradient there rather than copying it whole
+                grad_ps[i] = grad
+                outs.append(None)
+            else:
+                grad = _dense(grad)
+                grad_ps[i] = torch.empty(ps[i].shape, dtype=torch.float32)
+                outs.append(grad_ps[i])
+            dense.append(grad)
+        _C.noise_backward_multi(dense, [_dense(ps[i]) for i in live], [_dense(logits[i]) for i in live],
+                                outs, [grad_logits[i] for i in live], [group_sizes[i] for i in live],
+                                kind, [seeds[i] for i in live], tuple(prm), [ranges[i] for i in live],
+                                num_threads())
+        return (None, None, *grad_ps, *grad_logits)
+
+
+def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs) -> tp.List[torch.Tensor]:
+    """noisy (from noise_forward_all) attached to autograd, group by group."""
+    seeds = [_C.derive_seed(seed & _MASK64, i) for i in range(len(ps))]
+    out: tp.List[torch.Tensor] = []
+    for a, b in grad_groups([p.numel() for p in ps]):
+        config = (seeds[a:b], ranges[a:b], group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None)
+        out.extend(_NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b]))
+    return out
 
 
 class _NoisyWeightOp(torch.autograd.Function):
@@ -228,14 +281,14 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
                 for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
     seed = draw_seed(generator)
     noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs)
-    apply = _NoisyWeight.apply
-    return [apply(p, l, x, seed, i, gs, kind, prm, r, allocs[i] if allocs else None)
-            for i, (p, l, x, gs, r) in enumerate(zip(ps, logits, noisy, group_sizes, ranges))]
+    return _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs)
 
 
-# references to a gradient nobody else holds, seen from _owned_by_autograd:
-# the engine's argument, backward's local, this call's argument, getrefcount's
-_FREE_GRAD_REFS = 6
+# references to a gradient nobody else holds, seen from _owned_by_autograd
+# called by _NoisyGroup.backward: the engine's, the tuple of backward's
+# arguments and its *grads copy, backward's local, this call's argument,
+# getrefcount's own and one the interpreter holds during the call
+_FREE_GRAD_REFS = 7
 
 
 def _owned_by_autograd(grad: torch.Tensor) -> bool:
@@ -278,9 +331,9 @@ def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: s
     `generator` (torch's global one when None)."""
     if on_kernel_path(p, logit):
         kind = NOISE_KINDS[noise]
-        noisy, ranges = noise_forward_all([p], [logit], seed, [group_size], kind, prm, [name],
-                                          [alloc] if alloc else None)
-        return _NoisyWeight.apply(p, logit, noisy[0], seed, 0, group_size, kind, prm, ranges[0], alloc)
+        allocs = [alloc] if alloc else None
+        noisy, ranges = noise_forward_all([p], [logit], seed, [group_size], kind, prm, [name], allocs)
+        return _noisy_groups([p], [logit], noisy, seed, ranges, [group_size], kind, prm, allocs)[0]
     if not torch.isfinite(p).all():
         raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
                          "cannot add quantization noise")
@@ -754,8 +807,7 @@ def _op_noise_forward(p, logit, seed, group_size, kind, param, name):
 
 def _op_noise_backward(grad, p, logit, seed, ranges, index, group_size, kind, param):
     rng = [int(v) if k >= 2 else float(v) for k, v in enumerate(ranges[index].tolist())]
-    return noise_backward_one(grad, p, logit, int(seed), index, group_size, kind, _prm_of(param), rng,
-                              in_place=False)
+    return noise_backward_one(grad, p, logit, int(seed), index, group_size, kind, _prm_of(param), rng)
 
 
 def _op_size_bits(logit, weight, param):

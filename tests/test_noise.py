@@ -186,9 +186,9 @@ def test_backward_updating_the_incoming_gradient_in_place_is_exact_and_invisible
     equal autograd of the formula, and a hook that kept the gradient must
     still see the unmodified one."""
     gen = torch.Generator().manual_seed(5)
-    p = with_ties(64 * 32, gen).view(64, 32).requires_grad_()
-    logit = (torch.rand(256, generator=gen) * 4 - 2).requires_grad_()
-    x = torch.randn(7, 32, generator=gen)
+    p = with_ties(512 * 256, gen).view(512, 256).requires_grad_()  # in place from 65536 values
+    logit = (torch.rand(512 * 256 // 8, generator=gen) * 4 - 2).requires_grad_()
+    x = torch.randn(7, 256, generator=gen)
     kept = [] if keep_in_hook else None
     noisy = _linear_through_noise(p, logit, x, kept)
     p_ref = p.detach().clone().requires_grad_()
@@ -196,9 +196,36 @@ def test_backward_updating_the_incoming_gradient_in_place_is_exact_and_invisible
     prm = ops.BitsParam.make("bits", 2, 15)
     ref = diffq_formula(p_ref, logit_ref, 8, our_noise("gaussian", 21, p.numel()), prm)
     torch.nn.functional.linear(x, ref).pow(2).sum().backward()
-    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-5, atol=1e-7)
+    # the two noisy weights differ by a rounding, which the matmuls of the
+    # upstream gradient carry: tolerances relative to the largest gradient
+    scale = p_ref.grad.abs().max().item()
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-5, atol=1e-7 * max(1.0, scale))
     if keep_in_hook:
         upstream = 2 * torch.nn.functional.linear(x, noisy.detach()).t() @ x
         torch.testing.assert_close(kept[0], upstream, rtol=1e-5, atol=1e-5)
         assert not torch.equal(kept[0], p.grad)  # the extrema terms are not in the kept one
+
+
+def test_in_place_gradient_update_is_optional_and_exact(monkeypatch):
+    """Updating the incoming gradient in place rests on a CPython reference
+    count (a speed path): it is taken when nothing else holds the gradient,
+    and turning it off gives bitwise the same gradients."""
+    gen = torch.Generator().manual_seed(8)
+    p = torch.randn(512, 256, generator=gen).requires_grad_()
+    logit = (torch.rand(512 * 256 // 8, generator=gen) * 4 - 2).requires_grad_()
+    x = torch.randn(5, 256, generator=gen)
+    seen = {}
+    noisy = _linear_through_noise(p, logit, x)  # warm-up, nothing kept
+    grads = []
+    for owned in (True, False):
+        if not owned:
+            monkeypatch.setattr(ops, "_owned_by_autograd", lambda grad: False)
+        p.grad = logit.grad = None
+        prm = ops.BitsParam.make("bits", 2, 15)
+        noisy = ops.noisy_weight(p, logit, 8, "gaussian", prm, 21)
+        noisy.register_hook(lambda g: seen.__setitem__(owned, g.data_ptr()))
+        torch.nn.functional.linear(x, noisy).pow(2).sum().backward()
+        grads.append((p.grad.clone(), logit.grad.clone()))
+        assert (p.grad.data_ptr() == seen[owned]) == owned
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -142,29 +142,50 @@ def test_compiled_training_equals_eager_on_an_eager_backend():
 # ----------------------------------------------------- gradients arrive early
 
 
-def _arrival_order(model, quantized):
+def _arrival_order(model, quantized, x):
     order = []
     for name, p in model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
     if quantized:
-        quantizer, _ = _quantized(model)
+        _quantized(model)
     torch.manual_seed(1)
-    model(torch.randn(4, 16)).pow(2).sum().backward()
+    model(x).pow(2).sum().backward()
     return [n for n in order if not n.endswith("_diffq")]
 
 
 def test_gradients_arrive_layer_by_layer_as_without_the_quantizer():
-    """Each weight's gradient is accumulated as soon as backward leaves its
-    layer, before earlier layers' backward: the order of a plain model's
-    backward (last layer first), which DistributedDataParallel relies on to
-    reduce buckets while backward goes on."""
+    """Layers of 1 MiB each: each weight's gradient is accumulated as soon
+    as backward leaves its layer, before earlier layers' backward, in the
+    order of a plain model's backward (last layer first), which
+    DistributedDataParallel relies on to reduce buckets while backward goes
+    on."""
     torch.manual_seed(0)
-    plain = _mlp((16, 32, 32, 32, 8))
+    plain = _mlp((512,) * 5)
     ours = copy.deepcopy(plain)
-    expected = _arrival_order(plain, quantized=False)
-    got = _arrival_order(ours, quantized=True)
+    x = torch.randn(2, 512)
+    expected = _arrival_order(plain, False, x)
+    got = _arrival_order(ours, True, x)
     assert got == expected
     assert got[0].startswith("6.") and got[-1].startswith("0.")
+
+
+def test_gradients_of_small_layers_arrive_by_groups_of_at_most_one_mebibyte():
+    """Small consecutive parameters share a backward node (one kernel call):
+    their gradients arrive together, once backward has left the group's
+    first layer; a group never holds more than GRAD_GROUP_BYTES unless it
+    is one parameter."""
+    numels = [10, 20, 262144, 5, 262000, 200, 100, 300000, 1]
+    groups = ops.grad_groups(numels)
+    assert groups == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8), (8, 9)]
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(numels)))
+    for a, b in groups:
+        assert b - a == 1 or 4 * sum(numels[a:b]) <= ops.GRAD_GROUP_BYTES
+    # a big layer between small ones: its gradient comes before theirs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 512), nn.Linear(512, 512), nn.Linear(512, 8))
+    order = _arrival_order(model, True, torch.randn(2, 8))
+    assert order.index("2.weight") < order.index("1.weight")
+    assert order.index("3.weight") < order.index("2.weight")
 
 
 # -------------------------------------------------- multi-tensor = per-tensor
