@@ -11,6 +11,11 @@ from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+# On Linux the extension does not link libgomp: its OpenMP symbols bind at
+# import to the runtime torch already loaded (diffq_c/_openmp.py says why),
+# so a wheel carries no runtime of its own and a process maps one libgomp.
+LINK_RUNTIME_AT_IMPORT = sys.platform.startswith("linux")
+
 KERNELS = ["csrc/rng.c", "csrc/noise.c", "csrc/quantize.c", "csrc/bitpack.c", "csrc/size.c",
            "csrc/lsq.c", "csrc/validate.c", "csrc/multi.c"]
 
@@ -51,7 +56,7 @@ class BuildExt(build_ext):
 
         compiler._compile = compile_one
         for ext in self.extensions:
-            if openmp:
+            if openmp and not LINK_RUNTIME_AT_IMPORT:
                 ext.extra_link_args.append("-fopenmp")
         try:
             super().build_extensions()

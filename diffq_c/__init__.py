@@ -15,6 +15,7 @@ Quantized states are byte-compatible with diffq's in both directions.
 """
 import torch
 
+from . import _openmp  # noqa: F401  (before anything loads _C: it provides its OpenMP runtime)
 from .base import BaseQuantizer, restore_quantized_state
 from .diffq import DiffQuantizer
 from .loading import load

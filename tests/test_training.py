@@ -267,10 +267,14 @@ def test_extension_does_not_link_libtorch():
 
 
 def test_extension_imports_without_torch():
-    """The compiled module stands alone: loading it needs no torch."""
+    """The compiled module stands alone: loading it needs no torch, only an
+    OpenMP runtime in the process (on Linux it links none and binds to the
+    one torch brings, diffq_c/_openmp.py; here the system's stands in)."""
     from diffq_c import _C
     code = (
-        "import importlib.util, sys\n"
+        "import ctypes, ctypes.util, importlib.util, os, sys\n"
+        "if sys.platform.startswith('linux'):\n"
+        "    ctypes.CDLL(ctypes.util.find_library('gomp'), mode=os.RTLD_GLOBAL)\n"
         "sys.modules['torch'] = None\n"
         f"spec = importlib.util.spec_from_file_location('_C', {_C.__file__!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
