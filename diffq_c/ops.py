@@ -832,7 +832,9 @@ def _contiguous_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
 def _register_ops() -> tp.Optional[torch.library.Library]:
     if _C is None or not hasattr(torch, "library") or not hasattr(torch.library, "Library"):
         return None
-    register_fake = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract")
+    # torch < 2.2 has neither: the operators then run eagerly only
+    register_fake = (getattr(torch.library, "register_fake", None)
+                     or getattr(torch.library, "impl_abstract", None) or (lambda *a, **k: (lambda fn: fn)))
     lib = torch.library.Library("diffq_c", "DEF")
     lib.define("noise_forward(Tensor[] p, Tensor[] logit, Tensor seed, int[] group_size, int kind, "
                "float[] param, str[] name) -> (Tensor[], Tensor)")
