@@ -1207,6 +1207,131 @@ void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logi
         throw std::bad_alloc();
 }
 
+// A packed tensor of a state: int64 [lines, nbits, 32] holding exactly the
+// lines `values` values take, with zeros past them (what diffq's pack
+// writes). `planes` < 0: any count of bit planes.
+const uint64_t *packed_state_tensor(py::handle obj, int64_t values, int planes, const std::string &what,
+                                    std::vector<Buffer> &keep, std::vector<int16_t> &scratch, int *nbits_out) {
+    keep.push_back(view(obj, what.c_str(), DType::i64));
+    const Buffer &b = keep.back();
+    if (b.shape.size() != 3 || b.shape[2] != DQ_PACK_BLOCK)
+        value_error(what + " must be int64 [lines, nbits, 32]");
+    const int64_t lines = b.shape[0], nbits = b.shape[1];
+    if (planes >= 0 && nbits != planes)
+        value_error(what + " has " + std::to_string(nbits) + " bit planes, expected " + std::to_string(planes));
+    if (lines != dq_pack_lines(values))
+        value_error(what + " has " + std::to_string(lines) + " lines, " + std::to_string(values) + " values take " +
+                    std::to_string(dq_pack_lines(values)));
+    int err = dq_validate_packed(lines, nbits, b.shape[2], b.numel, values);
+    if (err != DQ_OK)
+        value_error(what + ": " + dq_error_message(err));
+    const uint64_t *data = reinterpret_cast<const uint64_t *>(b.data);
+    if (lines) {
+        // the last line's padding must be zeros
+        scratch.resize(DQ_PACK_LINE);
+        dq_unpack_bits(data + (lines - 1) * nbits * DQ_PACK_BLOCK, 1, (int)nbits, DQ_PACK_LINE, scratch.data(), 1);
+        for (int64_t k = values - (lines - 1) * DQ_PACK_LINE; k < DQ_PACK_LINE; ++k)
+            if (scratch[k])
+                value_error(what + " holds non-zero values past the " + std::to_string(values) + " expected");
+    }
+    *nbits_out = (int)nbits;
+    return data;
+}
+
+// Restores packed DiffQuantizer states into float32 tensors: for entry i,
+// packs[i] lists the packed levels of widths 1, 2, ... (None where no
+// group has that width), bits[i] the packed stored widths (width - offset),
+// outs[i] the parameter. Everything is checked before anything is written:
+// a bad entry raises a ValueError naming names[i] and no out changes.
+void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::sequence outs,
+                          std::vector<int64_t> group_sizes, int offset, std::vector<float> mns,
+                          std::vector<float> ranges, std::vector<std::string> names, int nthreads) {
+    const size_t n = group_sizes.size();
+    same_length(n, packs_list, "packs");
+    same_length(n, bits_list, "bits");
+    same_length(n, outs, "out");
+    if (mns.size() != n || ranges.size() != n || names.size() != n)
+        value_error("mn, range and names need one entry per tensor");
+    threads(nthreads);
+    if (offset < 0 || offset > 15)
+        value_error("offset must be in 0..15, got " + std::to_string(offset));
+    struct Job {
+        const uint64_t *packs[16];
+        int64_t lines[16];
+        std::vector<uint8_t> widths;
+        float *out;
+        int64_t group_size, ngroups;
+    };
+    std::vector<Job> jobs(n);
+    std::vector<Buffer> keep;
+    std::vector<Extent> extents;
+    std::vector<int16_t> scratch, stored;
+    for (size_t i = 0; i < n; ++i) {
+        const std::string prefix = "cannot restore parameter '" + names[i] + "': ";
+        Job &job = jobs[i];
+        if (!std::isfinite(mns[i]) || !std::isfinite(ranges[i]) || ranges[i] < 0)
+            value_error(prefix + "scales must be finite with min <= max");
+        keep.push_back(view(outs[i], item_name("out", i).c_str(), DType::f32));
+        const Buffer &out = keep.back();
+        add_extent(extents, out, true, item_name("out", i));
+        job.out = reinterpret_cast<float *>(out.data);
+        job.group_size = group_sizes[i] > 0 ? group_sizes[i] : out.numel;
+        job.ngroups = groups_of(out.numel, group_sizes[i], item_name("out", i).c_str());
+        int nbits = 0;
+        const uint64_t *bits = packed_state_tensor(bits_list[i], job.ngroups, -1, prefix + "packed bits", keep,
+                                                   scratch, &nbits);
+        add_extent(extents, keep.back(), false, item_name("bits", i));
+        stored.resize((size_t)job.ngroups);
+        job.widths.resize((size_t)job.ngroups);
+        int64_t counts[16];
+        int64_t bad;
+        {
+            py::gil_scoped_release nogil;
+            dq_unpack_bits(bits, dq_pack_lines(job.ngroups), nbits, job.ngroups, stored.data(), 1);
+            bad = dq_widths_from_stored(stored.data(), job.ngroups, offset, job.widths.data(), counts, 1);
+        }
+        if (bad >= 0)
+            value_error(prefix + "bits outside 1..15 in the packed state");
+        py::sequence packs = packs_list[i];
+        const size_t given = py::len(packs);
+        if (given > 15)
+            value_error(prefix + std::to_string(given) + " packed level tensors, at most 15");
+        std::string missing;
+        for (int w = 0; w < 16; ++w) {
+            job.packs[w] = nullptr;
+            job.lines[w] = 0;
+            if (w == 0 || counts[w] == 0)
+                continue;
+            if ((size_t)w > given || py::handle(packs[w - 1]).is_none()) {
+                missing += (missing.empty() ? "" : ", ") + std::to_string(w);
+                continue;
+            }
+            int64_t values = counts[w] * job.group_size;
+            int planes = 0;
+            job.packs[w] = packed_state_tensor(packs[w - 1], values, w,
+                                               prefix + "packed levels of " + std::to_string(w) + "-bit groups",
+                                               keep, scratch, &planes);
+            add_extent(extents, keep.back(), false, item_name("packs", i));
+            job.lines[w] = dq_pack_lines(values);
+        }
+        if (!missing.empty())
+            value_error(prefix + "no packed levels for groups of [" + missing + "] bits" +
+                        (counts[15] && job.packs[15] == nullptr ? " (diffq drops 15-bit groups when packing)" : ""));
+    }
+    outputs_disjoint(extents);
+    int err = DQ_OK;
+    {
+        py::gil_scoped_release nogil;
+        for (size_t i = 0; i < n && err == DQ_OK; ++i)
+            err = dq_dequantize_packed(jobs[i].packs, jobs[i].lines, jobs[i].group_size, jobs[i].widths.data(),
+                                       jobs[i].ngroups, mns[i], ranges[i], jobs[i].out, nthreads);
+    }
+    if (err == DQ_ERR_NOMEM)
+        throw std::bad_alloc();
+    if (err != DQ_OK)
+        value_error(std::string("packs: ") + dq_error_message(err));
+}
+
 uint64_t derive_seed(uint64_t base, int64_t index) {
     if (index < 0)
         value_error("index must be >= 0, got " + std::to_string(index));
@@ -1440,6 +1565,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("noise_backward_multi", &noise_backward_multi, py::arg("grad"), py::arg("p"), py::arg("logit"),
           py::arg("grad_p"), py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"),
           py::arg("param"), py::arg("range"), py::arg("nthreads") = 1);
+    m.def("restore_packed_multi", &restore_packed_multi, py::arg("packs"), py::arg("bits"), py::arg("out"),
+          py::arg("group_size"), py::arg("offset"), py::arg("mn"), py::arg("range"), py::arg("names"),
+          py::arg("nthreads") = 1);
     m.def("derive_seed", &derive_seed, py::arg("base"), py::arg("index"));
     m.def("size_forward_multi", &size_forward_multi, py::arg("logit"), py::arg("param"), py::arg("nthreads") = 1);
     m.def("size_backward_multi", &size_backward_multi, py::arg("logit"), py::arg("grad"), py::arg("scale"),

@@ -360,9 +360,7 @@ class BaseQuantizer:
         parameters as float16 or float32, and what is needed to rebuild the
         quantizer (`meta`). Restore with `restore_quantized_state`."""
         pack_fn = self._pack_fns(torch_pack)[0]
-        all_quantized = []
-        for qparam in self._unique_qparams():
-            all_quantized.append(self._quantized_state_of(qparam, packed, pack_fn))
+        all_quantized = self._quantized_states(packed, pack_fn)
         kwargs = dict(self._init_kwargs)
         for key in self._STATE_EXCLUDED_KWARGS:
             kwargs.pop(key, None)
@@ -377,6 +375,11 @@ class BaseQuantizer:
                 "torch_pack": torch_pack,
             },
         }
+
+    def _quantized_states(self, packed: bool, pack_fn) -> tp.List[tp.Any]:
+        """state['quantized']: one entry per quantized parameter (subclasses
+        may compute them all in one call)."""
+        return [self._quantized_state_of(qparam, packed, pack_fn) for qparam in self._unique_qparams()]
 
     def _quantized_state_of(self, qparam, packed: bool, pack_fn) -> tp.Any:
         """One parameter's entry of state['quantized'] (subclasses may go
@@ -422,8 +425,16 @@ class BaseQuantizer:
             except (ValueError, TypeError, RuntimeError, IndexError, KeyError,
                     AttributeError) as exc:
                 raise ValueError(f"cannot restore parameter {name!r}: {exc}") from exc
-        # converted before any write too: a tensor that cannot become the
-        # parameter (meta device, complex) must not leave a half-restored model
+        plain_values = self._plain_values(state)
+        for qparam, ready in zip(self._unique_qparams(), prepared):
+            self._apply_restore(qparam, ready)
+        self._write_plain_values(plain_values)
+
+    def _plain_values(self, state) -> tp.List[torch.Tensor]:
+        """The state's float16 and other parameters converted to their
+        parameters' dtype and device, before any write: a tensor that cannot
+        become the parameter (meta device, complex) must not leave a
+        half-restored model."""
         plain_values = []
         for kind, params in (("float16", self._float16), ("others", self._others)):
             for i, (p, q) in enumerate(zip(params, state[kind])):
@@ -432,8 +443,10 @@ class BaseQuantizer:
                 except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
                     raise ValueError(f"state[{kind!r}][{i}] cannot be loaded into its "
                                      f"parameter: {exc}") from exc
-        for qparam, ready in zip(self._unique_qparams(), prepared):
-            self._apply_restore(qparam, ready)
+        return plain_values
+
+    def _write_plain_values(self, plain_values: tp.List[torch.Tensor]) -> None:
+        """The last step of a restore, once the quantized ones are written."""
         for p, value in zip(self._float16 + self._others, plain_values):
             p.data.copy_(value)
         self._fix_rnns()

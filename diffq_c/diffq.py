@@ -367,6 +367,56 @@ class DiffQuantizer(BaseQuantizer):
         value = ops.dequantize_levels(levels, scales, bits, name=self._param_name(qparam))
         return value.view_as(qparam.param.data)
 
+    def restore_quantized_state(self, state) -> None:
+        # writes go through .data, which no version counter sees
+        self._eval_cache.clear()
+        if not self._restore_packed_all(state):
+            super().restore_quantized_state(state)
+
+    def _restore_packed_all(self, state) -> bool:
+        """A packed state (bitpack layout) restored in one kernel call that
+        checks every entry before it writes any. False, having changed
+        nothing, when the state or the parameters need the general path
+        (which also gives its precise errors for malformed entries)."""
+        self._check_state(state)
+        meta = state.get("meta", {})
+        owners = self._unique_qparams()
+        if not (isinstance(meta, dict) and meta.get("packed", False) and not meta.get("torch_pack", False)
+                and float(self.min_bits) == int(self.min_bits)
+                and all(ops.on_kernel_path(qp.param) and qp.param.is_contiguous() for qp in owners)):
+            return False
+        packs, bits, mns, ranges, names = [], [], [], [], []
+        for qparam, entry in zip(owners, state["quantized"]):
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 3
+                    and isinstance(entry[0], (tuple, list))):
+                return False
+            all_packed, scales, packed_bits = entry
+            name = self._param_name(qparam)
+            try:
+                mn, mx = ops._check_scales(scales, name)
+            except ValueError as exc:
+                raise ValueError(f"cannot restore parameter {name!r}: {exc}") from exc
+            packs.append(all_packed)
+            bits.append(packed_bits)
+            mns.append(mn)
+            ranges.append(mx - mn)
+            names.append(name)
+        plain_values = self._plain_values(state)
+        try:
+            ops.restore_packed_all(packs, bits, [qp.param for qp in owners],
+                                   [self._group_size_of(qp.param) for qp in owners], self._bits_offset(),
+                                   mns, ranges, names)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        except ValueError as exc:
+            if "must not overlap" in str(exc):
+                # parameters sharing memory (a tie without detect_bound): the
+                # general path writes them one after the other, as diffq does
+                return False
+            raise
+        self._write_plain_values(plain_values)
+        return True
+
     def _prepare_restore(self, qparam, quantized):
         # checked now, dequantized straight into the parameter later
         self._check_quantized(qparam, quantized)
@@ -404,6 +454,24 @@ class DiffQuantizer(BaseQuantizer):
         outs, totals, mn, mx = packs
         top = self._packed_widths(totals[MAX_STORED_BITS] > 0)
         return (outs[1:top + 1], (mn, mx), self._pack_stored_bits(qparam, bits, pack_fn))
+
+    def _quantized_states(self, packed: bool, pack_fn) -> tp.List[tp.Any]:
+        owners = self._unique_qparams()
+        if not (packed and pack_fn is bitpack.pack and owners
+                and self._bits_param.mode == ops.PARAM_MODES["bits"]
+                and all(ops.on_kernel_path(qp.param, qp.logit) for qp in owners)):
+            return super()._quantized_states(packed, pack_fn)
+        # bits and ranges of every parameter in one call, then their levels
+        # straight into each width's packed lines in another
+        names = [self._param_name(qp) for qp in owners]
+        ps = [qp.param.detach() for qp in owners]
+        group_sizes = [self._group_size_of(qp.param) for qp in owners]
+        _, bits, ranges, totals = ops.quantize_all(ps, [qp.logit for qp in owners], [self.group_size] * len(owners),
+                                                   self._bits_param, self.extra_bits, names, values=False)
+        outs = ops.quantize_pack_all(ps, bits, group_sizes, ranges, totals)
+        return [(out[1:self._packed_widths(total[MAX_STORED_BITS] > 0) + 1], (mn, mx),
+                 self._pack_stored_bits(qparam, b, pack_fn))
+                for qparam, out, total, (mn, mx), b in zip(owners, outs, totals, ranges, bits)]
 
     @staticmethod
     def _packed_widths(has_top_width: bool) -> int:

@@ -711,6 +711,25 @@ def quantize_pack(p: torch.Tensor, bits: torch.Tensor, group_size: int, name: st
     return outs, totals, mn, mx
 
 
+def restore_packed_all(packs, bits, outs, group_sizes, offset: int, mns, ranges, names) -> None:
+    """Packed DiffQuantizer entries (diffq's layout) dequantized into outs
+    (contiguous float32 CPU parameters), all checked before any is written
+    (see the binding's restore_packed_multi)."""
+    with torch.no_grad():
+        _C.restore_packed_multi(packs, bits, outs, list(group_sizes), offset, mns, ranges, names, num_threads())
+
+
+def quantize_pack_all(ps, bits, group_sizes, ranges, totals) -> tp.List[tp.List[tp.Optional[torch.Tensor]]]:
+    """quantize_pack of every parameter in one call, from what quantize_all
+    found (bits, (min, max) and values of each width): per parameter, the
+    packed levels of each width 0..15, None where no group has it."""
+    outs = [[torch.empty(pack_lines(t), w, _C.PACK_BLOCK, dtype=torch.int64) if t else None
+             for w, t in enumerate(total)] for total in totals]
+    _C.quantize_pack_multi([_dense(p) for p in ps], bits, outs, list(group_sizes), [mn for mn, _ in ranges],
+                           [float(mx - mn) for mn, mx in ranges], num_threads())
+    return outs
+
+
 def pack_widths(widths: torch.Tensor, offset: int) -> torch.Tensor:
     """bitpack.pack(widths - offset) for uint8 widths, without the int16
     copy: diffq's packed bits of a state."""
