@@ -1278,7 +1278,8 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
         job.group_size = group_sizes[i] > 0 ? group_sizes[i] : out.numel;
         job.ngroups = groups_of(out.numel, group_sizes[i], item_name("out", i).c_str());
         int nbits = 0;
-        const uint64_t *bits = packed_state_tensor(bits_list[i], job.ngroups, -1, prefix + "packed bits", keep,
+        const uint64_t *bits = packed_state_tensor(bits_list[i], job.ngroups, -1,
+                                                   prefix + "the packed bits " + item_name("bits", i), keep,
                                                    scratch, &nbits);
         add_extent(extents, keep.back(), false, item_name("bits", i));
         stored.resize((size_t)job.ngroups);
@@ -1309,7 +1310,8 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
             int64_t values = counts[w] * job.group_size;
             int planes = 0;
             job.packs[w] = packed_state_tensor(packs[w - 1], values, w,
-                                               prefix + "packed levels of " + std::to_string(w) + "-bit groups",
+                                               prefix + "the packed levels of " + std::to_string(w) + "-bit groups " +
+                                                   item_name("packs", i) + "[" + std::to_string(w - 1) + "]",
                                                keep, scratch, &planes);
             add_extent(extents, keep.back(), false, item_name("packs", i));
             job.lines[w] = dq_pack_lines(values);

@@ -61,6 +61,24 @@ def _multi_pack_outs():
     return [_pack_outs()]
 
 
+def _pack(values, nbits):
+    out = torch.zeros(-(-len(values) // 2048), nbits, 32, dtype=torch.int64)
+    _C.pack_bits(torch.tensor(values, dtype=torch.int16), out, nbits)
+    return out
+
+
+def _state_bits(extra=None):
+    """diffq's packed bits of the widths [2, 3, 2, 4, 3, 2] (offset 2); with
+    `extra`, a value past the 6 groups (a padding that is not zeros)."""
+    return _pack([0, 1, 0, 2, 1, 0] + ([extra] if extra is not None else []), 2)
+
+
+def _state_packs():
+    """The packed levels of those groups of 4: three groups of 2 bits, two of 3,
+    one of 4 (entry w - 1 for width w)."""
+    return [None, _pack([1, 2, 3, 0] * 3, 2), _pack([5, 6, 7, 0] * 2, 3), _pack([9, 10, 15, 0], 4)]
+
+
 def _pack_outs():
     """quantize_pack's outputs for the bits [2, 3, 2, 4, 3, 2] of groups of 4:
     one line of 2, 3 and 4 planes."""
@@ -297,6 +315,16 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"seed": [9]}, ValueError), ({"group_size": [7, 4]}, ValueError),
                      ({"grad": [_f32(N)]}, ValueError), ({"kind": 5}, ValueError),
                      ({"nthreads": 0}, ValueError))),
+    "restore_packed_multi": Spec(
+        make=lambda: dict(packs=[_state_packs()], bits=[_state_bits()], out=[_out(N, torch.float32)],
+                          group_size=[GS], offset=2, mn=[-1.0], range=[2.0], names=["w"], nthreads=1),
+        tensors=("bits[0]", "out[0]", "packs[0][1]", "packs[0][3]"), outputs=("out[0]",), any_size=(),
+        overlaps=(("out[0]", "bits[0]"), ("out[0]", "packs[0][2]")),
+        bad_scalars=(({"offset": 16}, ValueError), ({"mn": [float("nan")]}, ValueError),
+                     ({"range": [-1.0]}, ValueError), ({"names": []}, ValueError),
+                     ({"packs": [[None] * 15]}, ValueError), ({"packs": [_state_packs() + [None] * 12]}, ValueError),
+                     ({"group_size": [5]}, ValueError), ({"bits": [_state_bits(extra=1)]}, ValueError),
+                     ({"offset": 3}, ValueError), ({"nthreads": 0}, ValueError))),
     "derive_seed": Spec(
         make=lambda: dict(base=12345, index=3),
         tensors=(), outputs=(), any_size=(), overlaps=(),
