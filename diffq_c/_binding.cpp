@@ -901,6 +901,19 @@ void quantize_pack(py::handle p_obj, py::handle bits_obj, py::sequence outs_obj,
 
 // diffq's packed bits of a state: widths - offset packed on nbits planes;
 // returns nothing, refuses widths that do not fit
+// Widths to pack as widths - offset on nbits planes: each must fit.
+void check_width_range(const Buffer &widths, int offset, int nbits, const std::string &name) {
+    const uint8_t *w = reinterpret_cast<const uint8_t *>(widths.data);
+    uint8_t low = 255, high = 0;
+    for (int64_t i = 0; i < widths.numel; ++i) {
+        low = w[i] < low ? w[i] : low;
+        high = w[i] > high ? w[i] : high;
+    }
+    if (widths.numel && ((int)low < offset || (nbits < 16 && ((int)high - offset) >> nbits)))
+        value_error(name + " - " + std::to_string(offset) + " must lie in [0, 2^" + std::to_string(nbits) +
+                    "), got [" + std::to_string((int)low - offset) + ", " + std::to_string((int)high - offset) + "]");
+}
+
 void pack_widths(py::handle widths_obj, int offset, py::handle out_obj, int nbits, int nthreads) {
     Buffer widths = view(widths_obj, "widths", DType::u8);
     if (nbits < 0 || nbits > 16)
@@ -911,17 +924,10 @@ void pack_widths(py::handle widths_obj, int offset, py::handle out_obj, int nbit
     Buffer out = view(out_obj, "out", DType::i64, words);
     no_overlap(out, "out", widths, "widths");
     threads(nthreads);
-    const uint8_t *w = reinterpret_cast<const uint8_t *>(widths.data);
-    uint8_t low = 255, high = 0;
-    for (int64_t i = 0; i < widths.numel; ++i) {
-        low = w[i] < low ? w[i] : low;
-        high = w[i] > high ? w[i] : high;
-    }
-    if (widths.numel && ((int)low < offset || (nbits < 16 && ((int)high - offset) >> nbits)))
-        value_error("widths - " + std::to_string(offset) + " must lie in [0, 2^" + std::to_string(nbits) +
-                    "), got [" + std::to_string((int)low - offset) + ", " + std::to_string((int)high - offset) + "]");
+    check_width_range(widths, offset, nbits, "widths");
     py::gil_scoped_release nogil;
-    dq_pack_widths(w, widths.numel, offset, nbits, reinterpret_cast<uint64_t *>(out.data), nthreads);
+    dq_pack_widths(reinterpret_cast<const uint8_t *>(widths.data), widths.numel, offset, nbits,
+                   reinterpret_cast<uint64_t *>(out.data), nthreads);
 }
 
 void stored_bits(py::handle t_obj, py::handle out_obj, float min_bits, float max_bits, float extra_bits,
@@ -1207,11 +1213,27 @@ void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logi
         throw std::bad_alloc();
 }
 
+// Whether values [used, 2048) of a packed line are zeros, read off its
+// words: value k * 32 + j is bit k of word j of each plane.
+bool padding_is_zero(const uint64_t *line, int nbits, int64_t used) {
+    for (int j = 0; j < DQ_PACK_BLOCK; ++j) {
+        // the first bit k of word j whose value k * 32 + j is padding
+        int64_t first = used > j ? (used - j + DQ_PACK_BLOCK - 1) / DQ_PACK_BLOCK : 0;
+        if (first >= DQ_PACK_STORAGE)
+            continue;
+        const uint64_t padding = ~uint64_t(0) << first;
+        for (int b = 0; b < nbits; ++b)
+            if (line[(int64_t)b * DQ_PACK_BLOCK + j] & padding)
+                return false;
+    }
+    return true;
+}
+
 // A packed tensor of a state: int64 [lines, nbits, 32] holding exactly the
 // lines `values` values take, with zeros past them (what diffq's pack
 // writes). `planes` < 0: any count of bit planes.
 const uint64_t *packed_state_tensor(py::handle obj, int64_t values, int planes, const std::string &what,
-                                    std::vector<Buffer> &keep, std::vector<int16_t> &scratch, int *nbits_out) {
+                                    std::vector<Buffer> &keep, int *nbits_out) {
     keep.push_back(view(obj, what.c_str(), DType::i64));
     const Buffer &b = keep.back();
     if (b.shape.size() != 3 || b.shape[2] != DQ_PACK_BLOCK)
@@ -1226,14 +1248,9 @@ const uint64_t *packed_state_tensor(py::handle obj, int64_t values, int planes, 
     if (err != DQ_OK)
         value_error(what + ": " + dq_error_message(err));
     const uint64_t *data = reinterpret_cast<const uint64_t *>(b.data);
-    if (lines) {
-        // the last line's padding must be zeros
-        scratch.resize(DQ_PACK_LINE);
-        dq_unpack_bits(data + (lines - 1) * nbits * DQ_PACK_BLOCK, 1, (int)nbits, DQ_PACK_LINE, scratch.data(), 1);
-        for (int64_t k = values - (lines - 1) * DQ_PACK_LINE; k < DQ_PACK_LINE; ++k)
-            if (scratch[k])
-                value_error(what + " holds non-zero values past the " + std::to_string(values) + " expected");
-    }
+    if (lines && !padding_is_zero(data + (lines - 1) * nbits * DQ_PACK_BLOCK, (int)nbits,
+                                  values - (lines - 1) * DQ_PACK_LINE))
+        value_error(what + " holds non-zero values past the " + std::to_string(values) + " expected");
     *nbits_out = (int)nbits;
     return data;
 }
@@ -1265,7 +1282,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
     std::vector<Job> jobs(n);
     std::vector<Buffer> keep;
     std::vector<Extent> extents;
-    std::vector<int16_t> scratch, stored;
+    std::vector<int16_t> stored;
     for (size_t i = 0; i < n; ++i) {
         const std::string prefix = "cannot restore parameter '" + names[i] + "': ";
         Job &job = jobs[i];
@@ -1280,7 +1297,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
         int nbits = 0;
         const uint64_t *bits = packed_state_tensor(bits_list[i], job.ngroups, -1,
                                                    prefix + "the packed bits " + item_name("bits", i), keep,
-                                                   scratch, &nbits);
+                                                   &nbits);
         add_extent(extents, keep.back(), false, item_name("bits", i));
         stored.resize((size_t)job.ngroups);
         job.widths.resize((size_t)job.ngroups);
@@ -1312,7 +1329,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
             job.packs[w] = packed_state_tensor(packs[w - 1], values, w,
                                                prefix + "the packed levels of " + std::to_string(w) + "-bit groups " +
                                                    item_name("packs", i) + "[" + std::to_string(w - 1) + "]",
-                                               keep, scratch, &planes);
+                                               keep, &planes);
             add_extent(extents, keep.back(), false, item_name("packs", i));
             job.lines[w] = dq_pack_lines(values);
         }
@@ -1490,13 +1507,16 @@ std::vector<QuantTuple> quantize_multi(py::sequence ps, py::sequence ts, py::seq
 
 // quantize_pack of each entry: p[i] with widths bits[i] into outs[i] (16
 // entries each), over the range (mn[i], mn[i] + range[i]).
+// widths_out[i], when not None, receives bits[i] - offset packed on the
+// planes its shape [lines, nbits, 32] has (diffq's packed bits of a state).
 void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence outs_list,
                          std::vector<int64_t> group_sizes, std::vector<float> mns, std::vector<float> ranges,
-                         int nthreads) {
+                         py::sequence widths_out, int offset, int nthreads) {
     const size_t n = group_sizes.size();
     same_length(n, ps, "p");
     same_length(n, bits_list, "bits");
     same_length(n, outs_list, "outs");
+    same_length(n, widths_out, "widths_out");
     if (mns.size() != n || ranges.size() != n)
         value_error("mn and range need one entry per tensor");
     threads(nthreads);
@@ -1504,6 +1524,8 @@ void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence o
         PackCall call;
         std::vector<Buffer> outs;
         uint64_t *ptrs[16];
+        Buffer widths;
+        int nbits = -1;
     };
     std::vector<Job> jobs(n);
     std::vector<Extent> extents;
@@ -1536,15 +1558,34 @@ void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence o
             add_extent(extents, job.outs[w], true, name);
             job.ptrs[w] = reinterpret_cast<uint64_t *>(job.outs[w].data);
         }
+        if (!py::handle(widths_out[i]).is_none()) {
+            std::string wn = item_name("widths_out", i);
+            job.widths = view(widths_out[i], wn.c_str(), DType::i64);
+            const Buffer &b = job.widths;
+            if (b.shape.size() != 3 || b.shape[0] != dq_pack_lines(job.call.ngroups) || b.shape[1] > 16 ||
+                b.shape[2] != DQ_PACK_BLOCK)
+                value_error(wn + " must have shape [" + std::to_string(dq_pack_lines(job.call.ngroups)) +
+                            ", nbits <= 16, 32]");
+            job.nbits = (int)b.shape[1];
+            if (offset < 0 || offset > 15)
+                value_error("offset must be in 0..15, got " + std::to_string(offset));
+            check_width_range(job.call.bits, offset, job.nbits, bn);
+            add_extent(extents, b, true, wn);
+        }
     }
     outputs_disjoint(extents);
     int err = DQ_OK;
     {
         py::gil_scoped_release nogil;
-        for (size_t i = 0; i < n && err == DQ_OK; ++i)
-            err = dq_quantize_pack(reinterpret_cast<const float *>(jobs[i].call.values.data), group_sizes[i],
-                                   reinterpret_cast<const uint8_t *>(jobs[i].call.bits.data), jobs[i].call.ngroups,
-                                   mns[i], ranges[i], jobs[i].ptrs, nthreads);
+        for (size_t i = 0; i < n && err == DQ_OK; ++i) {
+            const Job &job = jobs[i];
+            const uint8_t *bits = reinterpret_cast<const uint8_t *>(job.call.bits.data);
+            err = dq_quantize_pack(reinterpret_cast<const float *>(job.call.values.data), group_sizes[i], bits,
+                                   job.call.ngroups, mns[i], ranges[i], job.ptrs, nthreads);
+            if (err == DQ_OK && job.nbits >= 0)
+                dq_pack_widths(bits, job.call.ngroups, offset, job.nbits, reinterpret_cast<uint64_t *>(job.widths.data),
+                               nthreads);
+        }
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
@@ -1578,7 +1619,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("group_size"), py::arg("min_bits"), py::arg("max_bits"), py::arg("extra_bits"),
           py::arg("with_totals") = false, py::arg("nthreads") = 1);
     m.def("quantize_pack_multi", &quantize_pack_multi, py::arg("p"), py::arg("bits"), py::arg("outs"),
-          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("nthreads") = 1);
+          py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("widths_out"), py::arg("offset"),
+          py::arg("nthreads") = 1);
     m.def("philox4x32_10", &philox, py::arg("ctr"), py::arg("key"));
     m.def("noise_fill", &noise_fill, py::arg("out"), py::arg("kind"), py::arg("seed"), py::arg("start") = 0,
           py::arg("nthreads") = 1, py::arg("reference") = false);

@@ -468,10 +468,13 @@ class DiffQuantizer(BaseQuantizer):
         group_sizes = [self._group_size_of(qp.param) for qp in owners]
         _, bits, ranges, totals = ops.quantize_all(ps, [qp.logit for qp in owners], [self.group_size] * len(owners),
                                                    self._bits_param, self.extra_bits, names, values=False)
-        outs = ops.quantize_pack_all(ps, bits, group_sizes, ranges, totals)
-        return [(out[1:self._packed_widths(total[MAX_STORED_BITS] > 0) + 1], (mn, mx),
-                 self._pack_stored_bits(qparam, b, pack_fn))
-                for qparam, out, total, (mn, mx), b in zip(owners, outs, totals, ranges, bits)]
+        offset = self._bits_offset()
+        for qparam, total in zip(owners, totals):
+            if any(total[:offset]):
+                raise self._below_min_bits(qparam)
+        outs, packed_bits = ops.quantize_pack_all(ps, bits, group_sizes, ranges, totals, offset)
+        return [(out[1:self._packed_widths(total[MAX_STORED_BITS] > 0) + 1], (mn, mx), packed)
+                for out, total, (mn, mx), packed in zip(outs, totals, ranges, packed_bits)]
 
     @staticmethod
     def _packed_widths(has_top_width: bool) -> int:
@@ -481,10 +484,13 @@ class DiffQuantizer(BaseQuantizer):
         diffq reads ours."""
         return MAX_STORED_BITS if has_top_width else MAX_STORED_BITS - 1
 
+    def _below_min_bits(self, qparam) -> ValueError:
+        return ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
+                          f"min_bits={self.min_bits}; cannot pack their bits")
+
     def _pack_stored_bits(self, qparam, bits: torch.Tensor, pack_fn):
         offset = self._bits_offset()
-        below = ValueError(f"parameter {self._param_name(qparam)!r} has groups below "
-                           f"min_bits={self.min_bits}; cannot pack their bits")
+        below = self._below_min_bits(qparam)
         if pack_fn is bitpack.pack and ops.kernels_available() and bits.device.type == "cpu" \
                 and bits.dtype == torch.uint8:
             try:

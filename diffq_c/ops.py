@@ -719,15 +719,25 @@ def restore_packed_all(packs, bits, outs, group_sizes, offset: int, mns, ranges,
         _C.restore_packed_multi(packs, bits, outs, list(group_sizes), offset, mns, ranges, names, num_threads())
 
 
-def quantize_pack_all(ps, bits, group_sizes, ranges, totals) -> tp.List[tp.List[tp.Optional[torch.Tensor]]]:
+def width_planes(top: int) -> int:
+    """Bit planes that values 0..top take (diffq's packed bits)."""
+    return int(math.ceil(math.log2(1 + top))) if top > 0 else 0
+
+
+def quantize_pack_all(ps, bits, group_sizes, ranges, totals, offset: int):
     """quantize_pack of every parameter in one call, from what quantize_all
     found (bits, (min, max) and values of each width): per parameter, the
-    packed levels of each width 0..15, None where no group has it."""
+    packed levels of each width 0..15 (None where no group has it) and its
+    bits packed as bits - offset (pack_widths). The bits must be >= offset."""
     outs = [[torch.empty(pack_lines(t), w, _C.PACK_BLOCK, dtype=torch.int64) if t else None
              for w, t in enumerate(total)] for total in totals]
+    widths_out = []
+    for b, total in zip(bits, totals):
+        top = max((w for w in range(16) if total[w]), default=offset) - offset
+        widths_out.append(torch.empty(pack_lines(b.numel()), width_planes(top), _C.PACK_BLOCK, dtype=torch.int64))
     _C.quantize_pack_multi([_dense(p) for p in ps], bits, outs, list(group_sizes), [mn for mn, _ in ranges],
-                           [float(mx - mn) for mn, mx in ranges], num_threads())
-    return outs
+                           [float(mx - mn) for mn, mx in ranges], widths_out, offset, num_threads())
+    return outs, widths_out
 
 
 def pack_widths(widths: torch.Tensor, offset: int) -> torch.Tensor:
@@ -737,8 +747,7 @@ def pack_widths(widths: torch.Tensor, offset: int) -> torch.Tensor:
     lo, hi = torch.aminmax(flat) if flat.numel() else (torch.tensor(offset), torch.tensor(offset))
     if int(lo) < offset:
         raise ValueError(f"widths below the offset {offset}")
-    top = int(hi) - offset
-    nbits = int(math.ceil(math.log2(1 + top))) if top > 0 else 0
+    nbits = width_planes(int(hi) - offset)
     out = torch.empty(pack_lines(flat.numel()), nbits, _C.PACK_BLOCK, dtype=torch.int64)
     _C.pack_widths(flat, int(offset), out, nbits, num_threads())
     return out

@@ -354,14 +354,20 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"nthreads": 0}, ValueError))),
     "quantize_pack_multi": Spec(
         make=lambda: dict(p=[_f32(N)], bits=[_widths()], outs=_multi_pack_outs(), group_size=[GS],
-                          mn=[-1.0], range=[2.0], nthreads=1),
-        tensors=("p[0]", "bits[0]", "outs[0][3]"), outputs=("outs[0][2]", "outs[0][3]", "outs[0][4]"),
-        any_size=(), overlaps=(("outs[0][3]", "p[0]"), ("outs[0][2]", "outs[0][4]")),
+                          mn=[-1.0], range=[2.0], widths_out=[_out(2 * 32, torch.int64).view(1, 2, 32)],
+                          offset=2, nthreads=1),
+        tensors=("p[0]", "bits[0]", "outs[0][3]", "widths_out[0]"),
+        outputs=("outs[0][2]", "outs[0][3]", "outs[0][4]", "widths_out[0]"),
+        any_size=(), overlaps=(("outs[0][3]", "p[0]"), ("outs[0][2]", "outs[0][4]"),
+                               ("widths_out[0]", "bits[0]"), ("widths_out[0]", "outs[0][3]")),
         bad_scalars=(({"bits": [_widths((2, 3, 0, 4, 3, 2))]}, ValueError),
                      ({"bits": [_widths((2, 3, 16, 4, 3, 2))]}, ValueError),
                      ({"mn": [float("nan")]}, ValueError), ({"range": [float("inf")]}, ValueError),
                      ({"mn": []}, ValueError), ({"group_size": [5]}, ValueError),
-                     ({"outs": [[None] * 15]}, ValueError), ({"nthreads": 0}, ValueError))),
+                     ({"outs": [[None] * 15]}, ValueError), ({"nthreads": 0}, ValueError),
+                     ({"offset": 3}, ValueError), ({"offset": 16}, ValueError),
+                     ({"widths_out": [_out(32, torch.int64).view(1, 1, 32)]}, ValueError),
+                     ({"widths_out": []}, ValueError))),
 }
 
 
