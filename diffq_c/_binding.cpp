@@ -52,7 +52,7 @@ struct DLManagedTensor {
 constexpr int32_t kDLCPU = 1;
 constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2;
 
-enum class DType { f32, u8, i16, i64, u8_or_i16 };
+enum class DType { f32, u8, i16, i64, u8_or_i16, f64 };
 
 const char *dtype_name(DType d) {
     switch (d) {
@@ -61,6 +61,7 @@ const char *dtype_name(DType d) {
     case DType::i16: return "int16";
     case DType::i64: return "int64";
     case DType::u8_or_i16: return "uint8 or int16";
+    case DType::f64: return "float64";
     }
     return "?";
 }
@@ -88,6 +89,24 @@ std::string exception_text(py::error_already_set &e) {
     return std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
 }
 
+// A buffer's name in error messages: "p", "p[3]" or "outs[0][2]", put
+// together only when an error needs it (a model's step checks thousands
+// of buffers, and building their names cost as much as checking them).
+struct Name {
+    const char *base;
+    int64_t i = -1, j = -1;
+    Name(const char *b) : base(b) {}
+    Name(const char *b, int64_t i_, int64_t j_ = -1) : base(b), i(i_), j(j_) {}
+    std::string str() const {
+        std::string s(base);
+        if (i >= 0)
+            s += "[" + std::to_string(i) + "]";
+        if (j >= 0)
+            s += "[" + std::to_string(j) + "]";
+        return s;
+    }
+};
+
 // torch's own objects, looked up once: torch tensors are read through
 // their public attributes (data_ptr, dtype, shape, ...), which costs about
 // a tenth of a DLPack export (0.4 against 5.6 us a tensor measured here).
@@ -96,7 +115,7 @@ std::string exception_text(py::error_already_set &e) {
 // (numpy arrays, tensor subclasses such as FakeTensor) goes through DLPack.
 struct TorchObjects {
     PyObject *tensor_type = nullptr, *parameter_type = nullptr, *strided = nullptr;
-    PyObject *dtypes[5] = {nullptr};  // indexed by DType, u8_or_i16 unused
+    PyObject *dtypes[6] = {nullptr};  // indexed by DType, u8_or_i16 unused
     PyObject *s_is_cpu, *s_layout, *s_dtype, *s_shape, *s_is_contiguous, *s_data_ptr;
     bool ready = false;
 };
@@ -114,6 +133,7 @@ TorchObjects &torch_objects() {
     t.dtypes[(int)DType::u8] = keep(torch.attr("uint8"));
     t.dtypes[(int)DType::i16] = keep(torch.attr("int16"));
     t.dtypes[(int)DType::i64] = keep(torch.attr("int64"));
+    t.dtypes[(int)DType::f64] = keep(torch.attr("float64"));
     t.s_is_cpu = PyUnicode_InternFromString("is_cpu");
     t.s_layout = PyUnicode_InternFromString("layout");
     t.s_dtype = PyUnicode_InternFromString("dtype");
@@ -158,22 +178,22 @@ std::string torch_dtype_name(py::handle dtype) {
 }
 
 // The checks of view() below, for a plain torch.Tensor or Parameter.
-Buffer torch_view(py::handle obj, const char *name, DType want, int64_t want_numel) {
+Buffer torch_view(py::handle obj, const Name &name, DType want, int64_t want_numel) {
     const TorchObjects &t = torch_objects();
     if (get_attr(obj, t.s_is_cpu).ptr() != Py_True)
-        value_error(std::string(name) + " must be a CPU tensor");
+        value_error(name.str() + " must be a CPU tensor");
     if (get_attr(obj, t.s_layout).ptr() != t.strided)
-        type_error(std::string(name) + " must be a dense (strided) tensor");
+        type_error(name.str() + " must be a dense (strided) tensor");
     py::object dtype = get_attr(obj, t.s_dtype);
     int elem_size = 0;
-    const DType kinds[4] = {DType::f32, DType::u8, DType::i16, DType::i64};
-    const int sizes[4] = {4, 1, 2, 8};
-    for (int k = 0; k < 4; ++k)
+    const DType kinds[5] = {DType::f32, DType::u8, DType::i16, DType::i64, DType::f64};
+    const int sizes[5] = {4, 1, 2, 8, 8};
+    for (int k = 0; k < 5; ++k)
         if (dtype.ptr() == t.dtypes[(int)kinds[k]] &&
             (want == kinds[k] || (want == DType::u8_or_i16 && (kinds[k] == DType::u8 || kinds[k] == DType::i16))))
             elem_size = sizes[k];
     if (!elem_size)
-        type_error(std::string(name) + " must be " + dtype_name(want) + ", got " + torch_dtype_name(dtype));
+        type_error(name.str() + " must be " + dtype_name(want) + ", got " + torch_dtype_name(dtype));
     Buffer b;
     b.elem_size = elem_size;
     b.numel = 1;
@@ -183,15 +203,15 @@ Buffer torch_view(py::handle obj, const char *name, DType want, int64_t want_num
         if (size == -1 && PyErr_Occurred())
             throw py::error_already_set();
         if (size < 0)
-            value_error(std::string(name) + " has a negative dimension");
+            value_error(name.str() + " has a negative dimension");
         b.shape.push_back(size);
         if (!dq_mul_size(b.numel, size, &b.numel) || b.numel > INT64_MAX / 8)
-            value_error(std::string(name) + " is too large to index with 64 bits");
+            value_error(name.str() + " is too large to index with 64 bits");
     }
     if (b.numel > 0 && call_method(obj, t.s_is_contiguous).ptr() != Py_True)
-        value_error(std::string(name) + " must be contiguous");
+        value_error(name.str() + " must be contiguous");
     if (want_numel >= 0 && b.numel != want_numel)
-        value_error(std::string(name) + " has " + std::to_string(b.numel) + " elements, expected " +
+        value_error(name.str() + " has " + std::to_string(b.numel) + " elements, expected " +
                     std::to_string(want_numel));
     py::object ptr = call_method(obj, t.s_data_ptr);
     unsigned long long address = PyLong_AsUnsignedLongLong(ptr.ptr());
@@ -199,19 +219,19 @@ Buffer torch_view(py::handle obj, const char *name, DType want, int64_t want_num
         throw py::error_already_set();
     b.data = reinterpret_cast<char *>((uintptr_t)address);
     if (b.numel > 0 && !b.data)
-        value_error(std::string(name) + " has no data");
+        value_error(name.str() + " has no data");
     if (b.numel > 0 && reinterpret_cast<uintptr_t>(b.data) % b.elem_size)
-        value_error(std::string(name) + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
+        value_error(name.str() + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
     // the tensor itself keeps its memory alive while a kernel runs
     b.capsule = py::reinterpret_borrow<py::object>(obj);
     return b;
 }
 
-Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -1) {
+Buffer view(py::handle obj, const Name &name, DType want, int64_t want_numel = -1) {
     if (is_plain_torch_tensor(obj))
         return torch_view(obj, name, want, want_numel);
     if (!py::hasattr(obj, "__dlpack__"))
-        type_error(std::string(name) + " must be a tensor, got " +
+        type_error(name.str() + " must be a tensor, got " +
                    std::string(py::str(py::type::of(obj).attr("__name__"))));
     // Ask for the device first, as the DLPack protocol intends: producers
     // refuse to export some devices at all (torch's meta tensors), and that
@@ -221,75 +241,76 @@ Buffer view(py::handle obj, const char *name, DType want, int64_t want_numel = -
         try {
             dev = obj.attr("__dlpack_device__")();
         } catch (py::error_already_set &e) {
-            value_error(std::string(name) + " must be a CPU tensor: " + exception_text(e));
+            value_error(name.str() + " must be a CPU tensor: " + exception_text(e));
         }
         int32_t device_type = -1;
         try {
             device_type = py::cast<int32_t>(dev[py::int_(0)]);
         } catch (std::exception &) {
-            value_error(std::string(name) + " reported an unreadable device");
+            value_error(name.str() + " reported an unreadable device");
         }
         if (device_type != kDLCPU)
-            value_error(std::string(name) + " must be a CPU tensor (device type " + std::to_string(device_type) + ")");
+            value_error(name.str() + " must be a CPU tensor (device type " + std::to_string(device_type) + ")");
     }
     py::object cap;
     try {
         cap = obj.attr("__dlpack__")();
     } catch (py::error_already_set &e) {
-        type_error(std::string(name) + " cannot be read as a buffer: " + exception_text(e));
+        type_error(name.str() + " cannot be read as a buffer: " + exception_text(e));
     }
     if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
-        type_error(std::string(name) + " did not export a DLPack tensor");
+        type_error(name.str() + " did not export a DLPack tensor");
     auto *managed = static_cast<DLManagedTensor *>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
     const DLTensor &t = managed->dl_tensor;
     if (t.device.device_type != kDLCPU)
-        value_error(std::string(name) + " must be a CPU tensor (device type " +
+        value_error(name.str() + " must be a CPU tensor (device type " +
                     std::to_string(t.device.device_type) + ")");
     if (t.dtype.lanes != 1)
-        type_error(std::string(name) + " has vector lanes");
+        type_error(name.str() + " has vector lanes");
     bool ok = false;
     switch (want) {
     case DType::f32: ok = t.dtype.code == kDLFloat && t.dtype.bits == 32; break;
     case DType::u8: ok = t.dtype.code == kDLUInt && t.dtype.bits == 8; break;
     case DType::i16: ok = t.dtype.code == kDLInt && t.dtype.bits == 16; break;
     case DType::i64: ok = t.dtype.code == kDLInt && t.dtype.bits == 64; break;
+    case DType::f64: ok = t.dtype.code == kDLFloat && t.dtype.bits == 64; break;
     case DType::u8_or_i16:
         ok = (t.dtype.code == kDLUInt && t.dtype.bits == 8) || (t.dtype.code == kDLInt && t.dtype.bits == 16);
         break;
     }
     if (!ok)
-        type_error(std::string(name) + " must be " + dtype_name(want) + ", got " + describe(t.dtype));
+        type_error(name.str() + " must be " + dtype_name(want) + ", got " + describe(t.dtype));
     Buffer b;
     b.elem_size = t.dtype.bits / 8;
     b.numel = 1;
     if (t.ndim < 0 || (t.ndim > 0 && !t.shape))
-        value_error(std::string(name) + " has no shape");
+        value_error(name.str() + " has no shape");
     for (int d = 0; d < t.ndim; ++d) {
         if (t.shape[d] < 0)
-            value_error(std::string(name) + " has a negative dimension");
+            value_error(name.str() + " has a negative dimension");
         b.shape.push_back(t.shape[d]);
         // the byte size must fit too: kernels compute data + numel * elem_size
         if (!dq_mul_size(b.numel, t.shape[d], &b.numel) || b.numel > INT64_MAX / 8)
-            value_error(std::string(name) + " is too large to index with 64 bits");
+            value_error(name.str() + " is too large to index with 64 bits");
     }
     // an empty tensor has no layout to check; strides of size-1 dimensions
     // carry no meaning
     int64_t expected_stride = 1;
     for (int d = t.ndim - 1; d >= 0 && b.numel > 0; --d) {
         if (t.strides && t.shape[d] != 1 && t.strides[d] != expected_stride)
-            value_error(std::string(name) + " must be contiguous");
+            value_error(name.str() + " must be contiguous");
         expected_stride *= t.shape[d];
     }
     if (want_numel >= 0 && b.numel != want_numel)
-        value_error(std::string(name) + " has " + std::to_string(b.numel) + " elements, expected " +
+        value_error(name.str() + " has " + std::to_string(b.numel) + " elements, expected " +
                     std::to_string(want_numel));
     b.data = static_cast<char *>(t.data) + t.byte_offset;
     if (b.numel > 0 && !t.data)
-        value_error(std::string(name) + " has no data");
+        value_error(name.str() + " has no data");
     // kernels dereference typed pointers: a misaligned one is undefined
     // behaviour (torch never exports one; other producers may)
     if (b.numel > 0 && reinterpret_cast<uintptr_t>(b.data) % b.elem_size)
-        value_error(std::string(name) + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
+        value_error(name.str() + " is not aligned to its " + std::to_string(b.elem_size) + "-byte elements");
     b.capsule = std::move(cap);
     return b;
 }
@@ -382,13 +403,13 @@ dq_bits_param bits_param(const std::tuple<int, float, float, float, float> &t) {
     return prm;
 }
 
-int64_t groups_of(int64_t n, int64_t group_size, const char *what) {
+int64_t groups_of(int64_t n, int64_t group_size, const Name &what) {
     if (group_size < 0)
         value_error(std::string("group_size must be >= 0, got ") + std::to_string(group_size));
     if (group_size == 0)
         return 1;
     if (n % group_size)
-        value_error(std::string(what) + " has " + std::to_string(n) + " elements, not a multiple of group_size " +
+        value_error(what.str() + " has " + std::to_string(n) + " elements, not a multiple of group_size " +
                     std::to_string(group_size));
     return n / group_size;
 }
@@ -1082,7 +1103,7 @@ void same_length(size_t n, py::sequence s, const char *name) {
 struct Extent {
     const char *lo, *hi;
     bool output;
-    std::string name;
+    Name name;
 };
 
 void outputs_disjoint(std::vector<Extent> &extents) {
@@ -1095,20 +1116,37 @@ void outputs_disjoint(std::vector<Extent> &extents) {
     const Extent *reach = nullptr;
     for (const Extent *e : live) {
         if (reach && e->lo < reach->hi && (e->output || reach->output))
-            value_error((e->output ? e->name : reach->name) + " must not overlap " +
-                        (e->output ? reach->name : e->name));
+            value_error((e->output ? e->name : reach->name).str() + " must not overlap " +
+                        (e->output ? reach->name : e->name).str());
         if (!reach || e->hi > reach->hi || (e->output && e->hi == reach->hi))
             reach = e;
     }
 }
 
-void add_extent(std::vector<Extent> &extents, const Buffer &b, bool output, std::string name) {
-    extents.push_back({b.data, b.data + b.numel * b.elem_size, output, std::move(name)});
+void add_extent(std::vector<Extent> &extents, const Buffer &b, bool output, Name name) {
+    extents.push_back({b.data, b.data + b.numel * b.elem_size, output, name});
 }
 
-std::vector<RangeTuple> noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys,
-                                            std::vector<int64_t> group_sizes, int kind, uint64_t base_seed,
-                                            std::tuple<int, float, float, float, float> prm_t, int nthreads) {
+// Fields of a row of the ranges tensor the multi-tensor noise calls share:
+// a noise forward's dq_range, as float64 (exact for its counts and indices).
+constexpr int kRangeFields = 7;
+
+void range_to_row(const dq_range &r, double *row) {
+    row[0] = r.min;
+    row[1] = r.max;
+    row[2] = (double)r.count_min;
+    row[3] = (double)r.count_max;
+    row[4] = (double)r.nonfinite;
+    row[5] = (double)r.first_min;
+    row[6] = (double)r.first_max;
+}
+
+// Each tensor's seed is dq_derive_seed(seed, i); ranges (float64 [n, 7])
+// receives each one's range (min, max, ties at min and max, non-finite
+// count, first index of min and max), what noise_backward_multi takes.
+void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys, std::vector<int64_t> group_sizes,
+                         int kind, uint64_t base_seed, std::tuple<int, float, float, float, float> prm_t,
+                         py::handle ranges_obj, int nthreads) {
     const size_t n = group_sizes.size();
     same_length(n, ps, "p");
     same_length(n, logits, "logit");
@@ -1116,90 +1154,103 @@ std::vector<RangeTuple> noise_forward_multi(py::sequence ps, py::sequence logits
     noise_kind(kind);
     threads(nthreads);
     dq_bits_param prm = bits_param(prm_t);
+    Buffer ranges = view(ranges_obj, "ranges", DType::f64, (int64_t)n * kRangeFields);
     std::vector<Buffer> keep;
     keep.reserve(3 * n);
     std::vector<Extent> extents;
+    extents.reserve(3 * n + 1);
+    add_extent(extents, ranges, true, "ranges");
     std::vector<dq_noise_job> jobs(n);
     for (size_t i = 0; i < n; ++i) {
-        std::string pn = item_name("p", i), ln = item_name("logit", i), nn = item_name("noisy", i);
-        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const int64_t k = (int64_t)i;
+        keep.push_back(view(ps[i], Name("p", k), DType::f32));
         const Buffer &p = keep.back();
-        int64_t ngroups = groups_of(p.numel, group_sizes[i], pn.c_str());
-        keep.push_back(view(logits[i], ln.c_str(), DType::f32, ngroups));
+        int64_t ngroups = groups_of(p.numel, group_sizes[i], Name("p", k));
+        keep.push_back(view(logits[i], Name("logit", k), DType::f32, ngroups));
         const Buffer &logit = keep.back();
-        keep.push_back(view(noisys[i], nn.c_str(), DType::f32, p.numel));
+        keep.push_back(view(noisys[i], Name("noisy", k), DType::f32, p.numel));
         const Buffer &noisy = keep.back();
         advise_huge_pages(noisy);
-        add_extent(extents, p, false, pn);
-        add_extent(extents, logit, false, ln);
-        add_extent(extents, noisy, true, nn);
+        add_extent(extents, p, false, Name("p", k));
+        add_extent(extents, logit, false, Name("logit", k));
+        add_extent(extents, noisy, true, Name("noisy", k));
         jobs[i] = dq_noise_job{reinterpret_cast<const float *>(p.data), p.numel,
                                reinterpret_cast<const float *>(logit.data), group_sizes[i],
-                               dq_derive_seed(base_seed, (int64_t)i), reinterpret_cast<float *>(noisy.data), {}};
+                               dq_derive_seed(base_seed, k), reinterpret_cast<float *>(noisy.data), {}};
     }
     outputs_disjoint(extents);
     int err;
     {
         py::gil_scoped_release nogil;
         err = dq_noise_forward_multi(&prm, kind, jobs.data(), (int64_t)n, nthreads);
+        double *rows = reinterpret_cast<double *>(ranges.data);
+        for (size_t i = 0; i < n; ++i)
+            range_to_row(jobs[i].range, rows + i * kRangeFields);
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
-    std::vector<RangeTuple> out;
-    out.reserve(n);
-    for (const auto &j : jobs)
-        out.emplace_back(j.range.min, j.range.max, j.range.count_min, j.range.count_max, j.range.nonfinite,
-                         j.range.first_min, j.range.first_max);
-    return out;
 }
 
-// noise_backward of each entry: grad_p[i] None updates grad[i] in place.
+// noise_backward of each entry, from what noise_forward_multi gave: entry i
+// is the forward's tensor index[i] (its seed dq_derive_seed(seed,
+// index[i]), its range row index[i] of ranges). grad_p[i] None updates
+// grad[i] in place.
 void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logits, py::sequence grad_ps,
-                          py::sequence grad_logits, std::vector<int64_t> group_sizes, int kind,
-                          std::vector<uint64_t> seeds, std::tuple<int, float, float, float, float> prm_t,
-                          std::vector<RangeTuple> ranges, int nthreads) {
+                          py::sequence grad_logits, std::vector<int64_t> group_sizes, int kind, uint64_t base_seed,
+                          std::vector<int64_t> index, std::tuple<int, float, float, float, float> prm_t,
+                          py::handle ranges_obj, int nthreads) {
     const size_t n = group_sizes.size();
     same_length(n, grads, "grad");
     same_length(n, ps, "p");
     same_length(n, logits, "logit");
     same_length(n, grad_ps, "grad_p");
     same_length(n, grad_logits, "grad_logit");
-    if (seeds.size() != n || ranges.size() != n)
-        value_error("seed and range need one entry per tensor");
+    if (index.size() != n)
+        value_error("index has " + std::to_string(index.size()) + " entries, expected " + std::to_string(n));
     noise_kind(kind);
     threads(nthreads);
     dq_bits_param prm = bits_param(prm_t);
+    Buffer ranges = view(ranges_obj, "ranges", DType::f64);
+    if (ranges.shape.size() != 2 || ranges.shape[1] != kRangeFields)
+        value_error("ranges must have shape [tensors, " + std::to_string(kRangeFields) + "]");
+    const double *rows = reinterpret_cast<const double *>(ranges.data);
     std::vector<Buffer> keep;
     keep.reserve(5 * n);
     std::vector<Extent> extents;
+    extents.reserve(5 * n + 1);
+    add_extent(extents, ranges, false, "ranges");
     std::vector<dq_noise_grad_job> jobs(n);
     for (size_t i = 0; i < n; ++i) {
-        std::string pn = item_name("p", i), gn = item_name("grad", i), ln = item_name("logit", i);
-        std::string gpn = item_name("grad_p", i), gln = item_name("grad_logit", i);
-        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const int64_t k = (int64_t)i;
+        if (index[i] < 0 || index[i] >= ranges.shape[0])
+            value_error("index[" + std::to_string(i) + "] = " + std::to_string(index[i]) + " has no row in ranges");
+        keep.push_back(view(ps[i], Name("p", k), DType::f32));
         const Buffer &p = keep.back();
-        int64_t ngroups = groups_of(p.numel, group_sizes[i], pn.c_str());
-        keep.push_back(view(grads[i], gn.c_str(), DType::f32, p.numel));
+        int64_t ngroups = groups_of(p.numel, group_sizes[i], Name("p", k));
+        keep.push_back(view(grads[i], Name("grad", k), DType::f32, p.numel));
         const Buffer &grad = keep.back();
-        keep.push_back(view(logits[i], ln.c_str(), DType::f32, ngroups));
+        keep.push_back(view(logits[i], Name("logit", k), DType::f32, ngroups));
         const Buffer &logit = keep.back();
-        keep.push_back(view(grad_logits[i], gln.c_str(), DType::f32, ngroups));
+        keep.push_back(view(grad_logits[i], Name("grad_logit", k), DType::f32, ngroups));
         const Buffer &grad_logit = keep.back();
         advise_huge_pages(grad_logit);
         const bool in_place = py::handle(grad_ps[i]).is_none();
         const Buffer *grad_p = &grad;
         if (!in_place) {
-            keep.push_back(view(grad_ps[i], gpn.c_str(), DType::f32, p.numel));
+            keep.push_back(view(grad_ps[i], Name("grad_p", k), DType::f32, p.numel));
             grad_p = &keep.back();
-            add_extent(extents, *grad_p, true, gpn);
+            add_extent(extents, *grad_p, true, Name("grad_p", k));
         }
-        add_extent(extents, grad, in_place, gn);
-        add_extent(extents, p, false, pn);
-        add_extent(extents, logit, false, ln);
-        add_extent(extents, grad_logit, true, gln);
+        add_extent(extents, grad, in_place, Name("grad", k));
+        add_extent(extents, p, false, Name("p", k));
+        add_extent(extents, logit, false, Name("logit", k));
+        add_extent(extents, grad_logit, true, Name("grad_logit", k));
+        const double *row = rows + index[i] * kRangeFields;
+        RangeTuple range{(float)row[0], (float)row[1], (int64_t)row[2], (int64_t)row[3], (int64_t)row[4],
+                         (int64_t)row[5], (int64_t)row[6]};
         jobs[i] = dq_noise_grad_job{reinterpret_cast<const float *>(grad.data), reinterpret_cast<const float *>(p.data),
-                                    p.numel, reinterpret_cast<const float *>(logit.data), group_sizes[i], seeds[i],
-                                    range_of(ranges[i], p.numel, item_name("range", i)),
+                                    p.numel, reinterpret_cast<const float *>(logit.data), group_sizes[i],
+                                    dq_derive_seed(base_seed, index[i]), range_of(range, p.numel, "ranges"),
                                     reinterpret_cast<float *>(grad_p->data),
                                     reinterpret_cast<float *>(grad_logit.data)};
     }
@@ -1290,7 +1341,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
             value_error(prefix + "scales must be finite with min <= max");
         keep.push_back(view(outs[i], item_name("out", i).c_str(), DType::f32));
         const Buffer &out = keep.back();
-        add_extent(extents, out, true, item_name("out", i));
+        add_extent(extents, out, true, Name("out", (int64_t)i));
         job.out = reinterpret_cast<float *>(out.data);
         job.group_size = group_sizes[i] > 0 ? group_sizes[i] : out.numel;
         job.ngroups = groups_of(out.numel, group_sizes[i], item_name("out", i).c_str());
@@ -1298,7 +1349,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
         const uint64_t *bits = packed_state_tensor(bits_list[i], job.ngroups, -1,
                                                    prefix + "the packed bits " + item_name("bits", i), keep,
                                                    &nbits);
-        add_extent(extents, keep.back(), false, item_name("bits", i));
+        add_extent(extents, keep.back(), false, Name("bits", (int64_t)i));
         stored.resize((size_t)job.ngroups);
         job.widths.resize((size_t)job.ngroups);
         int64_t counts[16];
@@ -1330,7 +1381,7 @@ void restore_packed_multi(py::sequence packs_list, py::sequence bits_list, py::s
                                                prefix + "the packed levels of " + std::to_string(w) + "-bit groups " +
                                                    item_name("packs", i) + "[" + std::to_string(w - 1) + "]",
                                                keep, &planes);
-            add_extent(extents, keep.back(), false, item_name("packs", i));
+            add_extent(extents, keep.back(), false, Name("packs", (int64_t)i, w - 1));
             job.lines[w] = dq_pack_lines(values);
         }
         if (!missing.empty())
@@ -1369,7 +1420,7 @@ LogitList logit_list(py::sequence logits, const char *name) {
     const size_t n = py::len(logits);
     l.bufs.reserve(n);
     for (size_t i = 0; i < n; ++i) {
-        l.bufs.push_back(view(logits[i], item_name(name, i).c_str(), DType::f32));
+        l.bufs.push_back(view(logits[i], Name(name, (int64_t)i), DType::f32));
         l.ptrs.push_back(reinterpret_cast<const float *>(l.bufs.back().data));
         l.sizes.push_back(l.bufs.back().numel);
     }
@@ -1411,12 +1462,12 @@ void size_backward_multi(py::sequence logits, py::sequence grads, std::vector<fl
     std::vector<float *> gptrs(n);
     std::vector<Extent> extents;
     for (size_t i = 0; i < n; ++i) {
-        std::string gn = item_name("grad", i);
-        keep.push_back(view(grads[i], gn.c_str(), DType::f32, l.sizes[i]));
+        const Name gn("grad", (int64_t)i);
+        keep.push_back(view(grads[i], gn, DType::f32, l.sizes[i]));
         advise_huge_pages(keep.back());
         gptrs[i] = reinterpret_cast<float *>(keep.back().data);
         add_extent(extents, keep.back(), true, gn);
-        add_extent(extents, l.bufs[i], false, item_name("logit", i));
+        add_extent(extents, l.bufs[i], false, Name("logit", (int64_t)i));
     }
     outputs_disjoint(extents);
     int err;
@@ -1457,21 +1508,21 @@ std::vector<QuantTuple> quantize_multi(py::sequence ps, py::sequence ts, py::seq
     std::vector<dq_quant_job> jobs(n);
     std::vector<int64_t> ngroups(n);
     for (size_t i = 0; i < n; ++i) {
-        std::string pn = item_name("p", i), tn = item_name("t", i), bn = item_name("bits", i);
-        keep.push_back(view(ps[i], pn.c_str(), DType::f32));
+        const Name pn("p", (int64_t)i), tn("t", (int64_t)i), bn("bits", (int64_t)i);
+        keep.push_back(view(ps[i], pn, DType::f32));
         const Buffer &p = keep.back();
-        ngroups[i] = groups_of(p.numel, group_sizes[i], pn.c_str());
-        keep.push_back(view(ts[i], tn.c_str(), DType::f32, ngroups[i]));
+        ngroups[i] = groups_of(p.numel, group_sizes[i], pn);
+        keep.push_back(view(ts[i], tn, DType::f32, ngroups[i]));
         const Buffer &t = keep.back();
-        keep.push_back(view(bits_outs[i], bn.c_str(), DType::u8, ngroups[i]));
+        keep.push_back(view(bits_outs[i], bn, DType::u8, ngroups[i]));
         const Buffer &bits = keep.back();
         add_extent(extents, p, false, pn);
         add_extent(extents, t, false, tn);
         add_extent(extents, bits, true, bn);
         float *out = nullptr;
         if (requant) {
-            std::string on = item_name("out", i);
-            keep.push_back(view(outs_seq[i], on.c_str(), DType::f32, p.numel));
+            const Name on("out", (int64_t)i);
+            keep.push_back(view(outs_seq[i], on, DType::f32, p.numel));
             add_extent(extents, keep.back(), true, on);
             out = reinterpret_cast<float *>(keep.back().data);
         }
@@ -1538,8 +1589,8 @@ void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence o
         std::string bn = item_name("bits", i), on = item_name("outs", i);
         job.call = pack_call(ps[i], pn.c_str(), bits_list[i], bn.c_str(), outs_obj, on.c_str(), group_sizes[i],
                              nthreads);
-        add_extent(extents, job.call.values, false, pn);
-        add_extent(extents, job.call.bits, false, bn);
+        add_extent(extents, job.call.values, false, Name("p", (int64_t)i));
+        add_extent(extents, job.call.bits, false, Name("bits", (int64_t)i));
         job.outs.resize(16);
         for (int w = 0; w < 16; ++w) {
             job.ptrs[w] = nullptr;
@@ -1555,7 +1606,7 @@ void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence o
                 value_error(name + " is None but " + std::to_string(total) + " values have " + std::to_string(w) +
                             " bits");
             job.outs[w] = view(o, name.c_str(), DType::i64, dq_pack_lines(total) * w * DQ_PACK_BLOCK);
-            add_extent(extents, job.outs[w], true, name);
+            add_extent(extents, job.outs[w], true, Name("outs", (int64_t)i, w));
             job.ptrs[w] = reinterpret_cast<uint64_t *>(job.outs[w].data);
         }
         if (!py::handle(widths_out[i]).is_none()) {
@@ -1570,7 +1621,7 @@ void quantize_pack_multi(py::sequence ps, py::sequence bits_list, py::sequence o
             if (offset < 0 || offset > 15)
                 value_error("offset must be in 0..15, got " + std::to_string(offset));
             check_width_range(job.call.bits, offset, job.nbits, bn);
-            add_extent(extents, b, true, wn);
+            add_extent(extents, b, true, Name("widths_out", (int64_t)i));
         }
     }
     outputs_disjoint(extents);
@@ -1604,10 +1655,11 @@ PYBIND11_MODULE(_C, m) {
     m.attr("OPENMP") = false;
 #endif
     m.def("noise_forward_multi", &noise_forward_multi, py::arg("p"), py::arg("logit"), py::arg("noisy"),
-          py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("nthreads") = 1);
+          py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("ranges"),
+          py::arg("nthreads") = 1);
     m.def("noise_backward_multi", &noise_backward_multi, py::arg("grad"), py::arg("p"), py::arg("logit"),
           py::arg("grad_p"), py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"),
-          py::arg("param"), py::arg("range"), py::arg("nthreads") = 1);
+          py::arg("index"), py::arg("param"), py::arg("ranges"), py::arg("nthreads") = 1);
     m.def("restore_packed_multi", &restore_packed_multi, py::arg("packs"), py::arg("bits"), py::arg("out"),
           py::arg("group_size"), py::arg("offset"), py::arg("mn"), py::arg("range"), py::arg("names"),
           py::arg("nthreads") = 1);

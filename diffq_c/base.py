@@ -235,7 +235,8 @@ class BaseQuantizer:
     def _same_layout(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """`value` (as many elements as `like`) with the dtype, shape and
         strides of `like`, copied only when they differ."""
-        if value.dtype == like.dtype and value.shape == like.shape and value.stride() == like.stride():
+        if value.dtype == like.dtype and value.shape == like.shape and (
+                like.is_contiguous() and value.is_contiguous() or value.stride() == like.stride()):
             return value
         return torch.empty_like(like).copy_(value.reshape(like.shape))
 

@@ -225,21 +225,27 @@ class DiffQuantizer(BaseQuantizer):
         return constant + sum(self._bits_bits(top + self.extra_bits) * n
                               for top, n in zip(tops.tolist(), numels))
 
+    def _owner_names(self) -> tp.List[str]:
+        """The full name of each parameter of _unique_qparams()."""
+        if getattr(self, "_names_list", None) is None:
+            self._names_list = [self._param_name(qp) for qp in self._unique_qparams()]
+        return self._names_list
+
     def _allocs(self):
         """Per quantized parameter, what allocates its noisy weight and its
         logits' gradient: kept memory (scratch.py) for the large ones, plain
         torch.empty for the others (the pool's bookkeeping costs more than
         it saves on small tensors)."""
         keep = self._scratch.keep_bytes
-        if getattr(self, "_alloc_lists", None) is None or self._alloc_lists[2] != keep:
-
-            def pick(qparam, numel):
-                return self._scratch.lender(id(qparam)) if numel * 4 >= keep else ops._empty_f32
-
-            qparams = self._unique_qparams()
-            self._alloc_lists = ([pick(qp, qp.param.numel()) for qp in qparams],
-                                 [pick(qp, qp.logit.numel()) for qp in qparams], keep)
-        return self._alloc_lists
+        qparams = self._unique_qparams()
+        if getattr(self, "_large", None) is None or self._large[0] != keep:
+            # which tensors are large, by keep_bytes: (keep, weights, logits)
+            self._large = (keep, [qp.param.numel() * 4 >= keep for qp in qparams],
+                           [qp.logit.numel() * 4 >= keep for qp in qparams])
+        _, weights, logits = self._large
+        lend, empty = self._scratch.lender, ops._empty_f32
+        return ([lend(id(qp)) if large else empty for qp, large in zip(qparams, weights)],
+                [lend(id(qp)) if large else empty for qp, large in zip(qparams, logits)])
 
     def _bits_bits(self, top: float) -> int:
         """The bits of each group are stored on the bits the largest needs."""
@@ -278,10 +284,10 @@ class DiffQuantizer(BaseQuantizer):
         if kernel_qps:
             # every parameter's noise in one kernel call
             allocs = [a for a, k in zip(self._allocs()[0], on_kernels) if k]
+            names = [n for n, k in zip(self._owner_names(), on_kernels) if k]
             values = ops.noisy_weights([qp.param for qp in kernel_qps], [qp.logit for qp in kernel_qps],
                                        [self.group_size] * len(kernel_qps), ops.NOISE_KINDS[self.noise],
-                                       self._bits_param, [self._param_name(qp) for qp in kernel_qps],
-                                       self._generator, allocs)
+                                       self._bits_param, names, self._generator, allocs)
             noisy = dict(zip(map(id, kernel_qps), values))
         for qparam, kernels in zip(owners, on_kernels):
             if not kernels:
@@ -314,13 +320,13 @@ class DiffQuantizer(BaseQuantizer):
             return list(torch.ops.diffq_c.quantize(
                 [qp.param.detach() for qp in owners], [qp.logit.detach() for qp in owners],
                 [self.group_size] * len(owners), [float(v) for v in self._bits_param],
-                float(self.extra_bits), [self._param_name(qp) for qp in owners]))
+                float(self.extra_bits), self._owner_names()))
         key = self._eval_cache.key(self, owners)
         values = self._eval_cache.get(key)
         if values is None:
-            values = ops.quantize_all([qp.param.detach() for qp in owners], [qp.logit for qp in owners],
+            values = ops.quantize_all([qp.param for qp in owners], [qp.logit for qp in owners],
                                       [self.group_size] * len(owners), self._bits_param, self.extra_bits,
-                                      [self._param_name(qp) for qp in owners])[0]
+                                      self._owner_names())[0]
             self._eval_cache.put(key, values)
         return values
 
@@ -463,8 +469,8 @@ class DiffQuantizer(BaseQuantizer):
             return super()._quantized_states(packed, pack_fn)
         # bits and ranges of every parameter in one call, then their levels
         # straight into each width's packed lines in another
-        names = [self._param_name(qp) for qp in owners]
-        ps = [qp.param.detach() for qp in owners]
+        names = self._owner_names()
+        ps = [qp.param for qp in owners]
         group_sizes = [self._group_size_of(qp.param) for qp in owners]
         _, bits, ranges, totals = ops.quantize_all(ps, [qp.logit for qp in owners], [self.group_size] * len(owners),
                                                    self._bits_param, self.extra_bits, names, values=False)

@@ -129,11 +129,12 @@ _is_compiling = _find_is_compiling()
 RANGE_FIELDS = 7  # min, max, ties at min, ties at max, non-finite, first min, first max
 
 
-def _raise_nonfinite(ranges, names) -> None:
-    for rng, name in zip(ranges, names):
-        if rng[4]:
-            raise ValueError(f"parameter {name!r} holds {rng[4]} non-finite values "
-                             "(NaN or inf); cannot add quantization noise")
+def _raise_nonfinite(ranges: torch.Tensor, names) -> None:
+    bad = ranges[:, 4]
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise ValueError(f"parameter {names[index]!r} holds {int(bad[index])} non-finite values "
+                         "(NaN or inf); cannot add quantization noise")
 
 
 def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor], seed: int,
@@ -141,11 +142,13 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
                       names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None):
     """noisy_i = p_i + (max(p_i) - min(p_i)) * step(bits(logit_i)) * noise(seed_i)
     for every parameter in one kernel call (seed_i derived from `seed` and
-    i). No autograd here: returns the noisy tensors and, per parameter, the
-    range tuple the backward needs. `allocs[i](shape)` gives output i."""
+    i). No autograd here: returns the noisy tensors and the ranges the
+    backward needs (float64 [parameters, RANGE_FIELDS]). `allocs[i](shape)`
+    gives output i."""
     noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
-    ranges = _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
-                                    list(group_sizes), kind, seed & _MASK64, tuple(prm), num_threads())
+    ranges = torch.empty((len(ps), RANGE_FIELDS), dtype=torch.float64)
+    _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
+                           list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads())
     _raise_nonfinite(ranges, names)
     return noisy, ranges
 
@@ -208,7 +211,7 @@ class _NoisyGroup(torch.autograd.Function):
         tensors = ctx.saved_tensors
         count = len(grads)
         ps, logits = tensors[:count], tensors[count:]
-        seeds, ranges, group_sizes, kind, prm, allocs = ctx.config
+        seed, first, ranges, group_sizes, kind, prm, allocs = ctx.config
         grad_ps: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         grad_logits: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         live = [i for i in range(count) if grads[i] is not None]
@@ -230,17 +233,16 @@ class _NoisyGroup(torch.autograd.Function):
             dense.append(grad)
         _C.noise_backward_multi(dense, [_dense(ps[i]) for i in live], [_dense(logits[i]) for i in live],
                                 outs, [grad_logits[i] for i in live], [group_sizes[i] for i in live],
-                                kind, [seeds[i] for i in live], tuple(prm), [ranges[i] for i in live],
+                                kind, seed & _MASK64, [first + i for i in live], tuple(prm), ranges,
                                 num_threads())
         return (None, None, *grad_ps, *grad_logits)
 
 
 def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs) -> tp.List[torch.Tensor]:
     """noisy (from noise_forward_all) attached to autograd, group by group."""
-    seeds = [_C.derive_seed(seed & _MASK64, i) for i in range(len(ps))]
     out: tp.List[torch.Tensor] = []
     for a, b in grad_groups([p.numel() for p in ps]):
-        config = (seeds[a:b], ranges[a:b], group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None)
+        config = (seed, a, ranges, group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None)
         out.extend(_NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b]))
     return out
 
@@ -625,9 +627,10 @@ def _sigmoids(logits: tp.Sequence[torch.Tensor]) -> tp.List[torch.Tensor]:
     """torch.sigmoid of each logit tensor (torch's own, so stored bits match
     diffq's bit for bit), in one call where torch has the multi-tensor op."""
     foreach = getattr(torch, "_foreach_sigmoid", None)  # private: optional
-    if foreach is not None and _USE_FOREACH:
-        return list(foreach([l.detach() for l in logits]))
-    return [torch.sigmoid(l.detach()) for l in logits]
+    with torch.no_grad():
+        if foreach is not None and _USE_FOREACH:
+            return list(foreach(list(logits)))
+        return [torch.sigmoid(l) for l in logits]
 
 
 # _foreach_sigmoid is private torch; tests run with it off too
@@ -824,13 +827,8 @@ def _prm_of(param: tp.Sequence[float]) -> BitsParam:
     return BitsParam(int(mode), float(min_bits), float(max_bits), float(log_min), float(log_max))
 
 
-def _ranges_tensor(ranges) -> torch.Tensor:
-    return torch.tensor([list(r) for r in ranges], dtype=torch.float64).reshape(len(ranges), RANGE_FIELDS)
-
-
 def _op_noise_forward(p, logit, seed, group_size, kind, param, name):
-    noisy, ranges = noise_forward_all(p, logit, int(seed), group_size, kind, _prm_of(param), name)
-    return noisy, _ranges_tensor(ranges)
+    return noise_forward_all(p, logit, int(seed), group_size, kind, _prm_of(param), name)
 
 
 def _op_noise_backward(grad, p, logit, seed, ranges, index, group_size, kind, param):

@@ -21,7 +21,7 @@ SENTINEL = 77
 
 # a dtype of the same shape that each expected dtype must refuse
 WRONG_DTYPE = {torch.float32: torch.float64, torch.uint8: torch.int8, torch.int16: torch.int32,
-               torch.int64: torch.int32}
+               torch.int64: torch.int32, torch.float64: torch.float32}
 
 
 class Spec(tp.NamedTuple):
@@ -59,6 +59,10 @@ BAD_WIDTHS = (({"bits": _widths((2, 3, 0, 4, 3, 2))}, ValueError),
 
 def _multi_pack_outs():
     return [_pack_outs()]
+
+
+def _ranges(rows):
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _pack(values, nbits):
@@ -291,11 +295,12 @@ SPECS: tp.Dict[str, Spec] = {
     "noise_forward_multi": Spec(
         make=lambda: dict(p=[_f32(N), _f32(8)], logit=[torch.zeros(NG), torch.zeros(2)],
                           noisy=[_out(N, torch.float32), _out(8, torch.float32)],
-                          group_size=[GS, GS], kind=1, seed=9, param=PARAM, nthreads=1),
-        tensors=("p[0]", "p[1]", "logit[1]", "noisy[0]", "noisy[1]"), outputs=("noisy[0]", "noisy[1]"),
-        any_size=(),
+                          group_size=[GS, GS], kind=1, seed=9, param=PARAM,
+                          ranges=_out(2 * 7, torch.float64).view(2, 7), nthreads=1),
+        tensors=("p[0]", "p[1]", "logit[1]", "noisy[0]", "noisy[1]", "ranges"),
+        outputs=("noisy[0]", "noisy[1]", "ranges"), any_size=(),
         overlaps=(("noisy[1]", "p[0]"), ("noisy[0]", "logit[1]"), ("noisy[0]", "noisy[1]"),
-                  ("noisy[1]", "p[1]")),
+                  ("noisy[1]", "p[1]"), ("ranges", "p[0]"), ("ranges", "noisy[1]")),
         bad_scalars=(({"group_size": [5, GS]}, ValueError), ({"group_size": [GS]}, ValueError),
                      ({"p": [_f32(N)]}, ValueError), ({"kind": -1}, ValueError),
                      ({"param": (7,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError),
@@ -304,15 +309,19 @@ SPECS: tp.Dict[str, Spec] = {
         make=lambda: dict(grad=[_f32(N), _f32(8)], p=[_f32(N), _f32(8)], logit=[torch.zeros(NG), torch.zeros(2)],
                           grad_p=[_out(N, torch.float32), _out(8, torch.float32)],
                           grad_logit=[_out(NG, torch.float32), _out(2, torch.float32)],
-                          group_size=[GS, 4], kind=0, seed=[9, 10], param=PARAM,
-                          range=[(-1.0, 1.0, 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 0, 7)], nthreads=1),
+                          group_size=[GS, 4], kind=0, seed=9, index=[0, 1], param=PARAM,
+                          ranges=_ranges([(-1.0, 1.0, 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 0, 7)]), nthreads=1),
         tensors=("grad[0]", "p[1]", "logit[0]", "grad_p[1]", "grad_logit[0]"),
         outputs=("grad_p[0]", "grad_p[1]", "grad_logit[0]", "grad_logit[1]"), any_size=(),
         overlaps=(("grad_p[0]", "grad[1]"), ("grad_logit[1]", "p[0]"), ("grad_p[1]", "grad_logit[0]"),
-                  ("grad_logit[0]", "grad_logit[1]")),
-        bad_scalars=(({"range": [(-1.0, 1.0, N + 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 0, 7)]}, ValueError),
-                     ({"range": [(-1.0, 1.0, 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 8, 7)]}, ValueError),
-                     ({"seed": [9]}, ValueError), ({"group_size": [7, 4]}, ValueError),
+                  ("grad_logit[0]", "grad_logit[1]"), ("grad_p[0]", "ranges")),
+        bad_scalars=(({"ranges": _ranges([(-1.0, 1.0, N + 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 0, 7)])},
+                      ValueError),
+                     ({"ranges": _ranges([(-1.0, 1.0, 1, 1, 0, 0, N - 1), (-1.0, 1.0, 1, 1, 0, 8, 7)])},
+                      ValueError),
+                     ({"ranges": torch.zeros(2, 6, dtype=torch.float64)}, ValueError),
+                     ({"index": [0, 2]}, ValueError), ({"index": [0]}, ValueError),
+                     ({"seed": -1}, TypeError), ({"group_size": [7, 4]}, ValueError),
                      ({"grad": [_f32(N)]}, ValueError), ({"kind": 5}, ValueError),
                      ({"nthreads": 0}, ValueError))),
     "restore_packed_multi": Spec(

@@ -204,15 +204,15 @@ def test_multi_tensor_noise_equals_per_tensor_kernel(group_size):
     results = []
     for threads in (1, 2):
         noisy = [torch.empty(n) for n in sizes]
-        ranges = _C.noise_forward_multi(ps, logits, noisy, [group_size] * len(sizes), 1, seed, tuple(PRM),
-                                        threads)
+        ranges = torch.empty(len(sizes), 7, dtype=torch.float64)
+        _C.noise_forward_multi(ps, logits, noisy, [group_size] * len(sizes), 1, seed, tuple(PRM), ranges, threads)
         results.append((noisy, ranges))
     for i, n in enumerate(sizes):
         single = torch.empty(n)
         rng = _C.noise_forward(ps[i], logits[i], single, group_size, 1, _C.derive_seed(seed, i), tuple(PRM), 1)
         for noisy, ranges in results:
             assert torch.equal(noisy[i], single)
-            assert tuple(ranges[i]) == tuple(rng)
+            assert ranges[i].tolist() == [float(v) for v in rng]
 
 
 def test_multi_tensor_size_and_quantize_equal_per_tensor_kernels():
