@@ -61,8 +61,6 @@ int main(void) {
     dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
     dq_range range;
     dq_size_stats stats;
-    dq_noise_simd(1); /* asks for AVX-512; taken only where the CPU has it */
-    printf("AVX-512 noise generator: %s\n", dq_noise_simd(-1) == 1 ? "yes" : "no");
     for (int threads = 1; threads <= 2; ++threads) {
         BEST("copy (memcpy in 16 slices)", copy_slices(out, p, n, threads));
         BEST("uniform noise", dq_noise_fill(DQ_NOISE_UNIFORM, 42, n, out, threads));
