@@ -1,5 +1,6 @@
 /* The floors the Python-level numbers sit on: per-value time of the noise
- * generator, the fused noise forward/backward and the size penalty, next to
+ * generator, the fused noise forward/backward, the steps from the logits and
+ * the size penalty, next to
  * a memcpy of the same buffer, on 1 and 2 threads. Not a comparison with
  * diffq (benchmarks/compare.py is); it shows what a step cannot go below.
  *
@@ -39,6 +40,16 @@ static void copy_slices(float *dst, const float *src, int64_t n, int threads) {
         memcpy(dst + k * (n / 16), src + k * (n / 16), (size_t)(n / 16) * sizeof(float));
 }
 
+/* The steps from the logits alone, chunk by chunk as the noise kernels
+ * compute them. */
+static void steps_chunks(const dq_bits_param *prm, const float *logit, int64_t n, float *step,
+                         float *dstep, int threads) {
+    (void)threads;
+#pragma omp parallel for num_threads(threads)
+    for (int64_t c = 0; c < n / DQ_CHUNK; ++c)
+        dq_logit_to_step_fast(prm, logit, c * DQ_CHUNK, DQ_CHUNK, step, dstep);
+}
+
 int main(void) {
     const int64_t n = (int64_t)1 << 24;
     float *p = malloc((size_t)n * 4), *logit = malloc((size_t)n * 4), *out = malloc((size_t)n * 4);
@@ -61,8 +72,6 @@ int main(void) {
     dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
     dq_range range;
     dq_size_stats stats;
-    dq_noise_simd(1); /* asks for AVX-512; taken only where the CPU has it */
-    printf("AVX-512 noise generator: %s\n", dq_noise_simd(-1) == 1 ? "yes" : "no");
     for (int threads = 1; threads <= 2; ++threads) {
         BEST("copy (memcpy in 16 slices)", copy_slices(out, p, n, threads));
         BEST("uniform noise", dq_noise_fill(DQ_NOISE_UNIFORM, 42, n, out, threads));
@@ -74,6 +83,9 @@ int main(void) {
         dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads);
         BEST("noise backward, group_size 8",
              dq_noise_backward(&prm, grad, p, n, logit, 8, 1, 42, &range, grad, grad_logit, threads));
+        /* at group_size 1 the steps cost more than the noise */
+        BEST("steps, group_size 1", steps_chunks(&prm, logit, n, out, NULL, threads));
+        BEST("steps and d(step), group_size 1", steps_chunks(&prm, logit, n, out, grad_logit, threads));
         BEST("size forward", dq_size_forward(&prm, logit, n, &stats, threads));
         BEST("size backward", dq_size_backward(&prm, logit, n, 1.0f, out, threads));
     }

@@ -23,31 +23,39 @@ extern "C" {
 #endif
 
 /* Elements per work chunk of the drivers. A multiple of 2048 (one bitpack
- * line) and of 4 (one Philox block), so chunk borders never split either. */
+ * line) and of 32 (one tile of the noise), so chunk borders never split
+ * either. */
 #define DQ_CHUNK ((int64_t)1 << 16)
 
 /* ------------------------------------------------------------------ rng.c */
 
 enum dq_noise_kind { DQ_NOISE_UNIFORM = 0, DQ_NOISE_GAUSSIAN = 1 };
 
-/* Philox4x32 with 10 rounds (Salmon et al., SC'11). */
+/* Philox4x32 with 10 rounds (Salmon et al., SC'11): the noise until issue
+ * 12, kept for the binding's known-answer check. */
 void dq_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 
-/* Noise of element i is a pure function of (seed, i): element i uses the
- * Philox block of counter i/4 and lane i%4. Uniform noise lies in
- * [-0.5, 0.5); gaussian noise is N(0, 1) / 2 (Box-Muller on two lanes).
+/* Noise of element i is a pure function of (seed, i, kind). Its four 32-bit
+ * words of randomness: pcg4d (Jarzynski and Olano, JCGT 2020) of
+ * (counter low word, counter high word, key low, key high), the key being
+ * splitmix64's finalizer of the seed. Element i takes word (i / 8) % 4 of
+ * counter (i / 32) * 8 + i % 8. Uniform noise is the word's top 24 bits as
+ * a fraction, minus 1/2: [-0.5, 0.5). Gaussian noise is N(0, 1) / 2 by
+ * Box-Muller: words 0 and 1 of a counter give the radius and the angle of
+ * the cos and the sin element, words 2 and 3 another pair (rng.c has the
+ * float formulas, which are the specification bit for bit).
  * `out[j]` receives the noise of element `start + j`. */
+void dq_noise_hash4(uint64_t seed, uint64_t counter, uint32_t out[4]);
 void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
                        float *restrict out);
 void dq_noise_fill_fast(int kind, uint64_t seed, int64_t start, int64_t count,
                         float *restrict out);
 void dq_noise_fill(int kind, uint64_t seed, int64_t n, float *restrict out, int nthreads);
 
-/* dq_noise_fill_fast runs an AVX-512 generator where the CPU has one; it
- * gives the same bits as the portable one. dq_noise_simd(0) forces the
- * portable generator, 1 asks for AVX-512 (taken only when usable), -1
- * restores detection; returns the previous setting (-1 before the first
- * call). For tests: not thread-safe against running kernels. */
+/* Until issue 12 this chose between an AVX-512 and a portable generator.
+ * There is one generator now (its loops compiled per instruction set, all
+ * giving the same bits); the switch is kept for its callers, ignores its
+ * argument and returns 0 (portable). */
 int dq_noise_simd(int enable);
 
 /* ---------------------------------------------------------------- noise.c */

@@ -77,8 +77,11 @@ DQ_INLINE float dq_level(float x, float mn, float range, float step, float top) 
  * degree-6 Taylor polynomial it replaced, one multiply-add fewer). */
 DQ_INLINE float dq_fast_exp2f(float x) {
     const float in = x;
-    x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
-    x = x == x ? x : 0.0f; /* NaN: converting it to an integer is undefined */
+    /* clamped by selects that also send NaN to -126 (converting NaN to an
+     * integer is undefined; the result is NaN again below): a max and a min
+     * instruction, no compare-and-blend pairs */
+    x = x > -126.0f ? x : -126.0f;
+    x = x < 126.0f ? x : 126.0f;
     int32_t i = (int32_t)(x + 127.5f) - 127; /* round to nearest; x + 127.5 > 0 */
     float f = x - (float)i;
     float p = 1.3276471291e-3f;

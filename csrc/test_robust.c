@@ -71,15 +71,13 @@ static void far_free(far_array *fa) {
 
 /* ----------------------------------------------------------------- noise */
 
-/* Uniform noise of element i straight from the Philox definition: block
- * i / 4 as a 64-bit counter split in two words, lane i % 4. */
+/* Uniform noise of element i straight from the definition: word
+ * (i / 8) % 4 of the hash of counter (i / 32) * 8 + i % 8, its top 24 bits
+ * as a fraction. */
 static float uniform_noise_at(uint64_t seed, int64_t i) {
-    uint64_t block = (uint64_t)i >> 2;
-    uint32_t ctr[4] = {(uint32_t)block, (uint32_t)(block >> 32), 0, 0};
-    uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
     uint32_t r[4];
-    dq_philox4x32_10(ctr, key, r);
-    return (float)(r[i & 3] >> 8) * 0x1p-24f - 0.5f;
+    dq_noise_hash4(seed, (uint64_t)i / 32 * 8 + (uint64_t)i % 8, r);
+    return (float)(r[(i / 8) % 4] >> 8) * 0x1p-24f - 0.5f;
 }
 
 static void test_noise_fill_far(void) {
