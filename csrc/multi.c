@@ -9,6 +9,7 @@
  * Each tensor is cut into the same DQ_CHUNK chunks as the single-tensor
  * drivers, and per-tensor reductions add the chunks' parts in chunk order,
  * so every output is bit-identical to the single-tensor driver's. */
+#include <stddef.h>
 #include <stdlib.h>
 
 #include "dq_internal.h"
@@ -118,24 +119,36 @@ static int scratch_alloc_arrays(multi_scratch *s, int64_t njobs) {
     return s->ps && s->ns ? DQ_OK : DQ_ERR_NOMEM;
 }
 
+/* s for njobs jobs of job_size bytes, each holding its tensor's pointer
+ * (const float *) at p_offset and its size (int64_t) at n_offset, with the
+ * tensors' ranges computed (s->ranges). Frees what it made on failure. */
+static int scratch_with_ranges(multi_scratch *s, const void *jobs, size_t job_size, size_t p_offset,
+                               size_t n_offset, int64_t njobs, int nthreads) {
+    int err = scratch_alloc_arrays(s, njobs);
+    for (int64_t j = 0; j < njobs && !err; ++j) {
+        const char *job = (const char *)jobs + (size_t)j * job_size;
+        memcpy(&s->ps[j], job + p_offset, sizeof s->ps[j]);
+        memcpy(&s->ns[j], job + n_offset, sizeof s->ns[j]);
+    }
+    if (!err)
+        err = scratch_make(s, njobs);
+    if (err) {
+        scratch_free(s);
+        return err;
+    }
+    ranges_of(&s->table, s->ps, njobs, s->part, s->ranges, nthreads);
+    return DQ_OK;
+}
+
 int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
                            int nthreads) {
     multi_scratch s;
-    int err = scratch_alloc_arrays(&s, njobs);
-    if (!err) {
-        for (int64_t j = 0; j < njobs; ++j) {
-            s.ps[j] = jobs[j].p;
-            s.ns[j] = jobs[j].n;
-        }
-        err = scratch_make(&s, njobs);
-    }
-    if (err) {
-        scratch_free(&s);
+    int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_noise_job, p), offsetof(dq_noise_job, n),
+                                  njobs, nthreads);
+    if (err)
         return err;
-    }
     const chunk_table *t = &s.table;
     dq_range *part = s.part;
-    ranges_of(t, s.ps, njobs, part, s.ranges, nthreads);
     int64_t bad = 0;
     for (int64_t j = 0; j < njobs; ++j) {
         jobs[j].range = s.ranges[j];
@@ -235,20 +248,11 @@ int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits,
 int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, dq_quant_job *jobs,
                               int64_t njobs, int nthreads) {
     multi_scratch s;
-    int err = scratch_alloc_arrays(&s, njobs);
-    if (!err) {
-        for (int64_t j = 0; j < njobs; ++j) {
-            s.ps[j] = jobs[j].p;
-            s.ns[j] = jobs[j].n;
-        }
-        err = scratch_make(&s, njobs);
-    }
-    if (err) {
-        scratch_free(&s);
+    int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_quant_job, p), offsetof(dq_quant_job, n),
+                                  njobs, nthreads);
+    if (err)
         return err;
-    }
     const chunk_table *t = &s.table;
-    ranges_of(t, s.ps, njobs, s.part, s.ranges, nthreads);
     /* each group's stored bits in the chunk holding its first value, so a
      * group is computed once whatever the group size */
     (void)nthreads;

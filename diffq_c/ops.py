@@ -174,9 +174,14 @@ def noise_backward_one(grad: torch.Tensor, p: torch.Tensor, logit: torch.Tensor,
 # kernel call between them instead of one each.
 GRAD_GROUP_BYTES = 1 << 20
 
-# below this many values, copying the incoming gradient costs less than
-# finding out whether it can be updated in place
-IN_PLACE_MIN = 1 << 16
+def _vectors(numels: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
+    """Uninitialized float32 vectors of these sizes: from allocs[i] where it
+    is not plain torch.empty (kept memory for large ones), the others views
+    of one buffer (one allocation instead of one a parameter: ~2 us each)."""
+    keep = [allocs is not None and allocs[i] is not _empty_f32 for i in range(len(numels))]
+    rest = [n for n, k in zip(numels, keep) if not k]
+    views = iter(torch.empty(sum(rest), dtype=torch.float32).split(rest) if rest else ())
+    return [allocs[i]((n,)) if k else next(views) for i, (n, k) in enumerate(zip(numels, keep))]
 
 
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
@@ -218,10 +223,11 @@ class _NoisyGroup(torch.autograd.Function):
         if not live:
             return (None, None, *grad_ps, *grad_logits)
         dense, outs = [], []
-        for i in live:
+        vectors = _vectors([logits[i].numel() for i in live], [allocs[i] for i in live] if allocs else None)
+        for i, vector in zip(live, vectors):
             grad = grads[i]
-            grad_logits[i] = (allocs[i] if allocs else _empty_f32)(logits[i].shape)
-            if grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad):
+            grad_logits[i] = vector if logits[i].dim() == 1 else vector.view(logits[i].shape)
+            if _owned_by_autograd(grad):
                 # d(noisy)/dp is the identity but at the extrema: update the
                 # incoming gradient there rather than copying it whole
                 grad_ps[i] = grad
@@ -368,9 +374,15 @@ def size_bits_all(logits: tp.Sequence[torch.Tensor], prm: "BitsParam") -> tp.Lis
 
 
 def size_grads_all(logits: tp.Sequence[torch.Tensor], scales: tp.Sequence[float], prm: "BitsParam",
-                   allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
-    """scales[i] * d(bits)/d(logit) of each logit tensor, one kernel call."""
-    grads = [(allocs[i] if allocs else _empty_f32)(l.shape) for i, l in enumerate(logits)]
+                   allocs: tp.Optional[tp.Sequence[Alloc]] = None, share: bool = True) -> tp.List[torch.Tensor]:
+    """scales[i] * d(bits)/d(logit) of each logit tensor, one kernel call.
+    With `share` the small ones are views of one buffer (an operator's
+    outputs may not alias each other: its callers pass False)."""
+    if share:
+        grads = [g if l.dim() == 1 else g.view(l.shape)
+                 for g, l in zip(_vectors([l.numel() for l in logits], allocs), logits)]
+    else:
+        grads = [_empty_f32(l.shape) for l in logits]
     _C.size_backward_multi([_dense(l) for l in logits], grads, [float(s) for s in scales], tuple(prm),
                            num_threads())
     return grads
@@ -844,7 +856,7 @@ def _op_size_bits(logit, weight, param):
 
 def _op_size_bits_backward(logit, weight, grad, param):
     g = float(grad)
-    return size_grads_all(logit, [g * w for w in weight], _prm_of(param))
+    return size_grads_all(logit, [g * w for w in weight], _prm_of(param), share=False)
 
 
 def _op_quantize(p, logit, group_size, param, extra_bits, name):
