@@ -289,6 +289,8 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
                 for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
     seed = draw_seed(generator)
     noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs)
+    if not torch.is_grad_enabled():
+        return noisy  # nothing to differentiate: no autograd nodes
     return _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs)
 
 
