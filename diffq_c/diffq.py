@@ -324,9 +324,12 @@ class DiffQuantizer(BaseQuantizer):
         key = self._eval_cache.key(self, owners)
         values = self._eval_cache.get(key)
         if values is None:
+            # let go of the stale values first: large ones are kept memory
+            # (scratch.py) that the new values can then take
+            self._eval_cache.clear()
             values = ops.quantize_all([qp.param for qp in owners], [qp.logit for qp in owners],
                                       [self.group_size] * len(owners), self._bits_param, self.extra_bits,
-                                      self._owner_names())[0]
+                                      self._owner_names(), allocs=self._allocs()[0])[0]
             self._eval_cache.put(key, values)
         return values
 

@@ -174,14 +174,21 @@ def noise_backward_one(grad: torch.Tensor, p: torch.Tensor, logit: torch.Tensor,
 # kernel call between them instead of one each.
 GRAD_GROUP_BYTES = 1 << 20
 
+# vectors below this many values share one allocation (_vectors); larger
+# ones get their own, which malloc recycles from step to step, where one
+# large shared buffer would be mapped afresh and fault in every page
+SHARED_VECTOR_MAX = 1 << 14
+
+
 def _vectors(numels: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
-    """Uninitialized float32 vectors of these sizes: from allocs[i] where it
-    is not plain torch.empty (kept memory for large ones), the others views
-    of one buffer (one allocation instead of one a parameter: ~2 us each)."""
-    keep = [allocs is not None and allocs[i] is not _empty_f32 for i in range(len(numels))]
-    rest = [n for n, k in zip(numels, keep) if not k]
-    views = iter(torch.empty(sum(rest), dtype=torch.float32).split(rest) if rest else ())
-    return [allocs[i]((n,)) if k else next(views) for i, (n, k) in enumerate(zip(numels, keep))]
+    """Uninitialized float32 vectors of these sizes: the small ones views of
+    one buffer (one allocation instead of one a parameter, ~2 us each), the
+    others from allocs[i] (kept memory for the large ones) or torch.empty."""
+    shared = [n < SHARED_VECTOR_MAX for n in numels]
+    small = [n for n, k in zip(numels, shared) if k]
+    views = iter(torch.empty(sum(small), dtype=torch.float32).split(small) if small else ())
+    return [next(views) if k else (allocs[i] if allocs else _empty_f32)((n,))
+            for i, (n, k) in enumerate(zip(numels, shared))]
 
 
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
