@@ -75,15 +75,6 @@ def bits_from_logit(logit: torch.Tensor, prm: BitsParam) -> torch.Tensor:
 # --------------------------------------------------------------- noise
 
 
-def _derive_seed(base: int, index: int) -> int:
-    """The seed of parameter `index` of a forward drawn with `base`
-    (splitmix64; the binding's derive_seed computes the same)."""
-    z = (base + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 

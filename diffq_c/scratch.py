@@ -11,7 +11,9 @@ benchmarks ran on, that cost more than the kernels filling the tensors
 What is kept, per owner (a parameter) and size, at most `per_size`:
 - tensors of 32 MiB and more. glibc maps those afresh on every allocation
   and unmaps them when freed, so keeping them takes nothing from anyone;
-- in eval, smaller ones too (`small_too`): each eval forward quantizes and
+- in eval on the per-parameter paths (UniformQuantizer, and DiffQuantizer
+  where the multi-tensor kernels do not apply), smaller ones too
+  (`small_too`): each eval forward quantizes and
   restores every weight, and the fresh tensors of one batch are handed back
   to the system before the next. They are let go when training resumes
   (`release_small`), where malloc recycles such memory among the step's
