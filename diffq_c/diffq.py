@@ -188,13 +188,12 @@ class DiffQuantizer(BaseQuantizer):
         total = super().model_size()
         qparams = self._unique_qparams()
         fused = None if exact else ops.weighted_sum_bits(
-            [qp.logit for qp in qparams], [self._group_size_of(qp.param) for qp in qparams],
-            self._bits_param, self._allocs()[1])
+            [qp.logit for qp in qparams], self._size_terms()[0], self._bits_param, self._allocs()[1])
         if fused is not None:
             # one autograd node and one kernel call for all the logits; the
             # rest does not depend on them
             weighted, tops = fused
-            return total + (weighted + self._size_constant(qparams, tops)) / (2 ** 20 * 8)
+            return total + (weighted + self._size_constant(tops)) / (2 ** 20 * 8)
         subtotal = 0
         for qparam in qparams:
             logit = qparam.logit
@@ -211,13 +210,27 @@ class DiffQuantizer(BaseQuantizer):
         subtotal /= 2 ** 20 * 8
         return total + subtotal
 
-    def _size_constant(self, qparams, tops: torch.Tensor):
+    def _size_terms(self):
+        """(each parameter's group size as a float, its logits' count, the
+        bits of the size that depend on neither logits nor bits: the extra
+        bits, each tensor's (min, max) and the width of its stored bits).
+        Computed once per setting: a model_size() call per step would
+        otherwise walk the parameters for them."""
+        key = (self.extra_bits, self.group_size)
+        cached = getattr(self, "_size_cache", None)
+        if cached is None or cached[0] != key:
+            qparams = self._unique_qparams()
+            weights = tuple(float(self._group_size_of(qp.param)) for qp in qparams)
+            numels = [qp.logit.numel() for qp in qparams]
+            base = sum(w * self.extra_bits * n for w, n in zip(weights, numels)) + (2 * 32 + 8) * len(qparams)
+            self._size_cache = cached = (key, weights, numels, base)
+        return cached[1:]
+
+    def _size_constant(self, tops: torch.Tensor):
         """The bits of a model's size that do not depend on the logits: the
         extra bits, each tensor's (min, max) and its stored bits, each on the
         bits the largest (`tops`) needs."""
-        numels = [qp.logit.numel() for qp in qparams]
-        constant = sum(self._group_size_of(qp.param) * self.extra_bits * n
-                       for qp, n in zip(qparams, numels)) + (2 * 32 + 8) * len(qparams)
+        _, numels, constant = self._size_terms()
         if ops.compiling():
             # the same formula in tensor operations, which a trace can hold
             width = torch.ceil(torch.log2(1 + (torch.round(tops + self.extra_bits) - self.min_bits)))

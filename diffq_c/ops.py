@@ -427,7 +427,7 @@ def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[fl
     take the logits. `allocs[i](shape)` gives the gradient of logits[i]."""
     if not logits or not on_kernel_path(*logits):
         return None
-    return _WeightedSumBits.apply(prm, tuple(float(w) for w in weights), allocs, *logits)
+    return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
 
 
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:

@@ -372,3 +372,21 @@ def test_stored_bits_with_and_without_foreach_sigmoid(monkeypatch, use_foreach):
     for b, logit in zip(bits, logits):
         expected = (ops.bits_from_logit(logit, PRM)).round().clamp(1, 15).byte()
         assert torch.equal(b, expected)
+
+
+def test_model_size_follows_a_changed_extra_bits():
+    """model_size keeps its per-parameter terms between calls; a setting
+    changed after a call is still taken into account."""
+    torch.manual_seed(0)
+    model = _mlp()
+    quantizer, _ = _quantized(model)
+    before = float(quantizer.model_size())
+    quantizer.extra_bits = 2
+    after = float(quantizer.model_size())
+    twin = _mlp()
+    fresh = diffq_c.DiffQuantizer(twin, min_size=0.0, group_size=8, extra_bits=2)
+    with torch.no_grad():
+        for a, b in zip(fresh._qparams, quantizer._qparams):
+            a.logit.copy_(b.logit)
+    assert after > before
+    assert after == pytest.approx(float(fresh.model_size()), rel=1e-6)
