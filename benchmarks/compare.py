@@ -152,21 +152,16 @@ class Setup:
         return len([qp for qp in self.quantizer._qparams if qp.other is None])
 
     def compiled_step(self):
-        if self.compiled is None:
+        self.full_step(compiled=True)
+
+    def full_step(self, compiled=False):
+        """A user's step: loss + penalty * model_size(), backward, Adam; with
+        `compiled`, through torch.compile(model)."""
+        if compiled and self.compiled is None:
             self.compiled = torch.compile(self.model)
         self.model.train()
         self.opt.zero_grad()
-        loss = output_tensor(self.compiled(self.x)).sum()
-        if self.quantizer is not None:
-            loss = loss + 1e-3 * self.quantizer.model_size()
-        loss.backward()
-        self.opt.step()
-
-    def full_step(self):
-        """A user's step: loss + penalty * model_size(), backward, Adam."""
-        self.model.train()
-        self.opt.zero_grad()
-        loss = output_tensor(self.model(self.x)).sum()
+        loss = output_tensor((self.compiled if compiled else self.model)(self.x)).sum()
         if self.quantizer is not None:
             loss = loss + 1e-3 * self.quantizer.model_size()
         loss.backward()

@@ -212,8 +212,7 @@ int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, 
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
     for (int64_t c = 0; c < t.total; ++c) {
         int64_t j = t.job[c];
-        dq_size_forward_fast(prm, logits[j], t.start[c], t.len[c],
-                             &part[c]);
+        dq_size_forward_fast(prm, logits[j], t.start[c], t.len[c], &part[c]);
     }
     for (int64_t j = 0; j < njobs; ++j) {
         out[j].sum_bits = 0;
@@ -238,8 +237,7 @@ int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits,
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
     for (int64_t c = 0; c < t.total; ++c) {
         int64_t j = t.job[c];
-        dq_size_backward_fast(prm, logits[j], t.start[c], t.len[c],
-                              scales[j], grads[j]);
+        dq_size_backward_fast(prm, logits[j], t.start[c], t.len[c], scales[j], grads[j]);
     }
     table_free(&t);
     return DQ_OK;
