@@ -263,8 +263,10 @@ def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, alloc
 
 
 class _NoisyWeightOp(torch.autograd.Function):
-    """_NoisyWeight for torch.compile: the same gradients through the
-    registered operators, with the seed and ranges as tensors."""
+    """One parameter's noisy weight under torch.compile: the gradients of
+    _NoisyGroup, parameter by parameter, through the registered operators,
+    with the seed and ranges as tensors (a compiled graph's backward is one
+    node anyway: grouping would save nothing there)."""
 
     @staticmethod
     def forward(ctx, p, logit, noisy, seed, ranges, index, group_size, kind, prm):
