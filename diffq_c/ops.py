@@ -673,7 +673,9 @@ def quantize_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor
     dequantizing its levels. Returns (values or None, bits, (min, max) of
     each p, per-width value counts when not `values`). p must be CPU
     float32, prm in the bits mode."""
-    bits = [torch.empty(l.shape, dtype=torch.uint8) for l in logits]
+    # one allocation for every parameter's bits (views of it), not one each
+    counts = [l.numel() for l in logits]
+    bits = [b.view(l.shape) for b, l in zip(torch.empty(sum(counts), dtype=torch.uint8).split(counts), logits)]
     outs = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)] if values else None
     res = _C.quantize_multi([_dense(p) for p in ps], _sigmoids(logits), bits, outs, list(group_sizes),
                             prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())
