@@ -150,8 +150,9 @@ class BaseQuantizer:
         if not self.model.training and ops.compiling():
             if not self._quantized:
                 self._put_back_params()
-                for module, name, param in self._small_sites:
-                    module._parameters[name] = param
+                if self.float16:
+                    for module, name, param in self._small_sites:
+                        module._parameters[name] = param
                 self._fix_rnns(flatten=False)
             return
         if self.model.training:

@@ -324,10 +324,16 @@ class DiffQuantizer(BaseQuantizer):
                                name=self._param_name(qparam),
                                alloc=self._scratch.lender(id(qparam), small_too))
 
+    def _multi_kernels_take(self, owners) -> bool:
+        """Whether the multi-tensor kernels quantize these parameters: CPU
+        float32 weights and logits, bits mode (the noise mode's stored bits
+        go through torch)."""
+        return bool(owners) and self._bits_param.mode == ops.PARAM_MODES["bits"] and all(
+            ops.on_kernel_path(qp.param, qp.logit) for qp in owners)
+
     def _quantized_values(self) -> tp.List[torch.Tensor]:
         owners = self._unique_qparams()
-        if not (owners and self._bits_param.mode == ops.PARAM_MODES["bits"]
-                and all(ops.on_kernel_path(qp.param, qp.logit) for qp in owners)):
+        if not self._multi_kernels_take(owners):
             return super()._quantized_values()
         if ops.compiling():
             return list(torch.ops.diffq_c.quantize(
@@ -407,6 +413,11 @@ class DiffQuantizer(BaseQuantizer):
                 and float(self.min_bits) == int(self.min_bits)
                 and all(ops.on_kernel_path(qp.param) and qp.param.is_contiguous() for qp in owners)):
             return False
+        storages = {qp.param.untyped_storage().data_ptr() for qp in owners}
+        if len(storages) < len(owners):
+            # parameters sharing memory (a tie without detect_bound): the
+            # general path writes them one after the other, as diffq does
+            return False
         packs, bits, mns, ranges, names = [], [], [], [], []
         for qparam, entry in zip(owners, state["quantized"]):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 3
@@ -430,12 +441,6 @@ class DiffQuantizer(BaseQuantizer):
                                    mns, ranges, names)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
-        except ValueError as exc:
-            if "must not overlap" in str(exc):
-                # parameters sharing memory (a tie without detect_bound): the
-                # general path writes them one after the other, as diffq does
-                return False
-            raise
         self._write_plain_values(plain_values)
         return True
 
@@ -479,9 +484,7 @@ class DiffQuantizer(BaseQuantizer):
 
     def _quantized_states(self, packed: bool, pack_fn) -> tp.List[tp.Any]:
         owners = self._unique_qparams()
-        if not (packed and pack_fn is bitpack.pack and owners
-                and self._bits_param.mode == ops.PARAM_MODES["bits"]
-                and all(ops.on_kernel_path(qp.param, qp.logit) for qp in owners)):
+        if not (packed and pack_fn is bitpack.pack and self._multi_kernels_take(owners)):
             return super()._quantized_states(packed, pack_fn)
         # bits and ranges of every parameter in one call, then their levels
         # straight into each width's packed lines in another
