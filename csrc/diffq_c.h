@@ -302,6 +302,13 @@ void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit,
                           int64_t count, dq_size_stats *out);
 void dq_size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                            int64_t count, float scale, float *restrict grad);
+/* grad[i] += scale * d(bits)/d(logit[i]), the term the size penalty adds
+ * to a gradient that already holds the noise's (the same product as
+ * dq_size_backward's, so the sum equals adding the two gradients). */
+void dq_size_backward_add_ref(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                              int64_t count, float scale, float *restrict grad);
+void dq_size_backward_add_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                               int64_t count, float scale, float *restrict grad);
 
 /* bits value and d(bits)/d(logit) of one logit. */
 float dq_logit_to_bits(const dq_bits_param *prm, float logit, float *dbits);
@@ -416,6 +423,13 @@ typedef struct {
     dq_range range;
     float *grad_p;
     float *grad_logit;
+    /* with add_size, grad_logit also gets the size penalty's gradient,
+     * size_scale * d(bits)/d(logit); grad may then be NULL (no gradient
+     * reached the noisy weight: grad_p is not written and grad_logit is
+     * the size term alone) */
+    int add_size;
+    float size_scale;
+    int64_t nlogits; /* values of logit and grad_logit */
 } dq_noise_grad_job;
 
 /* dq_noise_backward of every job: tensors of up to DQ_CHUNK values share

@@ -301,26 +301,47 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
     return DQ_OK;
 }
 
+/* The gradient of one job: the noise's (unless grad is NULL), then the
+ * size penalty's term. An empty tensor's logit gets no noise gradient. */
+static int noise_grad_one(const dq_bits_param *prm, int kind, const dq_noise_grad_job *job, int nthreads) {
+    int err = DQ_OK;
+    if (job->grad) {
+        if (job->n == 0)
+            memset(job->grad_logit, 0, (size_t)job->nlogits * sizeof(float));
+        else
+            err = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind,
+                                    job->seed, &job->range, job->grad_p, job->grad_logit, nthreads);
+    }
+    if (err != DQ_OK || !job->add_size)
+        return err;
+    int64_t chunks = dq_num_chunks(job->nlogits, DQ_CHUNK);
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1 && nthreads > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t start = c * DQ_CHUNK, len = DQ_MIN(DQ_CHUNK, job->nlogits - start);
+        if (job->grad)
+            dq_size_backward_add_fast(prm, job->logit, start, len, job->size_scale, job->grad_logit);
+        else
+            dq_size_backward_fast(prm, job->logit, start, len, job->size_scale, job->grad_logit);
+    }
+    return DQ_OK;
+}
+
 int dq_noise_backward_multi(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
                             int64_t njobs, int nthreads) {
-    /* small tensors one a thread, each with the single-tensor driver on one
-     * thread; large ones after, each with every thread */
+    /* small tensors one a thread, each on one thread; large ones after,
+     * each with every thread */
     int err = DQ_OK;
     (void)nthreads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (njobs > 1) reduction(min : err)
     for (int64_t j = 0; j < njobs; ++j) {
-        const dq_noise_grad_job *job = &jobs[j];
-        if (job->n > DQ_CHUNK)
+        if (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
             continue;
-        int e = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind, job->seed,
-                                  &job->range, job->grad_p, job->grad_logit, 1);
+        int e = noise_grad_one(prm, kind, &jobs[j], 1);
         err = e < err ? e : err;
     }
-    for (int64_t j = 0; j < njobs && err == DQ_OK; ++j) {
-        const dq_noise_grad_job *job = &jobs[j];
-        if (job->n > DQ_CHUNK)
-            err = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind, job->seed,
-                                    &job->range, job->grad_p, job->grad_logit, nthreads);
-    }
+    for (int64_t j = 0; j < njobs && err == DQ_OK; ++j)
+        if (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
+            err = noise_grad_one(prm, kind, &jobs[j], nthreads);
     return err;
 }

@@ -82,22 +82,53 @@ void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
     }
 }
 
-/* grad = scale * dbits/dlogit, in one pass in the bits mode (the same
- * arithmetic as dq_logit_to_bits_fast's derivative, then the scale) */
-DQ_FAST
-void dq_size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
-                               int64_t count, float scale, float *restrict grad) {
+/* grad = scale * dbits/dlogit, or grad += that with `add` (a constant at
+ * each call, so each caller gets its own loop): in one pass in the bits
+ * mode (the same arithmetic as dq_logit_to_bits_fast's derivative, then
+ * the scale), through a span of derivatives on the stack in the others */
+DQ_INLINE void size_grad(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                         int64_t count, float scale, float *restrict grad, const int add) {
     if (prm->mode == DQ_PARAM_BITS) {
         const float span = prm->max_bits - prm->min_bits;
         for (int64_t i = start; i < start + count; ++i) {
             float t = dq_fast_sigmoid(logit[i]);
-            grad[i] = (span * (t * (1.0f - t))) * scale;
+            float term = (span * (t * (1.0f - t))) * scale;
+            grad[i] = add ? grad[i] + term : term;
         }
         return;
     }
-    dq_logit_to_bits_fast(prm, logit, start, count, NULL, grad);
-    for (int64_t i = start; i < start + count; ++i)
-        grad[i] *= scale;
+    enum { SPAN = 1024 };
+    float dbits[SPAN];
+    for (int64_t off = 0; off < count; off += SPAN) {
+        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+        float *restrict out = grad + start + off;
+        dq_logit_to_bits_fast(prm, logit + start + off, 0, len, NULL, dbits);
+        for (int64_t j = 0; j < len; ++j) {
+            float term = dbits[j] * scale;
+            out[j] = add ? out[j] + term : term;
+        }
+    }
+}
+
+DQ_FAST
+void dq_size_backward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                               int64_t count, float scale, float *restrict grad) {
+    size_grad(prm, logit, start, count, scale, grad, 0);
+}
+
+void dq_size_backward_add_ref(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                              int64_t count, float scale, float *restrict grad) {
+    for (int64_t i = start; i < start + count; ++i) {
+        float dbits;
+        dq_logit_to_bits(prm, logit[i], &dbits);
+        grad[i] += scale * dbits;
+    }
+}
+
+DQ_FAST
+void dq_size_backward_add_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                                   int64_t count, float scale, float *restrict grad) {
+    size_grad(prm, logit, start, count, scale, grad, 1);
 }
 
 /* Chunk partial sums are combined in chunk order, so the total does not

@@ -456,6 +456,36 @@ static void test_size(void) {
         for (int64_t i = 0; i < n; ++i)
             worst = fmaxf(worst, fabsf(g1[i] - g2[i]) / (fabsf(g1[i]) + 1e-6f));
         CHECK(worst <= 20 * TOL_FAST_EXP_REL, "size backward mode %d: %g", m, worst);
+        /* the adding kernels: ref against fast at odd sizes and offsets,
+         * and fast add == fast write + the value already there (bit for
+         * bit: the fused gradient equals autograd's sum of the two) */
+        static const int64_t ODD[] = {1, 2, 3, 5, 7, 31, 1023, 1025, 2049};
+        for (size_t k = 0; k < sizeof ODD / sizeof ODD[0]; ++k) {
+            const int64_t start = 3, count = ODD[k];
+            float *base = xmalloc((start + count) * 4), *a1 = xmalloc((start + count) * 4),
+                  *a2 = xmalloc((start + count) * 4), *w = xmalloc((start + count) * 4);
+            for (int64_t i = 0; i < start + count; ++i)
+                base[i] = a1[i] = a2[i] = frand();
+            dq_size_backward_add_ref(&modes[m], logit, start, count, 0.75f, a1);
+            dq_size_backward_add_fast(&modes[m], logit, start, count, 0.75f, a2);
+            dq_size_backward_fast(&modes[m], logit, start, count, 0.75f, w);
+            float worst_add = 0;
+            int exact = 1;
+            for (int64_t i = 0; i < start; ++i)
+                exact &= a1[i] == base[i] && a2[i] == base[i];
+            for (int64_t i = start; i < start + count; ++i) {
+                worst_add = fmaxf(worst_add, fabsf(a1[i] - a2[i]) / (fabsf(a1[i] - base[i]) + 1e-6f));
+                exact &= a2[i] == base[i] + w[i];
+            }
+            CHECK(worst_add <= 20 * TOL_FAST_EXP_REL, "size backward add mode %d count %lld: %g", m,
+                  (long long)count, worst_add);
+            CHECK(exact, "size backward add mode %d count %lld: not base + term, or wrote outside", m,
+                  (long long)count);
+            free(base);
+            free(a1);
+            free(a2);
+            free(w);
+        }
         /* the fast step and its derivative against the reference */
         float *s1 = xmalloc(n * 4), *s2 = xmalloc(n * 4), *d1 = xmalloc(n * 4), *d2 = xmalloc(n * 4);
         dq_logit_to_step_ref(&modes[m], logit, n, NULL, s1, d1);

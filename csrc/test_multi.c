@@ -56,10 +56,14 @@ static void test_noise_forward_backward_multi(void) {
         }
         const uint64_t seed = 0xABCDEF0123ull + (uint64_t)gi;
         for (int kind = 0; kind < 2; ++kind)
-            for (int th = 0; th < 2; ++th) {
+            for (int th = 0; th < 2; ++th)
+            for (int fuse = 0; fuse < 3; ++fuse) {
+                /* fuse 1: the size term added to the noise's gradient; 2:
+                 * the size term alone on every other tensor (grad NULL) */
+                const float size_scale = 0.37f;
                 dq_noise_job jobs[NT];
                 dq_noise_grad_job gjobs[NT];
-                float *noisy[NT], *grad_p[NT], *grad_logit[NT];
+                float *noisy[NT], *grad_p[NT], *grad_logit[NT], *g_of[NT];
                 for (int t = 0; t < NT; ++t) {
                     noisy[t] = xmalloc((size_t)SIZES[t] * sizeof(float));
                     jobs[t] = (dq_noise_job){.p = p[t], .n = SIZES[t], .logit = logit[t], .group_size = gs,
@@ -78,26 +82,42 @@ static void test_noise_forward_backward_multi(void) {
                     /* backward: half the tensors update the gradient in place */
                     float *g = xmalloc((size_t)n * sizeof(float));
                     memcpy(g, grad[t], (size_t)n * sizeof(float));
+                    g_of[t] = g;
                     grad_p[t] = t % 2 ? g : xmalloc((size_t)n * sizeof(float));
                     grad_logit[t] = xmalloc((size_t)ng * sizeof(float));
                     gjobs[t] = (dq_noise_grad_job){g, p[t], n, logit[t], gs, dq_derive_seed(seed, t),
-                                                   jobs[t].range, grad_p[t], grad_logit[t]};
+                                                   jobs[t].range, grad_p[t], grad_logit[t], fuse > 0,
+                                                   size_scale, ng};
+                    if (fuse == 2 && t % 2 == 0)
+                        gjobs[t].grad = NULL;
                     free(single);
                 }
                 CHECK(dq_noise_backward_multi(&prm, kind, gjobs, NT, THREADS[th]) == DQ_OK, "backward runs");
                 for (int t = 0; t < NT; ++t) {
                     const int64_t n = SIZES[t], ng = groups_of(n, gs);
                     float *ref_p = xmalloc((size_t)n * sizeof(float)), *ref_l = xmalloc((size_t)ng * sizeof(float));
-                    dq_noise_backward(&prm, grad[t], p[t], n, logit[t], gs, kind, dq_derive_seed(seed, t),
-                                      &jobs[t].range, ref_p, ref_l, 1);
-                    CHECK(memcmp(ref_p, grad_p[t], (size_t)n * sizeof(float)) == 0, "grad_p of tensor %d", t);
+                    const int noise_too = gjobs[t].grad != NULL;
+                    if (noise_too) {
+                        dq_noise_backward(&prm, grad[t], p[t], n, logit[t], gs, kind, dq_derive_seed(seed, t),
+                                          &jobs[t].range, ref_p, ref_l, 1);
+                        CHECK(memcmp(ref_p, grad_p[t], (size_t)n * sizeof(float)) == 0, "grad_p of tensor %d", t);
+                    }
+                    if (fuse) {
+                        /* what autograd gives adding the size penalty's own gradient */
+                        float *size_l = xmalloc((size_t)ng * sizeof(float));
+                        dq_size_backward(&prm, logit[t], ng, size_scale, size_l, 1);
+                        for (int64_t i = 0; i < ng; ++i)
+                            ref_l[i] = noise_too ? ref_l[i] + size_l[i] : size_l[i];
+                        free(size_l);
+                    }
                     CHECK(memcmp(ref_l, grad_logit[t], (size_t)ng * sizeof(float)) == 0,
-                          "grad_logit of tensor %d (gs %lld, %d threads)", t, (long long)gs, THREADS[th]);
+                          "grad_logit of tensor %d (gs %lld, %d threads, fuse %d)", t, (long long)gs,
+                          THREADS[th], fuse);
                     free(ref_p);
                     free(ref_l);
-                    free((void *)gjobs[t].grad);
-                    if (grad_p[t] != gjobs[t].grad)
+                    if (grad_p[t] != g_of[t])
                         free(grad_p[t]);
+                    free(g_of[t]);
                     free(grad_logit[t]);
                     free(noisy[t]);
                 }

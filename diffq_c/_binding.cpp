@@ -1194,12 +1194,22 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
 // noise_backward of each entry, from what noise_forward_multi gave: entry i
 // is the forward's tensor index[i] (its seed dq_derive_seed(seed,
 // index[i]), its range row index[i] of ranges). grad_p[i] None updates
-// grad[i] in place.
+// grad[i] in place. size_scale[i] not None adds the size penalty's gradient,
+// size_scale[i] * d(bits)/d(logit), to grad_logit[i]; grad[i] may then be
+// None (no gradient reached the noisy weight; grad_p[i] must be None too).
 void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logits, py::sequence grad_ps,
                           py::sequence grad_logits, std::vector<int64_t> group_sizes, int kind, uint64_t base_seed,
                           std::vector<int64_t> index, std::tuple<int, float, float, float, float> prm_t,
-                          py::handle ranges_obj, int nthreads) {
+                          py::handle ranges_obj, int nthreads, py::object size_scales) {
     const size_t n = group_sizes.size();
+    const bool sized = !size_scales.is_none();
+    py::sequence scales;
+    if (sized) {
+        if (!py::isinstance<py::sequence>(size_scales))
+            type_error("size_scale must be a sequence or None");
+        scales = py::reinterpret_borrow<py::sequence>(size_scales);
+        same_length(n, scales, "size_scale");
+    }
     same_length(n, grads, "grad");
     same_length(n, ps, "p");
     same_length(n, logits, "logit");
@@ -1227,32 +1237,53 @@ void noise_backward_multi(py::sequence grads, py::sequence ps, py::sequence logi
         keep.push_back(view(ps[i], Name("p", k), DType::f32));
         const Buffer &p = keep.back();
         int64_t ngroups = groups_of(p.numel, group_sizes[i], Name("p", k));
-        keep.push_back(view(grads[i], Name("grad", k), DType::f32, p.numel));
-        const Buffer &grad = keep.back();
+        bool add_size = false;
+        float size_scale = 0;
+        if (sized && !py::handle(scales[i]).is_none()) {
+            add_size = true;
+            const double value = PyFloat_AsDouble(py::handle(scales[i]).ptr());
+            if (value == -1.0 && PyErr_Occurred()) {
+                PyErr_Clear();
+                type_error(Name("size_scale", k).str() + " must be a float or None");
+            }
+            size_scale = (float)value;  // NaN and inf pass, as autograd passes them
+        }
+        const bool has_grad = !py::handle(grads[i]).is_none();
+        if (!has_grad && !add_size)
+            value_error(Name("grad", k).str() + " is None without a size_scale: nothing to compute");
+        const bool in_place = py::handle(grad_ps[i]).is_none();
+        if (!has_grad && !in_place)
+            value_error(Name("grad_p", k).str() + " must be None where grad is None");
+        const Buffer *grad = nullptr;
+        if (has_grad) {
+            keep.push_back(view(grads[i], Name("grad", k), DType::f32, p.numel));
+            grad = &keep.back();
+        }
         keep.push_back(view(logits[i], Name("logit", k), DType::f32, ngroups));
         const Buffer &logit = keep.back();
         keep.push_back(view(grad_logits[i], Name("grad_logit", k), DType::f32, ngroups));
         const Buffer &grad_logit = keep.back();
         advise_huge_pages(grad_logit);
-        const bool in_place = py::handle(grad_ps[i]).is_none();
-        const Buffer *grad_p = &grad;
+        const Buffer *grad_p = grad;
         if (!in_place) {
             keep.push_back(view(grad_ps[i], Name("grad_p", k), DType::f32, p.numel));
             grad_p = &keep.back();
             add_extent(extents, *grad_p, true, Name("grad_p", k));
         }
-        add_extent(extents, grad, in_place, Name("grad", k));
+        if (grad)
+            add_extent(extents, *grad, in_place, Name("grad", k));
         add_extent(extents, p, false, Name("p", k));
         add_extent(extents, logit, false, Name("logit", k));
         add_extent(extents, grad_logit, true, Name("grad_logit", k));
         const double *row = rows + index[i] * kRangeFields;
         RangeTuple range{(float)row[0], (float)row[1], (int64_t)row[2], (int64_t)row[3], (int64_t)row[4],
                          (int64_t)row[5], (int64_t)row[6]};
-        jobs[i] = dq_noise_grad_job{reinterpret_cast<const float *>(grad.data), reinterpret_cast<const float *>(p.data),
-                                    p.numel, reinterpret_cast<const float *>(logit.data), group_sizes[i],
+        jobs[i] = dq_noise_grad_job{grad ? reinterpret_cast<const float *>(grad->data) : nullptr,
+                                    reinterpret_cast<const float *>(p.data), p.numel,
+                                    reinterpret_cast<const float *>(logit.data), group_sizes[i],
                                     dq_derive_seed(base_seed, index[i]), range_of(range, p.numel, "ranges"),
-                                    reinterpret_cast<float *>(grad_p->data),
-                                    reinterpret_cast<float *>(grad_logit.data)};
+                                    grad_p ? reinterpret_cast<float *>(grad_p->data) : nullptr,
+                                    reinterpret_cast<float *>(grad_logit.data), add_size, size_scale, ngroups};
     }
     outputs_disjoint(extents);
     int err;
@@ -1659,7 +1690,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("nthreads") = 1);
     m.def("noise_backward_multi", &noise_backward_multi, py::arg("grad"), py::arg("p"), py::arg("logit"),
           py::arg("grad_p"), py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"),
-          py::arg("index"), py::arg("param"), py::arg("ranges"), py::arg("nthreads") = 1);
+          py::arg("index"), py::arg("param"), py::arg("ranges"), py::arg("nthreads") = 1,
+          py::arg("size_scale") = py::none());
     m.def("restore_packed_multi", &restore_packed_multi, py::arg("packs"), py::arg("bits"), py::arg("out"),
           py::arg("group_size"), py::arg("offset"), py::arg("mn"), py::arg("range"), py::arg("names"),
           py::arg("nthreads") = 1);
