@@ -188,7 +188,8 @@ class DiffQuantizer(BaseQuantizer):
         total = super().model_size()
         qparams = self._unique_qparams()
         fused = None if exact else ops.weighted_sum_bits(
-            [qp.logit for qp in qparams], self._size_terms()[0], self._bits_param, self._allocs()[1])
+            [qp.logit for qp in qparams], self._size_terms()[0], self._bits_param, self._allocs()[1],
+            self._link())
         if fused is not None:
             # one autograd node and one kernel call for all the logits; the
             # rest does not depend on them
@@ -238,6 +239,13 @@ class DiffQuantizer(BaseQuantizer):
         return constant + sum(self._bits_bits(top + self.extra_bits) * n
                               for top, n in zip(tops.tolist(), numels))
 
+    def _link(self) -> ops.SizeLink:
+        """The last training forward's link to model_size() (see ops.SizeLink)."""
+        link = getattr(self, "_size_link", None)
+        if link is None:
+            self._size_link = link = ops.SizeLink()
+        return link
+
     def _owner_names(self) -> tp.List[str]:
         """The full name of each parameter of _unique_qparams()."""
         if getattr(self, "_names_list", None) is None:
@@ -285,33 +293,47 @@ class DiffQuantizer(BaseQuantizer):
         """Forget the kept quantized weights (after an edit through `.data`)."""
         self._eval_cache.clear()
 
+    def _train_plan(self) -> "_TrainPlan":
+        """What a training forward hands the kernels, worked out once: which
+        parameters the kernels take, their names, allocators, group sizes
+        and size weights, and where each noisy weight goes. Remade when a
+        setting changes, and by _pre_forward_train when the binding refuses
+        it (a parameter changed device, dtype or layout since)."""
+        key = (self.group_size, self.extra_bits, self.noise, self._bits_param, self._scratch.keep_bytes)
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan.key != key or plan.torch_qps:
+            # while some parameters take the torch path, look again each time
+            self._plan = plan = _TrainPlan.make(self, key)
+        return plan
+
     def _pre_forward_train(self):
         self._require_optimizer()
         if not ops.compiling():
             self._scratch.release_small()
             self._eval_cache.clear()
-        owners = self._unique_qparams()
-        on_kernels = [ops.on_kernel_path(qp.param, qp.logit) for qp in owners]
-        kernel_qps = [qp for qp, k in zip(owners, on_kernels) if k]
-        noisy = {}
-        if kernel_qps:
+        link = self._link()
+        link.clear()
+        plan = self._train_plan()
+        values: tp.List[torch.Tensor] = []
+        if plan.kernel_qps:
             # every parameter's noise in one kernel call
-            allocs = [a for a, k in zip(self._allocs()[0], on_kernels) if k]
-            names = [n for n, k in zip(self._owner_names(), on_kernels) if k]
-            values = ops.noisy_weights([qp.param for qp in kernel_qps], [qp.logit for qp in kernel_qps],
-                                       [self.group_size] * len(kernel_qps), ops.NOISE_KINDS[self.noise],
-                                       self._bits_param, names, self._generator, allocs)
-            noisy = dict(zip(map(id, kernel_qps), values))
-        for qparam, kernels in zip(owners, on_kernels):
-            if not kernels:
-                noisy[id(qparam)] = ops.noisy_weight(qparam.param, qparam.logit, self.group_size,
-                                                     self.noise, self._bits_param, 0,
-                                                     name=self._param_name(qparam),
-                                                     generator=self._generator)
-        for qparam in self._qparams:
-            owner = qparam if qparam.other is None else qparam.other
+            try:
+                values = plan.noisy_weights(self, link)
+            except ops.KernelRefused as refused:
+                # the binding checks every buffer before it writes anything:
+                # look at the parameters again and go the careful way, with
+                # the same seed (a refusal does not move torch's generator)
+                self._plan = None
+                plan = self._train_plan()
+                values = plan.noisy_weights(self, link, seed=refused.seed) if plan.kernel_qps else []
+        for qparam in plan.torch_qps:
+            values.append(ops.noisy_weight(qparam.param, qparam.logit, self.group_size,
+                                           self.noise, self._bits_param, 0,
+                                           name=self._param_name(qparam),
+                                           generator=self._generator))
+        for qparam, index in plan.sites:
             # bypass nn.Module's check that parameters are leaves
-            qparam.module._parameters[qparam.name] = noisy[id(owner)]
+            qparam.module._parameters[qparam.name] = values[index]
         return True
 
     def _post_forward_train(self):
@@ -615,3 +637,48 @@ class DiffQuantizer(BaseQuantizer):
 
     def __repr__(self):
         return simple_repr(self)
+
+
+class _TrainPlan(tp.NamedTuple):
+    """See DiffQuantizer._train_plan."""
+    key: tp.Any
+    kernel_qps: tp.List[tp.Any]
+    torch_qps: tp.List[tp.Any]
+    ps: tp.List[torch.Tensor]
+    logits: tp.List[torch.Tensor]
+    names: tp.List[str]
+    group_sizes: tp.List[int]
+    allocs: tp.List[ops.Alloc]
+    size_weights: tp.Optional[tp.Sequence[float]]  # with every parameter on the kernels
+    sites: tp.List[tp.Tuple[tp.Any, int]]  # each quantized parameter's place, its value's index
+    dense: bool  # every ps and logits contiguous when the plan was made
+
+    @classmethod
+    def make(cls, quantizer: "DiffQuantizer", key) -> "_TrainPlan":
+        owners = quantizer._unique_qparams()
+        on_kernels = [ops.on_kernel_path(qp.param, qp.logit) for qp in owners]
+        kernel_qps = [qp for qp, k in zip(owners, on_kernels) if k]
+        torch_qps = [qp for qp, k in zip(owners, on_kernels) if not k]
+        order = {id(qp): i for i, qp in enumerate(kernel_qps + torch_qps)}
+        sites = [(qp, order[id(qp if qp.other is None else qp.other)]) for qp in quantizer._qparams]
+        return cls(key, kernel_qps, torch_qps, [qp.param for qp in kernel_qps],
+                   [qp.logit for qp in kernel_qps],
+                   [n for n, k in zip(quantizer._owner_names(), on_kernels) if k],
+                   [quantizer.group_size] * len(kernel_qps),
+                   [a for a, k in zip(quantizer._allocs()[0], on_kernels) if k],
+                   None if torch_qps else quantizer._size_terms()[0], sites,
+                   all(qp.param.is_contiguous() and qp.logit.is_contiguous() for qp in kernel_qps))
+
+    def noisy_weights(self, quantizer: "DiffQuantizer", link: ops.SizeLink,
+                      seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:
+        """The kernel parameters' noisy weights; with every parameter here,
+        model_size() can add its gradient in their backward (ops.SizeLink).
+        While they were all contiguous, the first try (no `seed`) hands the
+        buffers to the binding as they are, and ops.KernelRefused says it
+        would not take them; a retry with the refused call's seed makes
+        contiguous copies where needed."""
+        whole = self.size_weights is not None
+        return ops.noisy_weights(self.ps, self.logits, self.group_sizes, ops.NOISE_KINDS[quantizer.noise],
+                                 quantizer._bits_param, self.names, quantizer._generator, self.allocs,
+                                 link=link if whole else None, size_weights=self.size_weights,
+                                 as_they_are=self.dense and seed is None, seed=seed)

@@ -127,18 +127,38 @@ def _raise_nonfinite(ranges: torch.Tensor, names) -> None:
                          "(NaN or inf); cannot add quantization noise")
 
 
+class KernelRefused(Exception):
+    """The binding would not take buffers handed to it as they are (a
+    device, dtype or layout it does not take): nothing was written. `seed`
+    is the one drawn for the call, for the retry to use."""
+
+    def __init__(self, message: str, seed: int) -> None:
+        super().__init__(message)
+        self.seed = seed
+
+
 def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor], seed: int,
                       group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam",
-                      names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None):
+                      names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None,
+                      as_they_are: bool = False):
     """noisy_i = p_i + (max(p_i) - min(p_i)) * step(bits(logit_i)) * noise(seed_i)
     for every parameter in one kernel call (seed_i derived from `seed` and
     i). No autograd here: returns the noisy tensors and the ranges the
     backward needs (float64 [parameters, RANGE_FIELDS]). `allocs[i](shape)`
-    gives output i."""
+    gives output i. With `as_they_are`, ps and logits go to the binding
+    without a contiguous copy where they lack one (a caller that knows them
+    to be dense saves the look), and KernelRefused says they were not."""
     noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
     ranges = torch.empty((len(ps), RANGE_FIELDS), dtype=torch.float64)
-    _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
-                           list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads())
+    if as_they_are:
+        try:
+            _C.noise_forward_multi(ps, logits, noisy, list(group_sizes), kind, seed & _MASK64, tuple(prm),
+                                   ranges, num_threads())
+        except (TypeError, ValueError) as exc:
+            raise KernelRefused(str(exc), seed) from exc
+    else:
+        _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
+                               list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads())
     _raise_nonfinite(ranges, names)
     return noisy, ranges
 
@@ -200,30 +220,85 @@ def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> 
     return groups
 
 
+# The size penalty's gradient joins the noise's in _NoisyGroup's backward
+# when model_size() follows a training forward (see SizeLink): each logit
+# tensor then gets one gradient from one node and one kernel call, where
+# apart autograd adds two. A speed path: the group keeps its tensors without
+# save_for_backward (so a later backward of the size alone can pass through
+# it again) and reads their version counters (Tensor._version, not public
+# torch) to refuse, as saved tensors do, a backward after an in-place change.
+# Off, the two gradients are computed apart; tests run both.
+FUSE_SIZE_GRAD = True
+
+
+class GroupConfig(tp.NamedTuple):
+    """What a _NoisyGroup's backward needs besides its tensors."""
+    seed: int
+    first: int  # index of the group's first parameter in the forward
+    ranges: torch.Tensor
+    group_sizes: tp.Sequence[int]
+    kind: int
+    prm: "BitsParam"
+    allocs: tp.Optional[tp.Sequence[Alloc]]
+    size_weights: tp.Optional[tp.Sequence[float]]  # not None: linked to the size penalty
+
+
+def _modified_in_place(t: torch.Tensor, saved: int) -> RuntimeError:
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: a quantized parameter or its bit logits of shape {list(t.shape)} is at version "
+        f"{t._version}; expected version {saved} instead (the noisy weights of the forward were "
+        "made from its earlier values)")
+
+
 class _NoisyGroup(torch.autograd.Function):
     """The noisy weights of a group of parameters (see GRAD_GROUP_BYTES),
     computed beforehand with all the others by noise_forward_all: forward
     hands them over, backward computes the group's gradients in one kernel
-    call. Only the seeds and ranges are kept: the noise is regenerated."""
+    call. Only the seeds and ranges are kept: the noise is regenerated.
+
+    Linked to the size penalty (config.size_weights), it has one more
+    output, a handle that model_size() takes as input: the gradient reaching
+    the handle is the one of sum_i size_weights[i] * sum(bits(logit_i)),
+    which backward adds to the logits' in the same kernel call."""
 
     @staticmethod
     def forward(ctx, config, noisy, *tensors):
-        ctx.save_for_backward(*tensors)
         ctx.config = config
         ctx.set_materialize_grads(False)  # an unused weight gets no gradient, as in diffq
-        return tuple(noisy)
+        if config.size_weights is None:
+            ctx.save_for_backward(*tensors)
+            return tuple(noisy)
+        ctx.tensors = tensors
+        ctx.versions = [t._version for t in tensors]
+        return (*noisy, torch.empty(()))
 
     @staticmethod
     def backward(ctx, *grads):
-        tensors = ctx.saved_tensors
+        config = ctx.config
+        size_grad = None
+        if config.size_weights is None:
+            tensors = ctx.saved_tensors
+        else:
+            tensors, size_grad, grads = ctx.tensors, grads[-1], grads[:-1]
         count = len(grads)
         ps, logits = tensors[:count], tensors[count:]
-        seed, first, ranges, group_sizes, kind, prm, allocs = ctx.config
         grad_ps: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         grad_logits: tp.List[tp.Optional[torch.Tensor]] = [None] * count
-        live = [i for i in range(count) if grads[i] is not None]
+        if size_grad is None:
+            live = [i for i in range(count) if grads[i] is not None]
+        else:
+            live = list(range(count))
         if not live:
             return (None, None, *grad_ps, *grad_logits)
+        if config.size_weights is not None:
+            versions = ctx.versions
+            for i in live:
+                if logits[i]._version != versions[count + i]:
+                    raise _modified_in_place(logits[i], versions[count + i])
+                if grads[i] is not None and ps[i]._version != versions[i]:
+                    raise _modified_in_place(ps[i], versions[i])
+        allocs = config.allocs
         dense, outs = [], []
         vectors = _vectors([logits[i].numel() for i in live], [allocs[i] for i in live] if allocs else None)
         # d(noisy)/dp is the identity but at the extrema: a large incoming
@@ -231,13 +306,16 @@ class _NoisyGroup(torch.autograd.Function):
         in_place = []
         for i in live:
             grad = grads[i]  # a local, as _FREE_GRAD_REFS counts it
-            in_place.append(grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad))
+            in_place.append(grad is not None and grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad))
         del grad
-        fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place) if not own]))
+        fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place)
+                               if not own and grads[i] is not None]))
         for i, vector, own in zip(live, vectors, in_place):
             grad = grads[i]
             grad_logits[i] = vector if logits[i].dim() == 1 else vector.view(logits[i].shape)
-            if own:
+            if grad is None:  # the size penalty's term alone
+                outs.append(None)
+            elif own:
                 grad_ps[i] = grad
                 outs.append(None)
             else:
@@ -246,20 +324,81 @@ class _NoisyGroup(torch.autograd.Function):
                 grad_ps[i] = grad_p if ps[i].dim() == 1 else grad_p.view(ps[i].shape)
                 outs.append(grad_ps[i])
             dense.append(grad)
-        _C.noise_backward_multi(dense, [_dense(ps[i]) for i in live], [_dense(logits[i]) for i in live],
-                                outs, [grad_logits[i] for i in live], [group_sizes[i] for i in live],
-                                kind, seed & _MASK64, [first + i for i in live], tuple(prm), ranges,
-                                num_threads())
+        scales = None
+        if size_grad is not None:
+            g = float(size_grad)
+            scales = [g * config.size_weights[i] for i in live]
+        rest = (outs, [grad_logits[i] for i in live], [config.group_sizes[i] for i in live], config.kind,
+                config.seed & _MASK64, [config.first + i for i in live], tuple(config.prm), config.ranges,
+                num_threads(), scales)
+        try:
+            # parameters and logits are contiguous but in odd cases (the
+            # binding checks before it writes anything)
+            _C.noise_backward_multi(dense, [ps[i] for i in live], [logits[i] for i in live], *rest)
+        except (TypeError, ValueError):
+            _C.noise_backward_multi(dense, [_dense(ps[i]) for i in live], [_dense(logits[i]) for i in live],
+                                    *rest)
         return (None, None, *grad_ps, *grad_logits)
 
 
-def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs) -> tp.List[torch.Tensor]:
-    """noisy (from noise_forward_all) attached to autograd, group by group."""
+def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs,
+                  size_weights=None) -> tp.Tuple[tp.List[torch.Tensor], tp.Optional[tp.List[torch.Tensor]]]:
+    """noisy (from noise_forward_all) attached to autograd, group by group;
+    with size_weights, also each group's handle (see _NoisyGroup)."""
     out: tp.List[torch.Tensor] = []
+    handles: tp.Optional[tp.List[torch.Tensor]] = None if size_weights is None else []
     for a, b in grad_groups([p.numel() for p in ps]):
-        config = (seed, a, ranges, group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None)
-        out.extend(_NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b]))
-    return out
+        config = GroupConfig(seed, a, ranges, group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None,
+                             None if size_weights is None else size_weights[a:b])
+        results = _NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b])
+        if handles is None:
+            out.extend(results)
+        else:
+            out.extend(results[:-1])
+            handles.append(results[-1])
+    return out, handles
+
+
+class SizeLink:
+    """The handles of the last training forward's noisy groups, through
+    which model_size() routes its gradient (see _NoisyGroup), and what they
+    hold for: the logits and their versions at that forward. Not copied or
+    pickled (a copy has no forward of its own yet)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.handles: tp.Optional[tp.List[torch.Tensor]] = None
+        self.logits: tp.Sequence[torch.Tensor] = ()
+        self.versions: tp.List[int] = []
+        self.weights: tp.Sequence[float] = ()
+
+    def set(self, handles, logits, weights) -> None:
+        self.handles, self.logits, self.weights = handles, logits, weights
+        self.versions = [l._version for l in logits]
+
+    def take(self, logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float]):
+        """The handles, when model_size() of these logits and weights may go
+        through them: the same logits, unchanged since the forward, all
+        requiring grad, with grad enabled."""
+        handles = self.handles
+        if (handles is None or not FUSE_SIZE_GRAD or not torch.is_grad_enabled() or compiling()
+                or len(logits) != len(self.logits) or tuple(weights) != tuple(self.weights)):
+            return None
+        for logit, mine, version in zip(logits, self.logits, self.versions):
+            if logit is not mine or not logit.requires_grad or logit._version != version:
+                return None
+        return handles
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.clear()
+
+    def __deepcopy__(self, memo) -> "SizeLink":
+        return SizeLink()
 
 
 class _NoisyWeightOp(torch.autograd.Function):
@@ -286,10 +425,20 @@ class _NoisyWeightOp(torch.autograd.Function):
 def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
                   group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam", names: tp.Sequence[str],
                   generator: tp.Optional[torch.Generator] = None,
-                  allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> tp.List[torch.Tensor]:
+                  allocs: tp.Optional[tp.Sequence[Alloc]] = None,
+                  link: tp.Optional[SizeLink] = None,
+                  size_weights: tp.Optional[tp.Sequence[float]] = None,
+                  as_they_are: bool = False, seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:
     """The noisy weight of every parameter (CPU float32 ones: see
     on_kernel_path), differentiable in p and logit, from one seed drawn
-    from `generator` (torch's global one when None)."""
+    from `generator` (torch's global one when None). With `link` and
+    `size_weights` (the weights model_size() gives each logit tensor's
+    bits), `link` is set so that model_size() can route its gradient
+    through this forward's nodes (see _NoisyGroup), or cleared.
+    `as_they_are`: see noise_forward_all (the torch.compile path ignores
+    it). `seed`: the one to use instead of drawing one (a retry's)."""
+    if link is not None:
+        link.clear()
     if compiling():
         seed = draw_seed_tensor(generator)
         prm_list = [float(v) for v in prm]
@@ -298,11 +447,17 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
                                                             list(group_sizes), kind, prm_list, list(names))
         return [_NoisyWeightOp.apply(p, l, x, seed, ranges, i, gs, kind, prm)
                 for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
-    seed = draw_seed(generator)
-    noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs)
+    if seed is None:
+        seed = draw_seed(generator)
+    noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs, as_they_are)
     if not torch.is_grad_enabled():
         return noisy  # nothing to differentiate: no autograd nodes
-    return _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs)
+    linked = link is not None and size_weights is not None and FUSE_SIZE_GRAD
+    out, handles = _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs,
+                                 size_weights if linked else None)
+    if handles is not None:
+        link.set(handles, logits, size_weights)
+    return out
 
 
 # references to a gradient nobody else holds, seen from _owned_by_autograd
@@ -354,7 +509,7 @@ def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: s
         kind = NOISE_KINDS[noise]
         allocs = [alloc] if alloc else None
         noisy, ranges = noise_forward_all([p], [logit], seed, [group_size], kind, prm, [name], allocs)
-        return _noisy_groups([p], [logit], noisy, seed, ranges, [group_size], kind, prm, allocs)[0]
+        return _noisy_groups([p], [logit], noisy, seed, ranges, [group_size], kind, prm, allocs)[0][0]
     if not torch.isfinite(p).all():
         raise ValueError(f"parameter {name!r} holds non-finite values (NaN or inf); "
                          "cannot add quantization noise")
@@ -432,15 +587,40 @@ class _WeightedSumBits(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+class _SizeThroughGroups(torch.autograd.Function):
+    """_WeightedSumBits' outputs, its gradient handed to the noisy groups'
+    handles of the forward that made them (see _NoisyGroup), which add it
+    to the logits' gradients of the noise."""
+
+    @staticmethod
+    def forward(ctx, prm, weights, logits, *handles):
+        stats = size_bits_all(logits, prm)
+        total = torch.tensor(sum(w * s for w, (s, _) in zip(weights, stats)), dtype=torch.float32)
+        tops = torch.tensor([top for _, top in stats], dtype=torch.float64)
+        ctx.mark_non_differentiable(tops)
+        ctx.count = len(handles)
+        return total, tops
+
+    @staticmethod
+    def backward(ctx, grad, _grad_tops):
+        return (None, None, None, *([grad] * ctx.count))
+
+
 def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float],
-                      prm: BitsParam, allocs: tp.Optional[tp.Sequence[Alloc]] = None
+                      prm: BitsParam, allocs: tp.Optional[tp.Sequence[Alloc]] = None,
+                      link: tp.Optional[SizeLink] = None
                       ) -> tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]]:
     """(sum_i weights[i] * sum(bits(logits[i])), differentiable; the max
     bits of each logit, a float64 tensor), or None when the kernels cannot
-    take the logits. `allocs[i](shape)` gives the gradient of logits[i]."""
+    take the logits. `allocs[i](shape)` gives the gradient of logits[i].
+    With `link` (see SizeLink) the gradient goes through the last training
+    forward's nodes when it can."""
     if not logits or not on_kernel_path(*logits):
         return None
-    return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
+    handles = link.take(logits, weights) if link is not None else None
+    if handles is None:
+        return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
+    return _SizeThroughGroups.apply(prm, tuple(weights), tuple(logits), *handles)
 
 
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:
