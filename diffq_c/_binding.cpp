@@ -1170,6 +1170,8 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         const Buffer &logit = keep.back();
         keep.push_back(view(noisys[i], Name("noisy", k), DType::f32, p.numel));
         const Buffer &noisy = keep.back();
+        if (noisy.shape != p.shape)
+            value_error(Name("noisy", k).str() + " must have the shape of " + Name("p", k).str());
         advise_huge_pages(noisy);
         add_extent(extents, p, false, Name("p", k));
         add_extent(extents, logit, false, Name("logit", k));

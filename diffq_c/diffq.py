@@ -652,6 +652,7 @@ class _TrainPlan(tp.NamedTuple):
     size_weights: tp.Optional[tp.Sequence[float]]  # with every parameter on the kernels
     sites: tp.List[tp.Tuple[tp.Any, int]]  # each quantized parameter's place, its value's index
     dense: bool  # every ps and logits contiguous when the plan was made
+    layouts: ops.TrainLayouts
 
     @classmethod
     def make(cls, quantizer: "DiffQuantizer", key) -> "_TrainPlan":
@@ -661,13 +662,14 @@ class _TrainPlan(tp.NamedTuple):
         torch_qps = [qp for qp, k in zip(owners, on_kernels) if not k]
         order = {id(qp): i for i, qp in enumerate(kernel_qps + torch_qps)}
         sites = [(qp, order[id(qp if qp.other is None else qp.other)]) for qp in quantizer._qparams]
-        return cls(key, kernel_qps, torch_qps, [qp.param for qp in kernel_qps],
-                   [qp.logit for qp in kernel_qps],
+        ps = [qp.param for qp in kernel_qps]
+        allocs = [a for a, k in zip(quantizer._allocs()[0], on_kernels) if k]
+        return cls(key, kernel_qps, torch_qps, ps, [qp.logit for qp in kernel_qps],
                    [n for n, k in zip(quantizer._owner_names(), on_kernels) if k],
-                   [quantizer.group_size] * len(kernel_qps),
-                   [a for a, k in zip(quantizer._allocs()[0], on_kernels) if k],
+                   [quantizer.group_size] * len(kernel_qps), allocs,
                    None if torch_qps else quantizer._size_terms()[0], sites,
-                   all(qp.param.is_contiguous() and qp.logit.is_contiguous() for qp in kernel_qps))
+                   all(qp.param.is_contiguous() and qp.logit.is_contiguous() for qp in kernel_qps),
+                   ops.TrainLayouts.make(ps, allocs))
 
     def noisy_weights(self, quantizer: "DiffQuantizer", link: ops.SizeLink,
                       seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:
@@ -681,4 +683,5 @@ class _TrainPlan(tp.NamedTuple):
         return ops.noisy_weights(self.ps, self.logits, self.group_sizes, ops.NOISE_KINDS[quantizer.noise],
                                  quantizer._bits_param, self.names, quantizer._generator, self.allocs,
                                  link=link if whole else None, size_weights=self.size_weights,
-                                 as_they_are=self.dense and seed is None, seed=seed)
+                                 as_they_are=self.dense and seed is None, seed=seed,
+                                 layouts=self.layouts if seed is None else None)

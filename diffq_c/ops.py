@@ -140,15 +140,19 @@ class KernelRefused(Exception):
 def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor], seed: int,
                       group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam",
                       names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None,
-                      as_they_are: bool = False):
+                      as_they_are: bool = False, layout: tp.Optional["SharedLayout"] = None):
     """noisy_i = p_i + (max(p_i) - min(p_i)) * step(bits(logit_i)) * noise(seed_i)
     for every parameter in one kernel call (seed_i derived from `seed` and
     i). No autograd here: returns the noisy tensors and the ranges the
     backward needs (float64 [parameters, RANGE_FIELDS]). `allocs[i](shape)`
-    gives output i. With `as_they_are`, ps and logits go to the binding
+    gives output i, or `layout` (of the ps' shapes) gives them all. With
+    `as_they_are`, ps and logits go to the binding
     without a contiguous copy where they lack one (a caller that knows them
     to be dense saves the look), and KernelRefused says they were not."""
-    noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
+    if layout is not None:
+        noisy = layout.allocate()
+    else:
+        noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
     ranges = torch.empty((len(ps), RANGE_FIELDS), dtype=torch.float64)
     if as_they_are:
         try:
@@ -206,6 +210,40 @@ def _vectors(numels: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]] =
             for i, (n, k) in enumerate(zip(numels, shared))]
 
 
+class SharedLayout:
+    """Uninitialized float32 tensors of fixed shapes, worked out once: the
+    small ones (under SHARED_VECTOR_MAX values, allocated by torch.empty)
+    views of one allocation per trailing shape, all made by one split (here
+    a tensor of its own costs ~1.8 us, a view out of a split ~0.6), the
+    others from allocs[i] (kept memory for the large ones) or torch.empty."""
+
+    def __init__(self, shapes: tp.Sequence[tp.Sequence[int]],
+                 allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> None:
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.allocs = allocs
+        by_trailing: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
+        self.own: tp.List[int] = []
+        for i, shape in enumerate(self.shapes):
+            # a tensor with an allocator of its own (kept memory) keeps it
+            plain = allocs is None or allocs[i] is _empty_f32
+            if plain and shape and math.prod(shape) < SHARED_VECTOR_MAX:
+                by_trailing.setdefault(shape[1:], []).append(i)
+            else:
+                self.own.append(i)
+        self.shared = [(trailing, indices, [self.shapes[i][0] for i in indices])
+                       for trailing, indices in by_trailing.items()]
+
+    def allocate(self) -> tp.List[torch.Tensor]:
+        out: tp.List[tp.Any] = [None] * len(self.shapes)
+        for trailing, indices, leading in self.shared:
+            views = torch.empty((sum(leading), *trailing), dtype=torch.float32).split(leading)
+            for i, view in zip(indices, views):
+                out[i] = view
+        for i in self.own:
+            out[i] = (self.allocs[i] if self.allocs else _empty_f32)(self.shapes[i])
+        return out
+
+
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
     """[start, end) ranges of consecutive parameters, each totalling at most
     cap_bytes of float32 values or holding a single parameter."""
@@ -241,6 +279,7 @@ class GroupConfig(tp.NamedTuple):
     prm: "BitsParam"
     allocs: tp.Optional[tp.Sequence[Alloc]]
     size_weights: tp.Optional[tp.Sequence[float]]  # not None: linked to the size penalty
+    layout: tp.Optional[SharedLayout] = None  # of the ps' shapes, for fresh gradients
 
 
 def _modified_in_place(t: torch.Tensor, saved: int) -> RuntimeError:
@@ -308,8 +347,12 @@ class _NoisyGroup(torch.autograd.Function):
             grad = grads[i]  # a local, as _FREE_GRAD_REFS counts it
             in_place.append(grad is not None and grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad))
         del grad
-        fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place)
-                               if not own and grads[i] is not None]))
+        if (config.layout is not None and len(live) == count and not any(in_place)
+                and all(g is not None for g in grads)):
+            fresh = iter(config.layout.allocate())
+        else:
+            fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place)
+                                   if not own and grads[i] is not None]))
         for i, vector, own in zip(live, vectors, in_place):
             grad = grads[i]
             grad_logits[i] = vector if logits[i].dim() == 1 else vector.view(logits[i].shape)
@@ -321,7 +364,7 @@ class _NoisyGroup(torch.autograd.Function):
             else:
                 grad = _dense(grad)
                 grad_p = next(fresh)
-                grad_ps[i] = grad_p if ps[i].dim() == 1 else grad_p.view(ps[i].shape)
+                grad_ps[i] = grad_p if grad_p.dim() == ps[i].dim() else grad_p.view(ps[i].shape)
                 outs.append(grad_ps[i])
             dense.append(grad)
         scales = None
@@ -342,14 +385,17 @@ class _NoisyGroup(torch.autograd.Function):
 
 
 def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs,
-                  size_weights=None) -> tp.Tuple[tp.List[torch.Tensor], tp.Optional[tp.List[torch.Tensor]]]:
+                  size_weights=None, layouts: tp.Optional["TrainLayouts"] = None
+                  ) -> tp.Tuple[tp.List[torch.Tensor], tp.Optional[tp.List[torch.Tensor]]]:
     """noisy (from noise_forward_all) attached to autograd, group by group;
     with size_weights, also each group's handle (see _NoisyGroup)."""
     out: tp.List[torch.Tensor] = []
     handles: tp.Optional[tp.List[torch.Tensor]] = None if size_weights is None else []
-    for a, b in grad_groups([p.numel() for p in ps]):
+    groups = grad_groups([p.numel() for p in ps]) if layouts is None else layouts.groups
+    for g, (a, b) in enumerate(groups):
         config = GroupConfig(seed, a, ranges, group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None,
-                             None if size_weights is None else size_weights[a:b])
+                             None if size_weights is None else size_weights[a:b],
+                             None if layouts is None else layouts.grads[g])
         results = _NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b])
         if handles is None:
             out.extend(results)
@@ -422,13 +468,28 @@ class _NoisyWeightOp(torch.autograd.Function):
         return grad_p, grad_logit, None, None, None, None, None, None, None
 
 
+class TrainLayouts(tp.NamedTuple):
+    """Allocation plans of a training forward over fixed parameters: the
+    noisy weights, the gradient groups, and each group's fresh gradients."""
+    noisy: SharedLayout
+    groups: tp.List[tp.Tuple[int, int]]
+    grads: tp.List[SharedLayout]
+
+    @classmethod
+    def make(cls, ps: tp.Sequence[torch.Tensor], allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
+        shapes = [p.shape for p in ps]
+        groups = grad_groups([p.numel() for p in ps])
+        return cls(SharedLayout(shapes, allocs), groups, [SharedLayout(shapes[a:b]) for a, b in groups])
+
+
 def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
                   group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam", names: tp.Sequence[str],
                   generator: tp.Optional[torch.Generator] = None,
                   allocs: tp.Optional[tp.Sequence[Alloc]] = None,
                   link: tp.Optional[SizeLink] = None,
                   size_weights: tp.Optional[tp.Sequence[float]] = None,
-                  as_they_are: bool = False, seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:
+                  as_they_are: bool = False, seed: tp.Optional[int] = None,
+                  layouts: tp.Optional[TrainLayouts] = None) -> tp.List[torch.Tensor]:
     """The noisy weight of every parameter (CPU float32 ones: see
     on_kernel_path), differentiable in p and logit, from one seed drawn
     from `generator` (torch's global one when None). With `link` and
@@ -436,7 +497,9 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
     bits), `link` is set so that model_size() can route its gradient
     through this forward's nodes (see _NoisyGroup), or cleared.
     `as_they_are`: see noise_forward_all (the torch.compile path ignores
-    it). `seed`: the one to use instead of drawing one (a retry's)."""
+    it). `seed`: the one to use instead of drawing one (a retry's).
+    `layouts`: how to allocate, worked out beforehand for these ps (the
+    binding refuses noisy weights not of the ps' shapes)."""
     if link is not None:
         link.clear()
     if compiling():
@@ -449,12 +512,13 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
                 for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
     if seed is None:
         seed = draw_seed(generator)
-    noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs, as_they_are)
+    noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs, as_they_are,
+                                      None if layouts is None else layouts.noisy)
     if not torch.is_grad_enabled():
         return noisy  # nothing to differentiate: no autograd nodes
     linked = link is not None and size_weights is not None and FUSE_SIZE_GRAD
     out, handles = _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs,
-                                 size_weights if linked else None)
+                                 size_weights if linked else None, layouts)
     if handles is not None:
         link.set(handles, logits, size_weights)
     return out

@@ -3,7 +3,9 @@ the noisy groups' backward (ops.SizeLink, ops.FUSE_SIZE_GRAD): one gradient a
 logit tensor instead of two that autograd adds. These tests hold the linked
 path to the unlinked one (gradients bit for bit where the arithmetic is the
 same), in every order a user may call forward, model_size() and backward,
-and check when the link must not be taken."""
+and check when the link must not be taken. Then the training forward's
+plan (made once, its buffers handed to the binding as they are, remade when
+a parameter changes layout, dtype or shape) and its shared allocations."""
 import copy
 import pickle
 
@@ -266,3 +268,39 @@ def test_a_parameter_leaving_and_rejoining_the_kernels(monkeypatch):
     model(x).sum().backward()
     assert quantizer._train_plan().torch_qps == []
     assert quantizer._link().handles is not None
+
+
+def test_shared_layout_gives_each_shape_its_own_memory():
+    kept = []
+
+    def lender(shape):
+        kept.append(shape)
+        return torch.empty(shape)
+    shapes = [(16, 16), (16,), (), (3, 4, 5), (16, 16), (0, 4), (200, 100), (7,), (3, 4, 5)]
+    allocs = [ops._empty_f32] * len(shapes)
+    allocs[7] = lender
+    tensors = ops.SharedLayout(shapes, allocs).allocate()
+    assert [tuple(t.shape) for t in tensors] == shapes
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    assert kept == [(7,)], "an allocator of its own is used"
+    spans = sorted((t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in tensors if t.numel())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "no two overlap"
+    # the small ones of one trailing shape share an allocation
+    assert tensors[0].untyped_storage().data_ptr() == tensors[4].untyped_storage().data_ptr()
+    assert tensors[6].untyped_storage().nbytes() == 200 * 100 * 4, "a large one stands alone"
+
+
+def test_a_parameter_reshaped_mid_training_gets_noisy_weights_of_its_shape():
+    model, quantizer, _ = _setup()
+    x = torch.randn(4, 16)
+    model(x).sum().backward()
+    weight = model[2].weight
+    seen = []
+    model[2].register_forward_pre_hook(lambda module, args: seen.append(tuple(module.weight.shape)))
+    # same values, same count, another shape: the plan's layout no longer fits
+    weight.data = weight.data.reshape(32, 128)
+    model[2].in_features = 128
+    with pytest.raises(RuntimeError):
+        model(x)  # torch's own shape error in the layer, after a noisy weight of the right shape
+    assert seen == [(32, 128)]
+    assert quantizer._train_plan().layouts.noisy.shapes[2] == (32, 128)
