@@ -1144,9 +1144,11 @@ void range_to_row(const dq_range &r, double *row) {
 // Each tensor's seed is dq_derive_seed(seed, i); ranges (float64 [n, 7])
 // receives each one's range (min, max, ties at min and max, non-finite
 // count, first index of min and max), what noise_backward_multi takes.
+// size_stats (float64 [n, 2], or None) receives what size_forward_multi
+// gives for the logits: each one's sum of bits and largest bits.
 void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys, std::vector<int64_t> group_sizes,
                          int kind, uint64_t base_seed, std::tuple<int, float, float, float, float> prm_t,
-                         py::handle ranges_obj, int nthreads) {
+                         py::handle ranges_obj, int nthreads, py::handle size_stats_obj) {
     const size_t n = group_sizes.size();
     same_length(n, ps, "p");
     same_length(n, logits, "logit");
@@ -1156,10 +1158,19 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
     dq_bits_param prm = bits_param(prm_t);
     Buffer ranges = view(ranges_obj, "ranges", DType::f64, (int64_t)n * kRangeFields);
     std::vector<Buffer> keep;
-    keep.reserve(3 * n);
+    keep.reserve(3 * n + 1);
     std::vector<Extent> extents;
-    extents.reserve(3 * n + 1);
+    extents.reserve(3 * n + 2);
     add_extent(extents, ranges, true, "ranges");
+    const bool sized = !size_stats_obj.is_none();
+    double *stats_rows = nullptr;
+    if (sized) {
+        keep.push_back(view(size_stats_obj, "size_stats", DType::f64, (int64_t)n * 2));
+        stats_rows = reinterpret_cast<double *>(keep.back().data);
+        add_extent(extents, keep.back(), true, "size_stats");
+    }
+    std::vector<const float *> logit_ptrs(n);
+    std::vector<int64_t> logit_sizes(n);
     std::vector<dq_noise_job> jobs(n);
     for (size_t i = 0; i < n; ++i) {
         const int64_t k = (int64_t)i;
@@ -1176,11 +1187,14 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         add_extent(extents, p, false, Name("p", k));
         add_extent(extents, logit, false, Name("logit", k));
         add_extent(extents, noisy, true, Name("noisy", k));
+        logit_ptrs[i] = reinterpret_cast<const float *>(logit.data);
+        logit_sizes[i] = ngroups;
         jobs[i] = dq_noise_job{reinterpret_cast<const float *>(p.data), p.numel,
                                reinterpret_cast<const float *>(logit.data), group_sizes[i],
                                dq_derive_seed(base_seed, k), reinterpret_cast<float *>(noisy.data), {}};
     }
     outputs_disjoint(extents);
+    std::vector<dq_size_stats> stats(sized ? n : 0);
     int err;
     {
         py::gil_scoped_release nogil;
@@ -1188,6 +1202,16 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         double *rows = reinterpret_cast<double *>(ranges.data);
         for (size_t i = 0; i < n; ++i)
             range_to_row(jobs[i].range, rows + i * kRangeFields);
+        if (sized && err != DQ_ERR_NOMEM) {
+            // what size_forward_multi gives, from the logits read here anyway
+            int e = dq_size_forward_multi(&prm, logit_ptrs.data(), logit_sizes.data(), (int64_t)n, stats.data(),
+                                          nthreads);
+            err = e == DQ_ERR_NOMEM ? e : err;
+            for (size_t i = 0; i < n; ++i) {
+                stats_rows[2 * i] = stats[i].sum_bits;
+                stats_rows[2 * i + 1] = stats[i].max_bits;
+            }
+        }
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
@@ -1689,7 +1713,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     m.def("noise_forward_multi", &noise_forward_multi, py::arg("p"), py::arg("logit"), py::arg("noisy"),
           py::arg("group_size"), py::arg("kind"), py::arg("seed"), py::arg("param"), py::arg("ranges"),
-          py::arg("nthreads") = 1);
+          py::arg("nthreads") = 1, py::arg("size_stats") = py::none());
     m.def("noise_backward_multi", &noise_backward_multi, py::arg("grad"), py::arg("p"), py::arg("logit"),
           py::arg("grad_p"), py::arg("grad_logit"), py::arg("group_size"), py::arg("kind"), py::arg("seed"),
           py::arg("index"), py::arg("param"), py::arg("ranges"), py::arg("nthreads") = 1,

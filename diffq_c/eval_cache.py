@@ -30,6 +30,12 @@ import torch
 _optimizer_steps = 0
 
 
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process so far, or -1 when they cannot
+    be counted (torch without step hooks)."""
+    return _optimizer_steps if _STEPS_WATCHED else -1
+
+
 def _count_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
     _optimizer_steps += 1

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from . import eval_cache as _eval_cache
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
@@ -140,7 +142,8 @@ class KernelRefused(Exception):
 def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor], seed: int,
                       group_sizes: tp.Sequence[int], kind: int, prm: "BitsParam",
                       names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None,
-                      as_they_are: bool = False, layout: tp.Optional["SharedLayout"] = None):
+                      as_they_are: bool = False, layout: tp.Optional["SharedLayout"] = None,
+                      size_stats: tp.Optional[torch.Tensor] = None):
     """noisy_i = p_i + (max(p_i) - min(p_i)) * step(bits(logit_i)) * noise(seed_i)
     for every parameter in one kernel call (seed_i derived from `seed` and
     i). No autograd here: returns the noisy tensors and the ranges the
@@ -148,7 +151,9 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
     gives output i, or `layout` (of the ps' shapes) gives them all. With
     `as_they_are`, ps and logits go to the binding
     without a contiguous copy where they lack one (a caller that knows them
-    to be dense saves the look), and KernelRefused says they were not."""
+    to be dense saves the look), and KernelRefused says they were not.
+    `size_stats` (float64 [parameters, 2]) receives what size_bits_all
+    would give for the logits."""
     if layout is not None:
         noisy = layout.allocate()
     else:
@@ -157,12 +162,13 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
     if as_they_are:
         try:
             _C.noise_forward_multi(ps, logits, noisy, list(group_sizes), kind, seed & _MASK64, tuple(prm),
-                                   ranges, num_threads())
+                                   ranges, num_threads(), size_stats)
         except (TypeError, ValueError) as exc:
             raise KernelRefused(str(exc), seed) from exc
     else:
         _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
-                               list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads())
+                               list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads(),
+                               size_stats)
     _raise_nonfinite(ranges, names)
     return noisy, ranges
 
@@ -419,15 +425,21 @@ class SizeLink:
         self.logits: tp.Sequence[torch.Tensor] = ()
         self.versions: tp.List[int] = []
         self.weights: tp.Sequence[float] = ()
+        self.stats: tp.Optional[torch.Tensor] = None
+        self.steps = -1
 
-    def set(self, handles, logits, weights) -> None:
-        self.handles, self.logits, self.weights = handles, logits, weights
+    def set(self, handles, logits, weights, stats: tp.Optional[torch.Tensor] = None) -> None:
+        """`stats`: the logits' size_bits_all at the forward, as a tensor."""
+        self.handles, self.logits, self.weights, self.stats = handles, logits, weights, stats
         self.versions = [l._version for l in logits]
+        self.steps = _eval_cache.optimizer_steps()
 
     def take(self, logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float]):
-        """The handles, when model_size() of these logits and weights may go
-        through them: the same logits, unchanged since the forward, all
-        requiring grad, with grad enabled."""
+        """(handles, stats) when model_size() of these logits and weights may
+        go through the handles: the same logits, unchanged since the
+        forward, all requiring grad, with grad enabled; stats (else None)
+        when no optimizer step can have changed them unseen since (fused
+        optimizers leave version counters alone). None otherwise."""
         handles = self.handles
         if (handles is None or not FUSE_SIZE_GRAD or not torch.is_grad_enabled() or compiling()
                 or len(logits) != len(self.logits) or tuple(weights) != tuple(self.weights)):
@@ -435,7 +447,8 @@ class SizeLink:
         for logit, mine, version in zip(logits, self.logits, self.versions):
             if logit is not mine or not logit.requires_grad or logit._version != version:
                 return None
-        return handles
+        steps = _eval_cache.optimizer_steps()
+        return handles, self.stats if steps >= 0 and steps == self.steps else None
 
     def __getstate__(self):
         return {}
@@ -512,15 +525,17 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
                 for i, (p, l, x, gs) in enumerate(zip(ps, logits, noisy, group_sizes))]
     if seed is None:
         seed = draw_seed(generator)
+    linked = (link is not None and size_weights is not None and FUSE_SIZE_GRAD
+              and torch.is_grad_enabled())
+    stats = torch.empty((len(ps), 2), dtype=torch.float64) if linked else None
     noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs, as_they_are,
-                                      None if layouts is None else layouts.noisy)
+                                      None if layouts is None else layouts.noisy, stats)
     if not torch.is_grad_enabled():
         return noisy  # nothing to differentiate: no autograd nodes
-    linked = link is not None and size_weights is not None and FUSE_SIZE_GRAD
     out, handles = _noisy_groups(ps, logits, noisy, seed, ranges, list(group_sizes), kind, prm, allocs,
                                  size_weights if linked else None, layouts)
     if handles is not None:
-        link.set(handles, logits, size_weights)
+        link.set(handles, logits, size_weights, stats)
     return out
 
 
@@ -657,8 +672,9 @@ class _SizeThroughGroups(torch.autograd.Function):
     to the logits' gradients of the noise."""
 
     @staticmethod
-    def forward(ctx, prm, weights, logits, *handles):
-        stats = size_bits_all(logits, prm)
+    def forward(ctx, prm, weights, logits, known, *handles):
+        # `known`: the logits' size_bits_all from the forward, still theirs
+        stats = size_bits_all(logits, prm) if known is None else known.tolist()
         total = torch.tensor(sum(w * s for w, (s, _) in zip(weights, stats)), dtype=torch.float32)
         tops = torch.tensor([top for _, top in stats], dtype=torch.float64)
         ctx.mark_non_differentiable(tops)
@@ -667,7 +683,7 @@ class _SizeThroughGroups(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_tops):
-        return (None, None, None, *([grad] * ctx.count))
+        return (None, None, None, None, *([grad] * ctx.count))
 
 
 def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float],
@@ -681,10 +697,11 @@ def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[fl
     forward's nodes when it can."""
     if not logits or not on_kernel_path(*logits):
         return None
-    handles = link.take(logits, weights) if link is not None else None
-    if handles is None:
+    taken = link.take(logits, weights) if link is not None else None
+    if taken is None:
         return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
-    return _SizeThroughGroups.apply(prm, tuple(weights), tuple(logits), *handles)
+    handles, known = taken
+    return _SizeThroughGroups.apply(prm, tuple(weights), tuple(logits), known, *handles)
 
 
 def sum_bits(logit: torch.Tensor, prm: BitsParam) -> tp.Tuple[torch.Tensor, float]:

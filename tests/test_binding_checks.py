@@ -296,12 +296,16 @@ SPECS: tp.Dict[str, Spec] = {
         make=lambda: dict(p=[_f32(N), _f32(8)], logit=[torch.zeros(NG), torch.zeros(2)],
                           noisy=[_out(N, torch.float32), _out(8, torch.float32)],
                           group_size=[GS, GS], kind=1, seed=9, param=PARAM,
-                          ranges=_out(2 * 7, torch.float64).view(2, 7), nthreads=1),
-        tensors=("p[0]", "p[1]", "logit[1]", "noisy[0]", "noisy[1]", "ranges"),
-        outputs=("noisy[0]", "noisy[1]", "ranges"), any_size=(),
+                          ranges=_out(2 * 7, torch.float64).view(2, 7), nthreads=1,
+                          size_stats=_out(4, torch.float64).view(2, 2)),
+        tensors=("p[0]", "p[1]", "logit[1]", "noisy[0]", "noisy[1]", "ranges", "size_stats"),
+        outputs=("noisy[0]", "noisy[1]", "ranges", "size_stats"), any_size=(),
         overlaps=(("noisy[1]", "p[0]"), ("noisy[0]", "logit[1]"), ("noisy[0]", "noisy[1]"),
-                  ("noisy[1]", "p[1]"), ("ranges", "p[0]"), ("ranges", "noisy[1]")),
+                  ("noisy[1]", "p[1]"), ("ranges", "p[0]"), ("ranges", "noisy[1]"),
+                  ("size_stats", "ranges"), ("size_stats", "logit[0]")),
         bad_scalars=(({"group_size": [5, GS]}, ValueError), ({"group_size": [GS]}, ValueError),
+                     # noisy weights of another shape than their parameter's
+                     ({"noisy": [_out(N, torch.float32).view(2, N // 2), _out(8, torch.float32)]}, ValueError),
                      ({"p": [_f32(N)]}, ValueError), ({"kind": -1}, ValueError),
                      ({"param": (7,) + PARAM[1:]}, ValueError), ({"nthreads": 0}, ValueError),
                      ({"seed": -1}, TypeError))),
@@ -323,7 +327,14 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"index": [0, 2]}, ValueError), ({"index": [0]}, ValueError),
                      ({"seed": -1}, TypeError), ({"group_size": [7, 4]}, ValueError),
                      ({"grad": [_f32(N)]}, ValueError), ({"kind": 5}, ValueError),
-                     ({"nthreads": 0}, ValueError))),
+                     ({"nthreads": 0}, ValueError),
+                     # the size penalty's term: one scale a tensor, a float or None
+                     ({"size_scale": [0.5]}, ValueError), ({"size_scale": [0.5, "x"]}, TypeError),
+                     ({"size_scale": 0.5}, TypeError),
+                     # no gradient and no size term: nothing to compute
+                     ({"grad": [None, _f32(8)]}, ValueError),
+                     # the size term alone writes no grad_p
+                     ({"grad": [None, _f32(8)], "size_scale": [0.5, None]}, ValueError))),
     "restore_packed_multi": Spec(
         make=lambda: dict(packs=[_state_packs()], bits=[_state_bits()], out=[_out(N, torch.float32)],
                           group_size=[GS], offset=2, mn=[-1.0], range=[2.0], names=["w"], nthreads=1),

@@ -304,3 +304,27 @@ def test_a_parameter_reshaped_mid_training_gets_noisy_weights_of_its_shape():
         model(x)  # torch's own shape error in the layer, after a noisy weight of the right shape
     assert seen == [(32, 128)]
     assert quantizer._train_plan().layouts.noisy.shapes[2] == (32, 128)
+
+
+def test_the_size_terms_of_the_forward_are_used_while_they_hold(monkeypatch):
+    """The noise forward reads the logits anyway and returns their size
+    terms too: model_size() right after it calls no size kernel, and after
+    an optimizer step (fused ones leave version counters alone) it does."""
+    model, quantizer, opt = _setup()
+    calls = []
+    real = ops.size_bits_all
+    monkeypatch.setattr(ops, "size_bits_all", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 16)
+    out = model(x)
+    linked = quantizer.model_size()
+    assert calls == []
+    monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", False)
+    assert float(quantizer.model_size().detach()) == float(linked.detach())
+    assert calls == [1]
+    monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", True)
+    (out.sum() + linked).backward()
+    opt.step()
+    after = quantizer.model_size()
+    assert calls == [1, 1], "the logits may have changed: the size kernel runs"
+    monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", False)
+    assert float(quantizer.model_size().detach()) == float(after.detach())
