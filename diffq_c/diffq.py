@@ -236,8 +236,18 @@ class DiffQuantizer(BaseQuantizer):
             # the same formula in tensor operations, which a trace can hold
             width = torch.ceil(torch.log2(1 + (torch.round(tops + self.extra_bits) - self.min_bits)))
             return constant + (width * torch.tensor(numels, dtype=torch.float64)).sum()
-        return constant + sum(self._bits_bits(top + self.extra_bits) * n
-                              for top, n in zip(tops.tolist(), numels))
+        # _bits_bits by the rounded bits, which take a handful of values
+        cache = getattr(self, "_widths", None)
+        if cache is None or cache[0] != self.min_bits:
+            self._widths = cache = (self.min_bits, {})
+        widths, extra, stored = cache[1], self.extra_bits, 0
+        for top, n in zip(tops.tolist(), numels):
+            rounded = round(top + extra)
+            width = widths.get(rounded)
+            if width is None:
+                width = widths[rounded] = self._bits_bits(rounded)
+            stored += width * n
+        return constant + stored
 
     def _link(self) -> ops.SizeLink:
         """The last training forward's link to model_size() (see ops.SizeLink)."""
@@ -669,7 +679,8 @@ class _TrainPlan(tp.NamedTuple):
                    [quantizer.group_size] * len(kernel_qps), allocs,
                    None if torch_qps else quantizer._size_terms()[0], sites,
                    all(qp.param.is_contiguous() and qp.logit.is_contiguous() for qp in kernel_qps),
-                   ops.TrainLayouts.make(ps, allocs))
+                   ops.TrainLayouts.make(ps, [qp.logit for qp in kernel_qps],
+                                         [quantizer.group_size] * len(kernel_qps), allocs))
 
     def noisy_weights(self, quantizer: "DiffQuantizer", link: ops.SizeLink,
                       seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:

@@ -285,7 +285,24 @@ class GroupConfig(tp.NamedTuple):
     prm: "BitsParam"
     allocs: tp.Optional[tp.Sequence[Alloc]]
     size_weights: tp.Optional[tp.Sequence[float]]  # not None: linked to the size penalty
-    layout: tp.Optional[SharedLayout] = None  # of the ps' shapes, for fresh gradients
+    fast: tp.Optional["GroupFast"] = None
+
+
+class GroupFast(tp.NamedTuple):
+    """A group of small parameters (none whose gradient could be updated in
+    place) worked out once: what its backward hands the binding when every
+    parameter got a gradient, without a loop over them."""
+    grads: SharedLayout  # fresh gradients of the ps
+    logit_grads: SharedLayout
+    group_sizes: tp.List[int]
+    indices: tp.List[int]  # each parameter's index in the forward
+
+    @classmethod
+    def make(cls, ps, logits, group_sizes, first: int, allocs) -> tp.Optional["GroupFast"]:
+        if any(p.numel() >= IN_PLACE_MIN for p in ps):
+            return None
+        return cls(SharedLayout([p.shape for p in ps]), SharedLayout([l.shape for l in logits], allocs),
+                   list(group_sizes), list(range(first, first + len(ps))))
 
 
 def _modified_in_place(t: torch.Tensor, saved: int) -> RuntimeError:
@@ -328,6 +345,24 @@ class _NoisyGroup(torch.autograd.Function):
             tensors, size_grad, grads = ctx.tensors, grads[-1], grads[:-1]
         count = len(grads)
         ps, logits = tensors[:count], tensors[count:]
+        fast = config.fast
+        if fast is not None and all(g is not None for g in grads):
+            if config.size_weights is not None and [t._version for t in tensors] != ctx.versions:
+                _NoisyGroup._check_versions(ctx, tensors, range(count))
+            grad_ps = fast.grads.allocate()
+            grad_logits = fast.logit_grads.allocate()
+            scales = None
+            if size_grad is not None:
+                g = float(size_grad)
+                scales = [g * w for w in config.size_weights]
+            rest = (grad_ps, grad_logits, fast.group_sizes, config.kind, config.seed & _MASK64, fast.indices,
+                    tuple(config.prm), config.ranges, num_threads(), scales)
+            dense = [_dense(g) for g in grads]
+            try:
+                _C.noise_backward_multi(dense, ps, logits, *rest)
+            except (TypeError, ValueError):
+                _C.noise_backward_multi(dense, [_dense(p) for p in ps], [_dense(l) for l in logits], *rest)
+            return (None, None, *grad_ps, *grad_logits)
         grad_ps: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         grad_logits: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         if size_grad is None:
@@ -337,12 +372,7 @@ class _NoisyGroup(torch.autograd.Function):
         if not live:
             return (None, None, *grad_ps, *grad_logits)
         if config.size_weights is not None:
-            versions = ctx.versions
-            for i in live:
-                if logits[i]._version != versions[count + i]:
-                    raise _modified_in_place(logits[i], versions[count + i])
-                if grads[i] is not None and ps[i]._version != versions[i]:
-                    raise _modified_in_place(ps[i], versions[i])
+            _NoisyGroup._check_versions(ctx, tensors, [i for i in live if grads[i] is not None], live)
         allocs = config.allocs
         dense, outs = [], []
         vectors = _vectors([logits[i].numel() for i in live], [allocs[i] for i in live] if allocs else None)
@@ -353,12 +383,8 @@ class _NoisyGroup(torch.autograd.Function):
             grad = grads[i]  # a local, as _FREE_GRAD_REFS counts it
             in_place.append(grad is not None and grad.numel() >= IN_PLACE_MIN and _owned_by_autograd(grad))
         del grad
-        if (config.layout is not None and len(live) == count and not any(in_place)
-                and all(g is not None for g in grads)):
-            fresh = iter(config.layout.allocate())
-        else:
-            fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place)
-                                   if not own and grads[i] is not None]))
+        fresh = iter(_vectors([ps[i].numel() for i, own in zip(live, in_place)
+                               if not own and grads[i] is not None]))
         for i, vector, own in zip(live, vectors, in_place):
             grad = grads[i]
             grad_logits[i] = vector if logits[i].dim() == 1 else vector.view(logits[i].shape)
@@ -389,6 +415,19 @@ class _NoisyGroup(torch.autograd.Function):
                                     *rest)
         return (None, None, *grad_ps, *grad_logits)
 
+    @staticmethod
+    def _check_versions(ctx, tensors, noise_indices, logit_indices=None) -> None:
+        """Raise as saved tensors would when a tensor the gradients need
+        changed in place since the forward: the parameters with a gradient
+        of the noise, the logits of `logit_indices` (all by default)."""
+        count, versions = len(tensors) // 2, ctx.versions
+        for i in noise_indices:
+            if tensors[i]._version != versions[i]:
+                raise _modified_in_place(tensors[i], versions[i])
+        for i in range(count) if logit_indices is None else logit_indices:
+            if tensors[count + i]._version != versions[count + i]:
+                raise _modified_in_place(tensors[count + i], versions[count + i])
+
 
 def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, allocs,
                   size_weights=None, layouts: tp.Optional["TrainLayouts"] = None
@@ -401,7 +440,7 @@ def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, alloc
     for g, (a, b) in enumerate(groups):
         config = GroupConfig(seed, a, ranges, group_sizes[a:b], kind, prm, allocs[a:b] if allocs else None,
                              None if size_weights is None else size_weights[a:b],
-                             None if layouts is None else layouts.grads[g])
+                             None if layouts is None else layouts.fast[g])
         results = _NoisyGroup.apply(config, noisy[a:b], *ps[a:b], *logits[a:b])
         if handles is None:
             out.extend(results)
@@ -483,16 +522,18 @@ class _NoisyWeightOp(torch.autograd.Function):
 
 class TrainLayouts(tp.NamedTuple):
     """Allocation plans of a training forward over fixed parameters: the
-    noisy weights, the gradient groups, and each group's fresh gradients."""
+    noisy weights, the gradient groups, and each group's GroupFast."""
     noisy: SharedLayout
     groups: tp.List[tp.Tuple[int, int]]
-    grads: tp.List[SharedLayout]
+    fast: tp.List[tp.Optional[GroupFast]]
 
     @classmethod
-    def make(cls, ps: tp.Sequence[torch.Tensor], allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
-        shapes = [p.shape for p in ps]
+    def make(cls, ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
+             group_sizes: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
         groups = grad_groups([p.numel() for p in ps])
-        return cls(SharedLayout(shapes, allocs), groups, [SharedLayout(shapes[a:b]) for a, b in groups])
+        return cls(SharedLayout([p.shape for p in ps], allocs), groups,
+                   [GroupFast.make(ps[a:b], logits[a:b], group_sizes[a:b], a, allocs[a:b] if allocs else None)
+                    for a, b in groups])
 
 
 def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
