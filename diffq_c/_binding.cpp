@@ -1552,9 +1552,9 @@ using QuantLists = std::tuple<std::vector<float>, std::vector<float>, std::vecto
 // microsecond, as much as quantizing a small parameter). Nothing is written
 // to any output otherwise.
 QuantLists quantize_multi(py::sequence ps, py::sequence ts, py::handle bits_obj, py::object outs,
-                                       std::vector<int64_t> out_index, std::vector<int64_t> out_offset,
-                                       std::vector<int64_t> group_sizes, float min_bits, float max_bits,
-                                       float extra_bits, bool with_totals, int nthreads) {
+                          std::vector<int64_t> out_index, std::vector<int64_t> out_offset,
+                          std::vector<int64_t> group_sizes, float min_bits, float max_bits, float extra_bits,
+                          bool with_totals, int nthreads) {
     const size_t n = group_sizes.size();
     same_length(n, ps, "p");
     same_length(n, ts, "t");
