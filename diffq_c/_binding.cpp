@@ -1537,58 +1537,87 @@ void size_backward_multi(py::sequence logits, py::sequence grads, std::vector<fl
         throw std::bad_alloc();
 }
 
-// (min, max, non-finite values, groups with NaN bits, values of each width
-// 0..15 when asked for)
-using QuantTuple = std::tuple<float, float, int64_t, int64_t, std::vector<int64_t>>;
+// Per parameter, as one list each (a tuple per parameter cost more to
+// build than to quantize a small one): min, max, non-finite values, groups
+// with NaN bits, and when asked for, the values of each width 0..15 (else
+// no entries).
+using QuantLists = std::tuple<std::vector<float>, std::vector<float>, std::vector<int64_t>, std::vector<int64_t>,
+                              std::vector<std::vector<int64_t>>>;
 
-// Stored bits and ranges of each p (t: the sigmoid of its logits), then,
+// Stored bits and ranges of each p (t: the sigmoid of its logits) into
+// `bits`, one buffer holding each p's groups after the previous p's, then,
 // when `outs` is not None and every p and logit is finite, the quantized
-// values of each p into outs[i]. Nothing is written to outs otherwise.
-std::vector<QuantTuple> quantize_multi(py::sequence ps, py::sequence ts, py::sequence bits_outs, py::object outs,
-                                       std::vector<int64_t> group_sizes, float min_bits, float max_bits,
-                                       float extra_bits, bool with_totals, int nthreads) {
+// values of each p into outs[out_index[i]] from element out_offset[i] on
+// (small parameters share one buffer: reading a buffer here costs about a
+// microsecond, as much as quantizing a small parameter). Nothing is written
+// to any output otherwise.
+QuantLists quantize_multi(py::sequence ps, py::sequence ts, py::handle bits_obj, py::object outs,
+                          std::vector<int64_t> out_index, std::vector<int64_t> out_offset,
+                          std::vector<int64_t> group_sizes, float min_bits, float max_bits, float extra_bits,
+                          bool with_totals, int nthreads) {
     const size_t n = group_sizes.size();
     same_length(n, ps, "p");
     same_length(n, ts, "t");
-    same_length(n, bits_outs, "bits");
     const bool requant = !outs.is_none();
-    py::sequence outs_seq = requant ? py::reinterpret_borrow<py::sequence>(outs) : py::sequence(py::list());
-    if (requant)
-        same_length(n, outs_seq, "out");
+    std::vector<Buffer> out_bufs;
+    if (requant) {
+        py::sequence outs_seq = py::reinterpret_borrow<py::sequence>(outs);
+        if (out_index.size() != n || out_offset.size() != n)
+            value_error("out_index and out_offset have " + std::to_string(out_index.size()) + " and " +
+                        std::to_string(out_offset.size()) + " entries, expected " + std::to_string(n));
+        const size_t nbufs = (size_t)py::len(outs_seq);
+        out_bufs.reserve(nbufs);
+        for (size_t k = 0; k < nbufs; ++k)
+            out_bufs.push_back(view(outs_seq[k], Name("out", (int64_t)k), DType::f32));
+    }
     threads(nthreads);
     finite(min_bits, "min_bits");
     finite(max_bits, "max_bits");
     finite(extra_bits, "extra_bits");
     std::vector<Buffer> keep;
-    keep.reserve(4 * n);
+    keep.reserve(2 * n);
     std::vector<Extent> extents;
+    extents.reserve(3 * n + 1);
     std::vector<dq_quant_job> jobs(n);
     std::vector<int64_t> ngroups(n);
+    std::vector<int64_t> bits_at(n);
+    int64_t total_groups = 0;
     for (size_t i = 0; i < n; ++i) {
-        const Name pn("p", (int64_t)i), tn("t", (int64_t)i), bn("bits", (int64_t)i);
+        const Name pn("p", (int64_t)i), tn("t", (int64_t)i);
         keep.push_back(view(ps[i], pn, DType::f32));
         const Buffer &p = keep.back();
         ngroups[i] = groups_of(p.numel, group_sizes[i], pn);
         keep.push_back(view(ts[i], tn, DType::f32, ngroups[i]));
         const Buffer &t = keep.back();
-        keep.push_back(view(bits_outs[i], bn, DType::u8, ngroups[i]));
-        const Buffer &bits = keep.back();
         add_extent(extents, p, false, pn);
         add_extent(extents, t, false, tn);
-        add_extent(extents, bits, true, bn);
+        bits_at[i] = total_groups;
+        total_groups += ngroups[i];
         float *out = nullptr;
         if (requant) {
-            const Name on("out", (int64_t)i);
-            keep.push_back(view(outs_seq[i], on, DType::f32, p.numel));
-            add_extent(extents, keep.back(), true, on);
-            out = reinterpret_cast<float *>(keep.back().data);
+            const Name on("out_offset", (int64_t)i);
+            const int64_t k = out_index[i], at = out_offset[i];
+            if (k < 0 || (size_t)k >= out_bufs.size())
+                value_error("out_index[" + std::to_string(i) + "] is " + std::to_string(k) + ", not one of the " +
+                            std::to_string(out_bufs.size()) + " out buffers");
+            const Buffer &ob = out_bufs[(size_t)k];
+            if (at < 0 || at > ob.numel || p.numel > ob.numel - at)
+                value_error(on.str() + ": " + std::to_string(p.numel) + " values from element " +
+                            std::to_string(at) + " do not fit out[" + std::to_string(k) + "] of " +
+                            std::to_string(ob.numel));
+            out = reinterpret_cast<float *>(ob.data) + at;
+            extents.push_back({reinterpret_cast<const char *>(out), reinterpret_cast<const char *>(out + p.numel),
+                               true, on});
         }
         jobs[i] = dq_quant_job{reinterpret_cast<const float *>(p.data), p.numel, group_sizes[i],
-                               reinterpret_cast<const float *>(t.data), reinterpret_cast<uint8_t *>(bits.data), out,
-                               0, 0, 0, 0};
+                               reinterpret_cast<const float *>(t.data), nullptr, out, 0, 0, 0, 0};
     }
+    const Buffer bits = view(bits_obj, Name("bits"), DType::u8, total_groups);
+    add_extent(extents, bits, true, Name("bits"));
+    for (size_t i = 0; i < n; ++i)
+        jobs[i].bits = reinterpret_cast<uint8_t *>(bits.data) + bits_at[i];
     outputs_disjoint(extents);
-    std::vector<std::vector<int64_t>> totals(n);
+    std::vector<std::vector<int64_t>> totals(with_totals ? n : 0);
     int err;
     {
         py::gil_scoped_release nogil;
@@ -1606,10 +1635,19 @@ std::vector<QuantTuple> quantize_multi(py::sequence ps, py::sequence ts, py::seq
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
-    std::vector<QuantTuple> out;
-    out.reserve(n);
-    for (size_t i = 0; i < n; ++i)
-        out.emplace_back(jobs[i].min, jobs[i].max, jobs[i].nonfinite, jobs[i].nan_bits, std::move(totals[i]));
+    QuantLists out;
+    auto &[mins, maxs, nonfinite, nan_bits, all_totals] = out;
+    mins.reserve(n);
+    maxs.reserve(n);
+    nonfinite.reserve(n);
+    nan_bits.reserve(n);
+    for (const auto &j : jobs) {
+        mins.push_back(j.min);
+        maxs.push_back(j.max);
+        nonfinite.push_back(j.nonfinite);
+        nan_bits.push_back(j.nan_bits);
+    }
+    all_totals = std::move(totals);
     return out;
 }
 
@@ -1726,7 +1764,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("size_backward_multi", &size_backward_multi, py::arg("logit"), py::arg("grad"), py::arg("scale"),
           py::arg("param"), py::arg("nthreads") = 1);
     m.def("quantize_multi", &quantize_multi, py::arg("p"), py::arg("t"), py::arg("bits"), py::arg("out"),
-          py::arg("group_size"), py::arg("min_bits"), py::arg("max_bits"), py::arg("extra_bits"),
+          py::arg("out_index"), py::arg("out_offset"), py::arg("group_size"), py::arg("min_bits"), py::arg("max_bits"), py::arg("extra_bits"),
           py::arg("with_totals") = false, py::arg("nthreads") = 1);
     m.def("quantize_pack_multi", &quantize_pack_multi, py::arg("p"), py::arg("bits"), py::arg("outs"),
           py::arg("group_size"), py::arg("mn"), py::arg("range"), py::arg("widths_out"), py::arg("offset"),

@@ -214,23 +214,30 @@ class BaseQuantizer:
         the same, so the optimizer, tied weights and hooks see no change."""
         if self._quantized:
             return False
-        swapped: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]] = []
+        values, laid_out = self._eval_values()
+        params = self._swap_params()
+        originals = [p.data for p in params]
+        if not laid_out:
+            values = [self._same_layout(o, v) for o, v in zip(originals, values)]
+        if self._float16:
+            values = list(values) + [self._same_layout(o, o.half()) for o in originals[len(values):]]
         try:
-            values = self._quantized_values()
-            for qparam, value in zip(self._unique_qparams(), values):
-                swapped.append((qparam.param, qparam.param.data))
-                qparam.param.data = self._same_layout(qparam.param.data, value)
-            for p in self._float16:
-                swapped.append((p, p.data))
-                p.data = self._same_layout(p.data, p.data.half())
+            for p, value in zip(params, values):
+                p.data = value
         except BaseException:
-            for p, original in swapped:
+            for p, original in zip(params, originals):
                 p.data = original
             raise
-        self._saved = [original for _, original in swapped]
+        self._saved = originals
         self._quantized = True
         self._fix_rnns()
         return True
+
+    def _swap_params(self) -> tp.List[torch.nn.Parameter]:
+        """The parameters quantize() swaps: each owner's, then the float16 ones."""
+        if getattr(self, "_swap_list", None) is None:
+            self._swap_list = [qp.param for qp in self._unique_qparams()] + list(self._float16)
+        return self._swap_list
 
     @staticmethod
     def _same_layout(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -240,6 +247,11 @@ class BaseQuantizer:
                 like.is_contiguous() and value.is_contiguous() or value.stride() == like.stride()):
             return value
         return torch.empty_like(like).copy_(value.reshape(like.shape))
+
+    def _eval_values(self) -> tp.Tuple[tp.List[torch.Tensor], bool]:
+        """_quantized_values(), and whether each already has the dtype, shape
+        and strides of its parameter (else quantize() lays them out so)."""
+        return self._quantized_values(), False
 
     def _quantized_values(self) -> tp.List[torch.Tensor]:
         """The quantized values of every quantized parameter, in
@@ -253,8 +265,7 @@ class BaseQuantizer:
         return self._unquantize_param(qparam, quantized)
 
     def _restore_saved(self):
-        params = [qp.param for qp in self._unique_qparams()] + list(self._float16)
-        for p, original in zip(params, self._saved):
+        for p, original in zip(self._swap_params(), self._saved):
             p.data = original
         self._saved = []
 

@@ -364,25 +364,49 @@ class DiffQuantizer(BaseQuantizer):
             ops.on_kernel_path(qp.param, qp.logit) for qp in owners)
 
     def _quantized_values(self) -> tp.List[torch.Tensor]:
+        return self._eval_values()[0]
+
+    def _eval_values(self) -> tp.Tuple[tp.List[torch.Tensor], bool]:
         owners = self._unique_qparams()
-        if not self._multi_kernels_take(owners):
-            return super()._quantized_values()
+        if not (owners and ops.kernels_available() and self._bits_param.mode == ops.PARAM_MODES["bits"]):
+            return super()._quantized_values(), False
         if ops.compiling():
+            if not self._multi_kernels_take(owners):
+                return super()._quantized_values(), False
             return list(torch.ops.diffq_c.quantize(
                 [qp.param.detach() for qp in owners], [qp.logit.detach() for qp in owners],
                 [self.group_size] * len(owners), [float(v) for v in self._bits_param],
-                float(self.extra_bits), self._owner_names()))
-        key = self._eval_cache.key(self, owners)
+                float(self.extra_bits), self._owner_names())), False
+        ps, logits, both = self._eval_tensors()
+        key = self._eval_cache.key(self, both)
         values = self._eval_cache.get(key)
-        if values is None:
-            # let go of the stale values first: large ones are kept memory
-            # (scratch.py) that the new values can then take
-            self._eval_cache.clear()
-            values = ops.quantize_all([qp.param for qp in owners], [qp.logit for qp in owners],
-                                      [self.group_size] * len(owners), self._bits_param, self.extra_bits,
-                                      self._owner_names(), allocs=self._allocs()[0])[0]
-            self._eval_cache.put(key, values)
-        return values
+        if values is not None:
+            # kept only from the kernels, for tensors of the key's dtype,
+            # device and layout: those of now
+            return values, True
+        # the key holds each tensor's dtype and device: _multi_kernels_take
+        # without reading them again
+        if not (EvalCache.all_cpu_float32(key) if key is not None else self._multi_kernels_take(owners)):
+            return super()._quantized_values(), False
+        # let go of the stale values first: large ones are kept memory
+        # (scratch.py) that the new values can then take
+        self._eval_cache.clear()
+        values = ops.quantize_all(ps, logits, [self.group_size] * len(owners), self._bits_param,
+                                  self.extra_bits, self._owner_names(), allocs=self._allocs()[0],
+                                  shared_values=True, with_bits=False)[0]
+        # a non-contiguous weight (channels_last, transposed) gets its
+        # layout here, once, rather than on every forward the values serve
+        values = [v if p.is_contiguous() else self._same_layout(p.detach(), v) for p, v in zip(ps, values)]
+        self._eval_cache.put(key, values)
+        return values, True
+
+    def _eval_tensors(self):
+        """The weights and logits of _unique_qparams(), and both in one list."""
+        if getattr(self, "_eval_lists", None) is None:
+            owners = self._unique_qparams()
+            ps, logits = [qp.param for qp in owners], [qp.logit for qp in owners]
+            self._eval_lists = (ps, logits, ps + logits)
+        return self._eval_lists
 
     def _quantized_value(self, qparam) -> torch.Tensor:
         # eval: quantized on every forward, so small tensors are kept too

@@ -5,10 +5,13 @@ diffq quantizes every weight on each of them. A quantizer keeps the
 quantized values of its last eval forward and the state they came from,
 and hands them out again while that state holds:
 
-- each weight's and each logit's version counter and data pointer: any
-  in-place change made through the tensor (an optimizer's update,
-  `load_state_dict`, `torch.no_grad()` edits, `copy_`) bumps the counter,
-  and assigning `.data` moves the pointer;
+- each weight's and each logit's version counter, data pointer, shape,
+  strides, dtype and device: any in-place change made through the tensor
+  (an optimizer's update, `load_state_dict`, `torch.no_grad()` edits,
+  `copy_`) bumps the counter, and assigning `.data` changes the pointer or,
+  for a view of the same memory (`p.data = p.data.t()`), the layout. The
+  values kept have their weight's layout, and were made by the C kernels
+  for float32 CPU tensors, which the key then vouches for;
 - a count of optimizer steps taken in this process: torch's fused
   optimizers update parameters without bumping their counters;
 - the quantizer's settings (group size, bits range, extra bits).
@@ -80,18 +83,23 @@ class EvalCache:
         other.enabled = self.enabled
         return other
 
-    def key(self, quantizer, owners) -> tp.Any:
-        """What the quantized values of `owners` depend on, or None when it
-        cannot be told (caching off, tensors without version counters)."""
+    def key(self, quantizer, tensors: tp.Sequence[torch.Tensor]) -> tp.Any:
+        """What the quantized values depend on (`tensors`: the weights and
+        the logits), or None when it cannot be told (caching off, tensors
+        without version counters)."""
         if not (self.enabled and _STEPS_WATCHED):
             return None
         try:
-            tensors = tuple((qp.param._version, qp.param.data_ptr(), qp.logit._version, qp.logit.data_ptr())
-                            for qp in owners)
+            state = tuple([(t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_cpu) for t in tensors])
         except (AttributeError, RuntimeError):  # inference-mode tensors have no counter
             return None
         return (_optimizer_steps, quantizer.group_size, quantizer.min_bits, quantizer.max_bits,
-                quantizer.extra_bits, tensors)
+                quantizer.extra_bits, state)
+
+    @staticmethod
+    def all_cpu_float32(key) -> bool:
+        """Whether every tensor of a (not None) key is a float32 CPU one."""
+        return all(dtype is torch.float32 and cpu for *_, dtype, cpu in key[-1])
 
     def get(self, key) -> tp.Optional[tp.List[torch.Tensor]]:
         if key is None or key != self._key:

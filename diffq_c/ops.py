@@ -5,6 +5,7 @@ The C kernels take CPU float32 buffers. Everything else (CUDA tensors,
 float16/float64 parameters, an extension that failed to load) runs the same
 math in plain torch, so nothing fails where diffq works.
 """
+import functools
 import math
 import sys
 import typing as tp
@@ -248,6 +249,60 @@ class SharedLayout:
         for i in self.own:
             out[i] = (self.allocs[i] if self.allocs else _empty_f32)(self.shapes[i])
         return out
+
+
+class _Layout(tp.NamedTuple):
+    """Where _shaped_views puts tensors of given shapes (see _layout)."""
+    total: int                                     # values of the shared buffer
+    blocks: tp.List[tp.Tuple[int, tuple, int]]     # (count, shape, values) of each block
+    where: tp.List[int]                            # per tensor: its index among the blocks' views, or -1
+    index: tp.List[int]                            # per tensor: 0 (the shared buffer) or 1 + its rank among its own
+    offset: tp.List[int]                           # per tensor: its first element in that buffer
+    own: tp.List[int]                              # the tensors of their own
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(shapes: tp.Tuple[torch.Size, ...], small_max: int) -> _Layout:
+    """Tensors under small_max values grouped by shape, each group one block
+    of a shared buffer ([count, *shape], unbound into its tensors); the
+    others each a buffer of its own."""
+    blocks: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
+    for i, shape in enumerate(shapes):
+        if math.prod(shape) < small_max:
+            blocks.setdefault(tuple(shape), []).append(i)
+    n = len(shapes)
+    where, index, offset = [-1] * n, [0] * n, [0] * n
+    place = at = 0
+    for shape, members in blocks.items():
+        for i in members:
+            where[i], offset[i] = place, at
+            place, at = place + 1, at + math.prod(shape)
+    own = [i for i in range(n) if where[i] < 0]
+    for rank, i in enumerate(own):
+        index[i] = 1 + rank
+    return _Layout(at, [(len(m), shape, len(m) * math.prod(shape)) for shape, m in blocks.items()],
+                   where, index, offset, own)
+
+
+def _shaped_views(shapes: tp.Sequence[torch.Size], dtype: torch.dtype, small_max: int,
+                  allocs: tp.Optional[tp.Sequence[Alloc]] = None):
+    """Uninitialized contiguous tensors of these shapes: the ones under
+    small_max values views of one buffer, made a block of equal shapes at a
+    time (a view made one by one costs about 2 us, as much as a tensor of
+    its own); the others from allocs[i] (float32 only) or torch.empty.
+    Returns the tensors, the buffers (the shared one first) and the layout."""
+    layout = _layout(tuple(shapes), small_max)
+    shared = torch.empty(layout.total, dtype=dtype)
+    views: tp.List[torch.Tensor] = []
+    if layout.total:
+        for part, (count, shape, _) in zip(shared.split([n for _, _, n in layout.blocks]), layout.blocks):
+            views.extend(part.view((count,) + shape).unbind(0))
+    tensors = [views[j] if j >= 0 else None for j in layout.where]
+    buffers = [shared]
+    for i in layout.own:
+        tensors[i] = allocs[i](shapes[i]) if allocs else torch.empty(shapes[i], dtype=dtype)
+        buffers.append(tensors[i])
+    return tensors, buffers, layout
 
 
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
@@ -967,27 +1022,44 @@ _USE_FOREACH = True
 def quantize_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
                  group_sizes: tp.Sequence[int], prm: "BitsParam", extra_bits: float,
                  names: tp.Sequence[str], allocs: tp.Optional[tp.Sequence[Alloc]] = None,
-                 values: bool = True):
+                 values: bool = True, shared_values: bool = False, with_bits: bool = True):
     """Eval quantization of every parameter in one kernel call: the stored
     bits of each (uint8, clamp(round(extra_bits + bits(logit)), 1, 15)), and
     with `values` its quantized values (a new contiguous float32 tensor of
-    p's shape, from allocs[i] when given), the same numbers as
-    dequantizing its levels. Returns (values or None, bits, (min, max) of
-    each p, per-width value counts when not `values`). p must be CPU
-    float32, prm in the bits mode."""
-    # one allocation for every parameter's bits (views of it), not one each
+    p's shape, from allocs[i] when given; with `shared_values`, those of
+    small parameters are views of one buffer), the same numbers as
+    dequantizing its levels. Returns (values or None, bits or None without
+    `with_bits`, (min, max) of each p, per-width value counts when not
+    `values`). p must be CPU float32, prm in the bits mode."""
+    # every parameter's bits in one buffer (views of it), not one each
     counts = [l.numel() for l in logits]
-    bits = [b.view(l.shape) for b, l in zip(torch.empty(sum(counts), dtype=torch.uint8).split(counts), logits)]
-    outs = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)] if values else None
-    res = _C.quantize_multi([_dense(p) for p in ps], _sigmoids(logits), bits, outs, list(group_sizes),
-                            prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())
-    for (mn, mx, bad, nan_bits, _), name in zip(res, names):
-        if nan_bits:
-            raise ValueError(f"bit logits of {name!r} hold non-finite values (NaN)")
-        if bad:
-            raise ValueError(f"parameter {name!r} holds {bad} non-finite values (NaN or inf); "
-                             "cannot quantize it")
-    return outs, bits, [(mn, mx) for mn, mx, _, _, _ in res], [r[4] for r in res]
+    flat_bits = torch.empty(sum(counts), dtype=torch.uint8)
+    outs = None
+    out_args: tp.Tuple[tp.Any, tp.Sequence[int], tp.Sequence[int]] = (None, (), ())
+    if values:
+        small_max = SHARED_VECTOR_MAX if shared_values else 0
+        outs, buffers, layout = _shaped_views([p.shape for p in ps], torch.float32, small_max, allocs)
+        out_args = (buffers, layout.index, layout.offset)
+    args = (_sigmoids(logits), flat_bits) + out_args + (
+        list(group_sizes), prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())
+    try:
+        # the binding checks every buffer before it writes anything
+        mins, maxs, bad, nan_bits, totals = _C.quantize_multi(ps, *args)
+    except (TypeError, ValueError):
+        # a non-contiguous p (channels_last, transposed) among them, or an
+        # error that the call on contiguous copies raises again
+        mins, maxs, bad, nan_bits, totals = _C.quantize_multi([_dense(p) for p in ps], *args)
+    if any(bad) or any(nan_bits):
+        for name, b, nb in zip(names, bad, nan_bits):
+            if nb:
+                raise ValueError(f"bit logits of {name!r} hold non-finite values (NaN)")
+            if b:
+                raise ValueError(f"parameter {name!r} holds {b} non-finite values (NaN or inf); "
+                                 "cannot quantize it")
+    bits = None
+    if with_bits:
+        bits = [b if l.dim() == 1 else b.view(l.shape) for b, l in zip(flat_bits.split(counts), logits)]
+    return outs, bits, list(zip(mins, maxs)), totals
 
 
 def requantize(p: torch.Tensor, bits: torch.Tensor, group_size: int,

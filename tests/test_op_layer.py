@@ -299,7 +299,8 @@ def test_a_validation_loop_quantizes_once(monkeypatch, cache):
 
 
 @pytest.mark.parametrize("change", ["adam_step", "fused_adam_step", "sgd_step", "load_state_dict",
-                                    "no_grad_edit", "data_assignment", "logit_edit", "extra_bits"])
+                                    "no_grad_edit", "data_assignment", "data_transposed", "logit_edit",
+                                    "extra_bits"])
 def test_every_change_is_noticed(monkeypatch, change):
     torch.manual_seed(0)
     model = _mlp()
@@ -325,6 +326,9 @@ def test_every_change_is_noticed(monkeypatch, change):
             weight.mul_(1.5)
     elif change == "data_assignment":
         weight.data = weight.data * 1.5
+    elif change == "data_transposed":
+        # the same memory and version counter, another layout (a square weight)
+        weight.data = weight.data.t()
     elif change == "logit_edit":
         with torch.no_grad():
             quantizer._qparams[2].logit.add_(2.0)
@@ -381,3 +385,70 @@ def test_model_size_follows_a_changed_extra_bits():
             a.logit.copy_(b.logit)
     assert after > before
     assert after == pytest.approx(float(fresh.model_size()), rel=1e-6)
+
+
+def test_layout_and_dtype_changes_after_a_cached_eval_are_followed():
+    """Eval values kept from the C kernels serve only tensors of the layout,
+    dtype and device they were made for: a weight made non-contiguous, the
+    model moved to float64 and back, each eval equals a fresh quantizer's."""
+    torch.manual_seed(1)
+    model = _mlp()
+    quantizer, _ = _quantized(model)
+    x = torch.randn(4, 16)
+    model.eval()
+
+    def check(inputs):
+        with torch.no_grad():
+            out = model(inputs)
+        twin = _mlp()
+        q = diffq_c.DiffQuantizer(twin, min_size=0.0, group_size=8)
+        q.cache_eval = False
+        twin.to(inputs.dtype)  # the logits too, as model.double() moved them
+        with torch.no_grad():
+            for a, b in zip(q._qparams, quantizer._qparams):
+                a.logit.copy_(b.logit)
+                a.param.data = b.param.detach().clone()  # its layout too (float64 matmuls differ by it)
+        twin.eval()
+        with torch.no_grad():
+            assert torch.equal(out, twin(inputs))
+        return out
+
+    first = check(x)
+    weight = model[2].weight
+    weight.data = weight.data.t().contiguous().t()  # same values, column-major
+    assert not weight.is_contiguous()
+    assert torch.equal(check(x), first)
+    seen = []
+    handle = model[2].register_forward_pre_hook(lambda m, i: seen.append((m.weight.stride(), m.weight.dtype)))
+    model.double()
+    check(x.double())
+    model.float()
+    assert torch.equal(check(x), first)
+    handle.remove()
+    assert seen == [((1, 32), torch.float64), ((1, 32), torch.float32)]
+
+
+def test_small_eval_values_share_one_buffer_and_large_ones_have_their_own():
+    """quantize_all(shared_values=True): the values of parameters under
+    SHARED_VECTOR_MAX values are views of one buffer, laid out by shape;
+    each equals the per-tensor kernel's."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(16, 16), (16,), (8, 4, 2), (16, 16), (ops.SHARED_VECTOR_MAX,), (16,)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    logits = [torch.randn(p.numel() // 8, generator=gen) * 3 for p in ps]
+    names = [str(i) for i in range(len(ps))]
+    values, bits, ranges, _ = ops.quantize_all(ps, logits, [8] * len(ps), PRM, 0.0, names,
+                                               shared_values=True, with_bits=False)
+    assert bits is None
+    storages = [v.untyped_storage().data_ptr() for v in values]
+    small = [i for i, p in enumerate(ps) if p.numel() < ops.SHARED_VECTOR_MAX]
+    assert len({storages[i] for i in small}) == 1
+    assert storages[4] not in {storages[i] for i in small}
+    for p, logit, value, (mn, mx) in zip(ps, logits, values, ranges):
+        assert value.shape == p.shape and value.is_contiguous()
+        assert torch.equal(value, ops.requantize(p, ops.stored_bits(logit, PRM, 0.0), 8))
+        assert (mn, mx) == (p.min().item(), p.max().item())
+    plain, plain_bits, _, _ = ops.quantize_all(ps, logits, [8] * len(ps), PRM, 0.0, names)
+    assert all(torch.equal(a, b) for a, b in zip(plain, values))
+    assert len({v.untyped_storage().data_ptr() for v in plain}) == len(ps)
+    assert [tuple(b.shape) for b in plain_bits] == [tuple(l.shape) for l in logits]
