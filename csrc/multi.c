@@ -18,6 +18,7 @@
  * start[c] + len[c]) of tensor job[c]. */
 typedef struct {
     int64_t total;
+    int64_t values; /* of all tensors */
     int64_t *job, *start, *len;
 } chunk_table;
 
@@ -27,10 +28,13 @@ static void table_free(chunk_table *t) {
 }
 
 static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
-    int64_t total = 0;
-    for (int64_t j = 0; j < njobs; ++j)
+    int64_t total = 0, values = 0;
+    for (int64_t j = 0; j < njobs; ++j) {
         total += dq_num_chunks(sizes[j], DQ_CHUNK);
+        values += sizes[j];
+    }
     t->total = total;
+    t->values = values;
     t->job = malloc((size_t)(total ? total : 1) * 3 * sizeof(int64_t));
     if (!t->job)
         return DQ_ERR_NOMEM;
@@ -44,6 +48,16 @@ static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
             t->len[c] = DQ_MIN(DQ_CHUNK, sizes[j] - s);
         }
     return DQ_OK;
+}
+
+/* Threads for a pass over `values` values in all: one below a chunk's
+ * worth. There the work takes tens of microseconds, less than the wake-up
+ * and barriers of a parallel region, and on a loaded machine a region
+ * waits for a time slice whenever another thread's core is taken (a model
+ * of 200 small tensors measured a median 20 times its best). Results do
+ * not depend on it: reductions go chunk by chunk in a fixed order. */
+static int threads_for(int64_t values, int nthreads) {
+    return values < DQ_CHUNK ? 1 : nthreads;
 }
 
 uint64_t dq_derive_seed(uint64_t base, int64_t index) {
@@ -142,6 +156,10 @@ static int scratch_with_ranges(multi_scratch *s, const void *jobs, size_t job_si
 
 int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
                            int nthreads) {
+    int64_t values = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        values += jobs[j].n;
+    nthreads = threads_for(values, nthreads);
     multi_scratch s;
     int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_noise_job, p), offsetof(dq_noise_job, n),
                                   njobs, nthreads);
@@ -203,6 +221,7 @@ int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, 
     chunk_table t;
     if (table_make(ns, njobs, &t))
         return DQ_ERR_NOMEM;
+    nthreads = threads_for(t.values, nthreads);
     dq_size_stats *part = malloc((size_t)(t.total ? t.total : 1) * sizeof(dq_size_stats));
     if (!part) {
         table_free(&t);
@@ -233,6 +252,7 @@ int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits,
     chunk_table t;
     if (table_make(ns, njobs, &t))
         return DQ_ERR_NOMEM;
+    nthreads = threads_for(t.values, nthreads);
     (void)nthreads;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
     for (int64_t c = 0; c < t.total; ++c) {
@@ -243,21 +263,12 @@ int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits,
     return DQ_OK;
 }
 
-/* Threads for a quantize pass over `values` values in all: one below a
- * chunk's worth. There the work takes tens of microseconds, less than the
- * wake-up and barriers of a parallel region, and on a loaded machine a
- * region waits for a time slice whenever another thread's core is taken
- * (a model of 200 small tensors measured a median 20 times its best). */
-static int quantize_threads(int64_t values, int nthreads) {
-    return values < DQ_CHUNK ? 1 : nthreads;
-}
-
 int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, dq_quant_job *jobs,
                               int64_t njobs, int nthreads) {
     int64_t values = 0;
     for (int64_t j = 0; j < njobs; ++j)
         values += jobs[j].n;
-    nthreads = quantize_threads(values, nthreads);
+    nthreads = threads_for(values, nthreads);
     multi_scratch s;
     int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_quant_job, p), offsetof(dq_quant_job, n),
                                   njobs, nthreads);
@@ -300,7 +311,7 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
         ns[j] = jobs[j].out ? jobs[j].n : 0;
         values += ns[j];
     }
-    nthreads = quantize_threads(values, nthreads);
+    nthreads = threads_for(values, nthreads);
     int err = table_make(ns, njobs, &t);
     free(ns);
     if (err)
@@ -349,7 +360,10 @@ int dq_noise_backward_multi(const dq_bits_param *prm, int kind, const dq_noise_g
     /* small tensors one a thread, each on one thread; large ones after,
      * each with every thread */
     int err = DQ_OK;
-    (void)nthreads;
+    int64_t values = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        values += jobs[j].n + jobs[j].nlogits;
+    nthreads = threads_for(values, nthreads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (njobs > 1) reduction(min : err)
     for (int64_t j = 0; j < njobs; ++j) {
         if (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
