@@ -508,8 +508,11 @@ def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, alloc
 class SizeLink:
     """The handles of the last training forward's noisy groups, through
     which model_size() routes its gradient (see _NoisyGroup), and what they
-    hold for: the logits and their versions at that forward. Not copied or
-    pickled (a copy has no forward of its own yet)."""
+    hold for: the logits, their versions and data pointers at that forward
+    (an in-place change or a `.data` assignment since is seen; an edit
+    through `.data` in place is not, as for the eval cache: call
+    model_size() after the next forward then). Not copied or pickled (a
+    copy has no forward of its own yet)."""
 
     def __init__(self) -> None:
         self.clear()
@@ -525,7 +528,7 @@ class SizeLink:
     def set(self, handles, logits, weights, stats: tp.Optional[torch.Tensor] = None) -> None:
         """`stats`: the logits' size_bits_all at the forward, as a tensor."""
         self.handles, self.logits, self.weights, self.stats = handles, logits, weights, stats
-        self.versions = [l._version for l in logits]
+        self.versions = [(l._version, l.data_ptr()) for l in logits]
         self.steps = _eval_cache.optimizer_steps()
 
     def take(self, logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float]):
@@ -538,8 +541,9 @@ class SizeLink:
         if (handles is None or not FUSE_SIZE_GRAD or not torch.is_grad_enabled() or compiling()
                 or len(logits) != len(self.logits) or tuple(weights) != tuple(self.weights)):
             return None
-        for logit, mine, version in zip(logits, self.logits, self.versions):
-            if logit is not mine or not logit.requires_grad or logit._version != version:
+        for logit, mine, (version, address) in zip(logits, self.logits, self.versions):
+            if (logit is not mine or not logit.requires_grad or logit._version != version
+                    or logit.data_ptr() != address):
                 return None
         steps = _eval_cache.optimizer_steps()
         return handles, self.stats if steps >= 0 and steps == self.steps else None

@@ -93,6 +93,11 @@ def test_the_link_is_taken_after_a_forward_and_not_otherwise(monkeypatch):
         quantizer._qparams[1].logit.add_(0.5)
     quantizer.model_size()
     assert calls == [1, 1], "a logit changed since the forward"
+    model(x)
+    logit = quantizer._qparams[0].logit
+    logit.data = logit.data.clone()
+    quantizer.model_size()
+    assert calls == [1, 1], "a logit's .data was assigned since the forward"
     with torch.no_grad():
         model(x)
     quantizer.model_size()
