@@ -397,11 +397,12 @@ class _NoisyGroup(torch.autograd.Function):
         if config.size_weights is None:
             tensors = ctx.saved_tensors
         else:
-            tensors, size_grad, grads = ctx.tensors, grads[-1], grads[:-1]
-        count = len(grads)
+            # the handle's gradient comes last, after the parameters' count
+            tensors, size_grad = ctx.tensors, grads[-1]
+        count = len(tensors) // 2
         ps, logits = tensors[:count], tensors[count:]
         fast = config.fast
-        if fast is not None and all(g is not None for g in grads):
+        if fast is not None and all(grads[i] is not None for i in range(count)):
             if config.size_weights is not None and [t._version for t in tensors] != ctx.versions:
                 _NoisyGroup._check_versions(ctx, tensors, range(count))
             grad_ps = fast.grads.allocate()
@@ -412,7 +413,7 @@ class _NoisyGroup(torch.autograd.Function):
                 scales = [g * w for w in config.size_weights]
             rest = (grad_ps, grad_logits, fast.group_sizes, config.kind, config.seed & _MASK64, fast.indices,
                     tuple(config.prm), config.ranges, num_threads(), scales)
-            dense = [_dense(g) for g in grads]
+            dense = [_dense(grads[i]) for i in range(count)]
             try:
                 _C.noise_backward_multi(dense, ps, logits, *rest)
             except (TypeError, ValueError):

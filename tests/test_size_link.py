@@ -333,3 +333,24 @@ def test_the_size_terms_of_the_forward_are_used_while_they_hold(monkeypatch):
     assert calls == [1, 1], "the logits may have changed: the size kernel runs"
     monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", False)
     assert float(quantizer.model_size().detach()) == float(after.detach())
+
+
+def test_linked_groups_still_update_large_gradients_in_place(monkeypatch):
+    """The handle's gradient rides in the same argument tuple as the
+    weights': the reference count that the in-place speed path reads must
+    still find a large incoming gradient free, with the link as without it.
+    In place, the weight's gradient is the incoming gradient's memory."""
+    for fuse in (False, True):
+        monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", fuse)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 512))
+        quantizer, _ = _quantized(model, 8)
+        incoming = []
+
+        def watch(module, args):
+            # the noisy weight stands in the module during the forward
+            module.weight.register_hook(lambda g: incoming.append(g.data_ptr()))
+        model[0].register_forward_pre_hook(watch)
+        (model(torch.randn(5, 256)).pow(2).sum() + quantizer.model_size()).backward()
+        assert quantizer._link().handles is not None or not fuse
+        assert incoming == [model[0].weight.grad.data_ptr()], f"not in place with the link {fuse}"
