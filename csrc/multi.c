@@ -107,6 +107,7 @@ typedef struct {
     dq_range *part, *ranges;
     const float **ps;
     int64_t *ns;
+    int nthreads; /* threads_for the tensors' values */
 } multi_scratch;
 
 static void scratch_free(multi_scratch *s) {
@@ -135,7 +136,8 @@ static int scratch_alloc_arrays(multi_scratch *s, int64_t njobs) {
 
 /* s for njobs jobs of job_size bytes, each holding its tensor's pointer
  * (const float *) at p_offset and its size (int64_t) at n_offset, with the
- * tensors' ranges computed (s->ranges). Frees what it made on failure. */
+ * tensors' ranges computed (s->ranges) on s->nthreads, the threads the pass
+ * over them takes. Frees what it made on failure. */
 static int scratch_with_ranges(multi_scratch *s, const void *jobs, size_t job_size, size_t p_offset,
                                size_t n_offset, int64_t njobs, int nthreads) {
     int err = scratch_alloc_arrays(s, njobs);
@@ -150,21 +152,19 @@ static int scratch_with_ranges(multi_scratch *s, const void *jobs, size_t job_si
         scratch_free(s);
         return err;
     }
-    ranges_of(&s->table, s->ps, njobs, s->part, s->ranges, nthreads);
+    s->nthreads = threads_for(s->table.values, nthreads);
+    ranges_of(&s->table, s->ps, njobs, s->part, s->ranges, s->nthreads);
     return DQ_OK;
 }
 
 int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
                            int nthreads) {
-    int64_t values = 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        values += jobs[j].n;
-    nthreads = threads_for(values, nthreads);
     multi_scratch s;
     int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_noise_job, p), offsetof(dq_noise_job, n),
                                   njobs, nthreads);
     if (err)
         return err;
+    nthreads = s.nthreads;
     const chunk_table *t = &s.table;
     dq_range *part = s.part;
     int64_t bad = 0;
@@ -265,15 +265,12 @@ int dq_size_backward_multi(const dq_bits_param *prm, const float *const *logits,
 
 int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, dq_quant_job *jobs,
                               int64_t njobs, int nthreads) {
-    int64_t values = 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        values += jobs[j].n;
-    nthreads = threads_for(values, nthreads);
     multi_scratch s;
     int err = scratch_with_ranges(&s, jobs, sizeof *jobs, offsetof(dq_quant_job, p), offsetof(dq_quant_job, n),
                                   njobs, nthreads);
     if (err)
         return err;
+    nthreads = s.nthreads;
     const chunk_table *t = &s.table;
     /* each group's stored bits in the chunk holding its first value, so a
      * group is computed once whatever the group size */
@@ -306,16 +303,13 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
     chunk_table t = {0};
     if (!ns)
         return DQ_ERR_NOMEM;
-    int64_t values = 0;
-    for (int64_t j = 0; j < njobs; ++j) {
+    for (int64_t j = 0; j < njobs; ++j)
         ns[j] = jobs[j].out ? jobs[j].n : 0;
-        values += ns[j];
-    }
-    nthreads = threads_for(values, nthreads);
     int err = table_make(ns, njobs, &t);
     free(ns);
     if (err)
         return err;
+    nthreads = threads_for(t.values, nthreads);
     (void)nthreads;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
     for (int64_t c = 0; c < t.total; ++c) {
