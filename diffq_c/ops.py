@@ -218,41 +218,27 @@ def _vectors(numels: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]] =
 
 
 class SharedLayout:
-    """Uninitialized float32 tensors of fixed shapes, worked out once: the
-    small ones (under SHARED_VECTOR_MAX values, allocated by torch.empty)
-    views of one allocation per trailing shape, all made by one split (here
-    a tensor of its own costs ~1.8 us, a view out of a split ~0.6), the
-    others from allocs[i] (kept memory for the large ones) or torch.empty."""
+    """Uninitialized float32 tensors of fixed shapes, laid out once (see
+    _make_layout): the small ones (under SHARED_VECTOR_MAX values, allocated by
+    torch.empty) views of one buffer, made a block of equal shapes at a
+    time (here a tensor of its own costs ~1.8 us, a view out of a block
+    ~0.6), the others from allocs[i] (kept memory for the large ones) or
+    torch.empty."""
 
     def __init__(self, shapes: tp.Sequence[tp.Sequence[int]],
                  allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> None:
-        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.allocs = allocs
-        by_trailing: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
-        self.own: tp.List[int] = []
-        for i, shape in enumerate(self.shapes):
-            # a tensor with an allocator of its own (kept memory) keeps it
-            plain = allocs is None or allocs[i] is _empty_f32
-            if plain and shape and math.prod(shape) < SHARED_VECTOR_MAX:
-                by_trailing.setdefault(shape[1:], []).append(i)
-            else:
-                self.own.append(i)
-        self.shared = [(trailing, indices, [self.shapes[i][0] for i in indices])
-                       for trailing, indices in by_trailing.items()]
+        # a tensor with an allocator of its own (kept memory) keeps it
+        shareable = None if allocs is None else tuple(a is _empty_f32 for a in allocs)
+        self.layout = _make_layout(self.shapes, SHARED_VECTOR_MAX, shareable)
 
     def allocate(self) -> tp.List[torch.Tensor]:
-        out: tp.List[tp.Any] = [None] * len(self.shapes)
-        for trailing, indices, leading in self.shared:
-            views = torch.empty((sum(leading), *trailing), dtype=torch.float32).split(leading)
-            for i, view in zip(indices, views):
-                out[i] = view
-        for i in self.own:
-            out[i] = (self.allocs[i] if self.allocs else _empty_f32)(self.shapes[i])
-        return out
+        return _views_of(self.layout, self.shapes, torch.float32, self.allocs)[0]
 
 
 class _Layout(tp.NamedTuple):
-    """Where _shaped_views puts tensors of given shapes (see _layout)."""
+    """Where _views_of puts tensors of given shapes (see _make_layout)."""
     total: int                                     # values of the shared buffer
     blocks: tp.List[tp.Tuple[int, tuple, int]]     # (count, shape, values) of each block
     where: tp.List[int]                            # per tensor: its index among the blocks' views, or -1
@@ -261,14 +247,14 @@ class _Layout(tp.NamedTuple):
     own: tp.List[int]                              # the tensors of their own
 
 
-@functools.lru_cache(maxsize=64)
-def _layout(shapes: tp.Tuple[torch.Size, ...], small_max: int) -> _Layout:
-    """Tensors under small_max values grouped by shape, each group one block
-    of a shared buffer ([count, *shape], unbound into its tensors); the
-    others each a buffer of its own."""
+def _make_layout(shapes: tp.Tuple[tp.Tuple[int, ...], ...], small_max: int,
+                 shareable: tp.Optional[tp.Tuple[bool, ...]] = None) -> _Layout:
+    """Tensors under small_max values (and shareable[i], when given) grouped
+    by shape, each group one block of a shared buffer ([count, *shape],
+    unbound into its tensors); the others each a buffer of its own."""
     blocks: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
     for i, shape in enumerate(shapes):
-        if math.prod(shape) < small_max:
+        if math.prod(shape) < small_max and (shareable is None or shareable[i]):
             blocks.setdefault(tuple(shape), []).append(i)
     n = len(shapes)
     where, index, offset = [-1] * n, [0] * n, [0] * n
@@ -284,17 +270,22 @@ def _layout(shapes: tp.Tuple[torch.Size, ...], small_max: int) -> _Layout:
                    where, index, offset, own)
 
 
-def _shaped_views(shapes: tp.Sequence[torch.Size], dtype: torch.dtype, small_max: int,
-                  allocs: tp.Optional[tp.Sequence[Alloc]] = None):
-    """Uninitialized contiguous tensors of these shapes: the ones under
-    small_max values views of one buffer, made a block of equal shapes at a
-    time (a view made one by one costs about 2 us, as much as a tensor of
-    its own); the others from allocs[i] (float32 only) or torch.empty.
-    Returns the tensors, the buffers (the shared one first) and the layout."""
-    layout = _layout(tuple(shapes), small_max)
+# the eval path lays out its values on every call: cached by shapes. A
+# SharedLayout keeps its own (and may be made under torch.compile, which
+# traces through a cache wrapper with a warning).
+_layout = functools.lru_cache(maxsize=64)(_make_layout)
+
+
+def _views_of(layout: _Layout, shapes: tp.Sequence[tp.Sequence[int]], dtype: torch.dtype,
+              allocs: tp.Optional[tp.Sequence[Alloc]] = None):
+    """The tensors `layout` places (uninitialized, contiguous: a view made
+    one by one costs about as much as a tensor of its own, so a block of
+    equal shapes is made at a time) and the buffers holding them, the
+    shared one first; the others from allocs[i] (float32 only) or
+    torch.empty."""
     shared = torch.empty(layout.total, dtype=dtype)
     views: tp.List[torch.Tensor] = []
-    if layout.total:
+    if layout.blocks:  # blocks of empty tensors too, with a total of 0
         for part, (count, shape, _) in zip(shared.split([n for _, _, n in layout.blocks]), layout.blocks):
             views.extend(part.view((count,) + shape).unbind(0))
     tensors = [views[j] if j >= 0 else None for j in layout.where]
@@ -302,7 +293,7 @@ def _shaped_views(shapes: tp.Sequence[torch.Size], dtype: torch.dtype, small_max
     for i in layout.own:
         tensors[i] = allocs[i](shapes[i]) if allocs else torch.empty(shapes[i], dtype=dtype)
         buffers.append(tensors[i])
-    return tensors, buffers, layout
+    return tensors, buffers
 
 
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
@@ -1043,7 +1034,9 @@ def quantize_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor
     out_args: tp.Tuple[tp.Any, tp.Sequence[int], tp.Sequence[int]] = (None, (), ())
     if values:
         small_max = SHARED_VECTOR_MAX if shared_values else 0
-        outs, buffers, layout = _shaped_views([p.shape for p in ps], torch.float32, small_max, allocs)
+        shapes = tuple(p.shape for p in ps)  # torch.Size: a tuple already
+        layout = _layout(shapes, small_max)
+        outs, buffers = _views_of(layout, shapes, torch.float32, allocs)
         out_args = (buffers, layout.index, layout.offset)
     args = (_sigmoids(logits), flat_bits) + out_args + (
         list(group_sizes), prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())

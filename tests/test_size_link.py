@@ -293,6 +293,8 @@ def test_shared_layout_gives_each_shape_its_own_memory():
     # the small ones of one trailing shape share an allocation
     assert tensors[0].untyped_storage().data_ptr() == tensors[4].untyped_storage().data_ptr()
     assert tensors[6].untyped_storage().nbytes() == 200 * 100 * 4, "a large one stands alone"
+    # empty tensors only: a shared buffer of no values still gives their views
+    assert [tuple(t.shape) for t in ops.SharedLayout([(0, 4), (0,)]).allocate()] == [(0, 4), (0,)]
 
 
 def test_a_parameter_reshaped_mid_training_gets_noisy_weights_of_its_shape():
