@@ -104,6 +104,17 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.detach().contiguous()
 
 
+def _dense_on_refusal(call, *lists):
+    """call(*lists) with the tensors as they are, the common case; when the
+    binding refuses one (non-contiguous: it checks every buffer before it
+    writes anything), again with contiguous copies, where a genuine error
+    is raised again."""
+    try:
+        return call(*lists)
+    except (TypeError, ValueError):
+        return call(*[[_dense(t) for t in tensors] for tensors in lists])
+
+
 def compiling() -> bool:
     """Whether torch.compile (dynamo) is tracing: then the quantizer calls
     the registered operators, which it can see, instead of the kernels."""
@@ -405,10 +416,7 @@ class _NoisyGroup(torch.autograd.Function):
             rest = (grad_ps, grad_logits, fast.group_sizes, config.kind, config.seed & _MASK64, fast.indices,
                     tuple(config.prm), config.ranges, num_threads(), scales)
             dense = [_dense(grads[i]) for i in range(count)]
-            try:
-                _C.noise_backward_multi(dense, ps, logits, *rest)
-            except (TypeError, ValueError):
-                _C.noise_backward_multi(dense, [_dense(p) for p in ps], [_dense(l) for l in logits], *rest)
+            _dense_on_refusal(lambda ps, logits: _C.noise_backward_multi(dense, ps, logits, *rest), ps, logits)
             return (None, None, *grad_ps, *grad_logits)
         grad_ps: tp.List[tp.Optional[torch.Tensor]] = [None] * count
         grad_logits: tp.List[tp.Optional[torch.Tensor]] = [None] * count
@@ -453,13 +461,8 @@ class _NoisyGroup(torch.autograd.Function):
         rest = (outs, [grad_logits[i] for i in live], [config.group_sizes[i] for i in live], config.kind,
                 config.seed & _MASK64, [config.first + i for i in live], tuple(config.prm), config.ranges,
                 num_threads(), scales)
-        try:
-            # parameters and logits are contiguous but in odd cases (the
-            # binding checks before it writes anything)
-            _C.noise_backward_multi(dense, [ps[i] for i in live], [logits[i] for i in live], *rest)
-        except (TypeError, ValueError):
-            _C.noise_backward_multi(dense, [_dense(ps[i]) for i in live], [_dense(logits[i]) for i in live],
-                                    *rest)
+        _dense_on_refusal(lambda ps, logits: _C.noise_backward_multi(dense, ps, logits, *rest),
+                          [ps[i] for i in live], [logits[i] for i in live])
         return (None, None, *grad_ps, *grad_logits)
 
     @staticmethod
@@ -1040,13 +1043,8 @@ def quantize_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor
         out_args = (buffers, layout.index, layout.offset)
     args = (_sigmoids(logits), flat_bits) + out_args + (
         list(group_sizes), prm.min_bits, prm.max_bits, float(extra_bits), not values, num_threads())
-    try:
-        # the binding checks every buffer before it writes anything
-        mins, maxs, bad, nan_bits, totals = _C.quantize_multi(ps, *args)
-    except (TypeError, ValueError):
-        # a non-contiguous p (channels_last, transposed) among them, or an
-        # error that the call on contiguous copies raises again
-        mins, maxs, bad, nan_bits, totals = _C.quantize_multi([_dense(p) for p in ps], *args)
+    # a non-contiguous p (channels_last, transposed) is copied only then
+    mins, maxs, bad, nan_bits, totals = _dense_on_refusal(lambda ps: _C.quantize_multi(ps, *args), ps)
     if any(bad) or any(nan_bits):
         for name, b, nb in zip(names, bad, nan_bits):
             if nb:
