@@ -696,15 +696,13 @@ class _TrainPlan(tp.NamedTuple):
         torch_qps = [qp for qp, k in zip(owners, on_kernels) if not k]
         order = {id(qp): i for i, qp in enumerate(kernel_qps + torch_qps)}
         sites = [(qp, order[id(qp if qp.other is None else qp.other)]) for qp in quantizer._qparams]
-        ps = [qp.param for qp in kernel_qps]
+        ps, logits = [qp.param for qp in kernel_qps], [qp.logit for qp in kernel_qps]
         allocs = [a for a, k in zip(quantizer._allocs()[0], on_kernels) if k]
-        return cls(key, kernel_qps, torch_qps, ps, [qp.logit for qp in kernel_qps],
+        return cls(key, kernel_qps, torch_qps, ps, logits,
                    [n for n, k in zip(quantizer._owner_names(), on_kernels) if k],
                    [quantizer.group_size] * len(kernel_qps), allocs,
                    None if torch_qps else quantizer._size_terms()[0], sites,
-                   all(qp.param.is_contiguous() and qp.logit.is_contiguous() for qp in kernel_qps),
-                   ops.TrainLayouts.make(ps, [qp.logit for qp in kernel_qps],
-                                         [quantizer.group_size] * len(kernel_qps), allocs))
+                   all(t.is_contiguous() for t in ps + logits), ops.TrainLayouts.make(ps, logits, allocs))
 
     def noisy_weights(self, quantizer: "DiffQuantizer", link: ops.SizeLink,
                       seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:

@@ -351,15 +351,14 @@ class GroupFast(tp.NamedTuple):
     parameter got a gradient, without a loop over them."""
     grads: SharedLayout  # fresh gradients of the ps
     logit_grads: SharedLayout
-    group_sizes: tp.List[int]
     indices: tp.List[int]  # each parameter's index in the forward
 
     @classmethod
-    def make(cls, ps, logits, group_sizes, first: int, allocs) -> tp.Optional["GroupFast"]:
+    def make(cls, ps, logits, first: int, allocs) -> tp.Optional["GroupFast"]:
         if any(p.numel() >= IN_PLACE_MIN for p in ps):
             return None
         return cls(SharedLayout([p.shape for p in ps]), SharedLayout([l.shape for l in logits], allocs),
-                   list(group_sizes), list(range(first, first + len(ps))))
+                   list(range(first, first + len(ps))))
 
 
 def _modified_in_place(t: torch.Tensor, saved: int) -> RuntimeError:
@@ -413,7 +412,7 @@ class _NoisyGroup(torch.autograd.Function):
             if size_grad is not None:
                 g = float(size_grad)
                 scales = [g * w for w in config.size_weights]
-            rest = (grad_ps, grad_logits, fast.group_sizes, config.kind, config.seed & _MASK64, fast.indices,
+            rest = (grad_ps, grad_logits, config.group_sizes, config.kind, config.seed & _MASK64, fast.indices,
                     tuple(config.prm), config.ranges, num_threads(), scales)
             dense = [_dense(grads[i]) for i in range(count)]
             _dense_on_refusal(lambda ps, logits: _C.noise_backward_multi(dense, ps, logits, *rest), ps, logits)
@@ -583,10 +582,10 @@ class TrainLayouts(tp.NamedTuple):
 
     @classmethod
     def make(cls, ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
-             group_sizes: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
+             allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
         groups = grad_groups([p.numel() for p in ps])
         return cls(SharedLayout([p.shape for p in ps], allocs), groups,
-                   [GroupFast.make(ps[a:b], logits[a:b], group_sizes[a:b], a, allocs[a:b] if allocs else None)
+                   [GroupFast.make(ps[a:b], logits[a:b], a, allocs[a:b] if allocs else None)
                     for a, b in groups])
 
 
