@@ -87,13 +87,14 @@ class EvalCache:
         """What the quantized values depend on (`tensors`: the weights and
         the logits), or None when it cannot be told (caching off, tensors
         without version counters)."""
-        if not (self.enabled and _STEPS_WATCHED):
+        steps = optimizer_steps()
+        if not self.enabled or steps < 0:
             return None
         try:
             state = tuple([(t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_cpu) for t in tensors])
         except (AttributeError, RuntimeError):  # inference-mode tensors have no counter
             return None
-        return (_optimizer_steps, quantizer.group_size, quantizer.min_bits, quantizer.max_bits,
+        return (steps, quantizer.group_size, quantizer.min_bits, quantizer.max_bits,
                 quantizer.extra_bits, state)
 
     @staticmethod
