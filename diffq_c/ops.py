@@ -601,14 +601,12 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
     on_kernel_path), differentiable in p and logit, from one seed drawn
     from `generator` (torch's global one when None). With `link` and
     `size_weights` (the weights model_size() gives each logit tensor's
-    bits), `link` is set so that model_size() can route its gradient
-    through this forward's nodes (see _NoisyGroup), or cleared.
+    bits), `link` (which the caller cleared) is set so that model_size()
+    can route its gradient through this forward's nodes (see _NoisyGroup).
     `as_they_are`: see noise_forward_all (the torch.compile path ignores
     it). `seed`: the one to use instead of drawing one (a retry's).
     `layouts`: how to allocate, worked out beforehand for these ps (the
     binding refuses noisy weights not of the ps' shapes)."""
-    if link is not None:
-        link.clear()
     if compiling():
         seed = draw_seed_tensor(generator)
         prm_list = [float(v) for v in prm]
