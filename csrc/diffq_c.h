@@ -35,28 +35,29 @@ enum dq_noise_kind { DQ_NOISE_UNIFORM = 0, DQ_NOISE_GAUSSIAN = 1 };
  * 12, kept for the binding's known-answer check. */
 void dq_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 
-/* Noise of element i is a pure function of (seed, i, kind). Its four 32-bit
- * words of randomness: pcg4d (Jarzynski and Olano, JCGT 2020) of
- * (counter low word, counter high word, key low, key high), the key being
- * splitmix64's finalizer of the seed. Element i takes word (i / 8) % 4 of
- * counter (i / 32) * 8 + i % 8. Uniform noise is the word's top 24 bits as
- * a fraction, minus 1/2: [-0.5, 0.5). Gaussian noise is N(0, 1) / 2 by
- * Box-Muller: words 0 and 1 of a counter give the radius and the angle of
- * the cos and the sin element, words 2 and 3 another pair (rng.c has the
- * float formulas, which are the specification bit for bit).
+/* Noise of element i is a pure function of (seed, i, kind): one 32-bit
+ * word of pcg4d (Jarzynski and Olano, JCGT 2020) of (counter low word,
+ * counter high word, key low, key high), the key being splitmix64's
+ * finalizer of the seed. Element i takes word (i / 16) % 4 of counter
+ * (i / 64) * 16 + i % 16. Uniform noise is the word's top 24 bits as a
+ * fraction, minus 1/2: [-0.5, 0.5). Gaussian noise is N(0, 1) / 2 by the
+ * inverse normal CDF of the tail probability (2 * bits 8..30 + 1) / 2^25, a
+ * polynomial per octave of it, signed by bit 31 (rng.c has the float
+ * formulas and the table, which are the specification bit for bit).
  * `out[j]` receives the noise of element `start + j`. */
 void dq_noise_hash4(uint64_t seed, uint64_t counter, uint32_t out[4]);
+float dq_noise_of_word(int kind, uint32_t word);
 void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
                        float *restrict out);
 void dq_noise_fill_fast(int kind, uint64_t seed, int64_t start, int64_t count,
                         float *restrict out);
 void dq_noise_fill(int kind, uint64_t seed, int64_t n, float *restrict out, int nthreads);
 
-/* Until issue 12 this chose between an AVX-512 and a portable generator.
- * There is one generator now (its loops compiled per instruction set, all
- * giving the same bits); the switch is kept for its callers, ignores its
- * argument and returns 0 (portable). */
-int dq_noise_simd(int enable);
+/* The widest instruction set the noise kernels may take, all giving the
+ * same bits: 2 AVX-512 (noise in registers, fused forward and backward), 1
+ * AVX2 (the gaussian's table lookups), 0 plain C; -1 as the CPU allows.
+ * Returns the level in effect (never above what the CPU has). */
+int dq_noise_simd(int level);
 
 /* ---------------------------------------------------------------- noise.c */
 

@@ -2,7 +2,7 @@
  * their gradients. */
 #include <stdlib.h>
 
-#include "dq_internal.h"
+#include "noise_gen.h"
 
 #define LN2 0.69314718055994530942f
 
@@ -204,7 +204,7 @@ DQ_INLINE void span_steps(const dq_bits_param *prm, const float *restrict logit,
 }
 
 DQ_FAST
-void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
+static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const float *restrict p,
                             const float *restrict logit, float scale, int64_t group_size,
                             int kind, uint64_t seed, int64_t start, int64_t count,
                             float *restrict noisy, float mn, float mx, int64_t *count_min,
@@ -244,17 +244,122 @@ void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
     *count_max = nmax;
 }
 
+#if DQ_X86_AVX512
+#define DQ_AVX512_KERNEL __attribute__((target("avx512f,avx512dq,avx512vl,popcnt")))
+
+/* log2 of a group size of 1, 2, 4, 8 or 16 (whole groups in every vector
+ * of a tile), else -1 */
+static int small_group_shift(int64_t group_size) {
+    for (int shift = 0; shift <= 4; ++shift)
+        if (group_size == ((int64_t)1 << shift))
+            return shift;
+    return -1;
+}
+
+/* Lanes [0, n) of a 16-lane mask. */
+DQ_INLINE __mmask16 lanes_upto(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* The forward of a chunk starting on a tile, tile by tile with the noise in
+ * registers: out = p + z * s with each element's step s taken from the
+ * span's group steps by a permute (groups of 2^shift, shift <= 4) or
+ * broadcast (a span inside one group). The same operations as the portable
+ * loop, so the same bits. Returns 0 (nothing done) where the chunk does not
+ * suit: not on a tile, the counters' high word changing inside it. */
+DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float *restrict p,
+                                           const float *restrict logit, float scale,
+                                           int64_t group_size, int kind, uint64_t seed,
+                                           int64_t start, int64_t count, float *restrict noisy,
+                                           float mn, float mx, int64_t *count_min,
+                                           int64_t *count_max) {
+    const uint64_t first = (uint64_t)start / TILE * LANES;
+    const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
+    if (start % TILE || (first >> 32) != ((last - 1) >> 32) || count == 0)
+        return 0;
+    const int shift = small_group_shift(group_size);
+    uint32_t k0, k1;
+    key_of_seed(seed, &k0, &k1);
+    tile_gen gen;
+    tile_gen_init(&gen, k0 * PCG_MUL + PCG_INC, k1 * PCG_MUL + PCG_INC, (uint32_t)(first >> 32));
+    const __m512 vmn = _mm512_set1_ps(mn), vmx = _mm512_set1_ps(mx);
+    const __m512i group_lane = _mm512_srli_epi32(gen.lane, shift < 0 ? 0 : shift);
+    float ss[SPAN + 1];
+    int64_t nmin = 0, nmax = 0;
+    for (int64_t off = 0; off < count; off += SPAN) {
+        const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
+        const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
+        if (shift < 0 && g1 != g0) {
+            /* groups that straddle vectors: the portable span */
+            int64_t cmin, cmax;
+            dq_noise_forward_fused_portable(prm, p, logit, scale, group_size, kind, seed, i0, len,
+                                            noisy, mn, mx, &cmin, &cmax);
+            nmin += cmin;
+            nmax += cmax;
+            continue;
+        }
+        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL);
+        const __m512 one_step = _mm512_set1_ps(ss[0]);
+        const float *restrict ps = p + i0;
+        float *restrict out = noisy + i0;
+        for (int64_t t = 0; t * TILE < len; ++t) {
+            __m512 z[4];
+            tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+            for (int l = 0; l < 4; ++l) {
+                const int64_t j = t * TILE + l * LANES;
+                if (j >= len)
+                    break;
+                const __mmask16 m = lanes_upto(len - j);
+                const __m512 pv = _mm512_maskz_loadu_ps(m, ps + j);
+                __m512 sv;
+                if (shift < 0)
+                    sv = one_step;
+                else if (shift == 0)
+                    sv = _mm512_maskz_loadu_ps(m, ss + j);
+                else
+                    sv = _mm512_permutexvar_ps(
+                        group_lane,
+                        _mm512_maskz_loadu_ps(lanes_upto(((DQ_MIN(len - j, 16) - 1) >> shift) + 1),
+                                              ss + (j >> shift)));
+                _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(pv, _mm512_mul_ps(z[l], sv)));
+                nmin += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, pv, vmn, _CMP_EQ_OQ));
+                nmax += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, pv, vmx, _CMP_EQ_OQ));
+            }
+        }
+    }
+    *count_min = nmin;
+    *count_max = nmax;
+    return 1;
+}
+#endif
+
+void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
+                            const float *restrict logit, float scale, int64_t group_size,
+                            int kind, uint64_t seed, int64_t start, int64_t count,
+                            float *restrict noisy, float mn, float mx, int64_t *count_min,
+                            int64_t *count_max) {
+#if DQ_X86_AVX512
+    if (dq__noise_avx512() && forward_avx512(prm, p, logit, scale, group_size, kind, seed, start,
+                                             count, noisy, mn, mx, count_min, count_max))
+        return;
+#endif
+    dq_noise_forward_fused_portable(prm, p, logit, scale, group_size, kind, seed, start, count,
+                                    noisy, mn, mx, count_min, count_max);
+}
+
 /* For whole groups in [start, start + count): dot_g = sum grad * noise,
  * grad_logit[g] = scale * dot_g * dstep_g, and the return value
  * sum_g step_g * dot_g (the gradient through the noise scale). */
 DQ_FAST
-double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
+static double dq_noise_backward_fused_portable(const dq_bits_param *prm, const float *restrict grad,
                                const float *restrict logit, float scale, int64_t group_size,
                                int kind, uint64_t seed, int64_t start, int64_t count,
                                float *restrict grad_logit) {
     assert(group_size > 0 && start % group_size == 0 && count % group_size == 0);
     float z[SPAN], st[SPAN + 1], ds[SPAN + 1];
     double through_scale = 0, pending = 0; /* pending: dot of a group cut by a span end */
+    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t first_group = start / group_size;
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t i0 = start + off;
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
@@ -298,7 +403,10 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
                 }
                 double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
                 grad_logit[g0 + q] = (float)((double)scale * dot * (double)ds[q]);
-                through_scale += (double)st[q] * dot;
+                /* eight sums by the group's place in the chunk: no add
+                 * latency chain, and the order a vector of eight groups
+                 * keeps (the AVX-512 path) */
+                lanes[(g0 + q - first_group) & 7] += (double)st[q] * dot;
             }
             continue;
         }
@@ -318,7 +426,133 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
             j = seg_end;
         }
     }
-    return through_scale;
+    return through_scale + (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+}
+
+#if DQ_X86_AVX512
+/* The eight sums of the eight groups of eight a tile holds, as the portable
+ * loop adds them (rows of four, then pairs): d[k] holds group k's products
+ * in double. Lane k of the result is group k's sum. */
+DQ_AVX512_KERNEL static inline __m512d tile_group_sums8(const __m512d d[8]) {
+    __m512d a[4];
+    for (int k = 0; k < 4; ++k) /* lane l of a group: element l + element l + 4 */
+        a[k] = _mm512_add_pd(_mm512_shuffle_f64x2(d[2 * k], d[2 * k + 1], 0x44),
+                             _mm512_shuffle_f64x2(d[2 * k], d[2 * k + 1], 0xEE));
+    /* (lane 0 + lane 1) and (lane 2 + lane 3) of groups 0, 2, 1, 3 and 4, 6, 5, 7 */
+    __m512d b0 = _mm512_add_pd(_mm512_unpacklo_pd(a[0], a[1]), _mm512_unpackhi_pd(a[0], a[1]));
+    __m512d b1 = _mm512_add_pd(_mm512_unpacklo_pd(a[2], a[3]), _mm512_unpackhi_pd(a[2], a[3]));
+    const __m512i first = _mm512_setr_epi64(0, 4, 1, 5, 8, 12, 9, 13);
+    const __m512i second = _mm512_setr_epi64(2, 6, 3, 7, 10, 14, 11, 15);
+    return _mm512_add_pd(_mm512_permutex2var_pd(b0, first, b1), _mm512_permutex2var_pd(b0, second, b1));
+}
+
+/* The backward of a chunk at group_size 1 or 8 with the noise in registers:
+ * the portable loop's sums in its order, so the same bits. Returns 0
+ * (nothing done) where the chunk does not suit. */
+DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const float *restrict grad,
+                                            const float *restrict logit, float scale,
+                                            int64_t group_size, int kind, uint64_t seed,
+                                            int64_t start, int64_t count,
+                                            float *restrict grad_logit, double *through) {
+    const uint64_t first = (uint64_t)start / TILE * LANES;
+    const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
+    if ((group_size != 1 && group_size != 8) || start % TILE ||
+        (first >> 32) != ((last - 1) >> 32) || count == 0)
+        return 0;
+    uint32_t k0, k1;
+    key_of_seed(seed, &k0, &k1);
+    tile_gen gen;
+    tile_gen_init(&gen, k0 * PCG_MUL + PCG_INC, k1 * PCG_MUL + PCG_INC, (uint32_t)(first >> 32));
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512d dscale = _mm512_set1_pd((double)scale);
+    float st[SPAN + 1], ds[SPAN + 1];
+    double through_scale = 0;
+    __m512d lanes = _mm512_setzero_pd();
+    for (int64_t off = 0; off < count; off += SPAN) {
+        const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
+        const int64_t g0 = i0 / group_size, ng = len / group_size;
+        dq_logit_to_step_fast(prm, logit + g0, 0, ng, st, ds);
+        const float *restrict gs = grad + i0;
+        if (group_size == 1) {
+            __m512d acc = _mm512_setzero_pd();
+            float *restrict gl = grad_logit + i0;
+            int64_t j = 0;
+            for (int64_t t = 0; t * TILE < len; ++t) {
+                __m512 z[4];
+                tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+                for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
+                    const __mmask16 m = lanes_upto(len - j);
+                    const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
+                    _mm512_mask_storeu_ps(gl + j, m, _mm512_mul_ps(_mm512_mul_ps(vscale, dot),
+                                                                   _mm512_maskz_loadu_ps(m, ds + j)));
+                    const __m512 th = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, st + j), dot);
+                    if (len - j >= LANES) {
+                        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(th)));
+                        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_extractf32x8_ps(th, 1)));
+                        continue;
+                    }
+                    /* the span's last values: rows of eight, then one by one
+                     * into the first sum, as the portable loop adds them */
+                    float rest[LANES];
+                    double a[8];
+                    _mm512_storeu_ps(rest, th);
+                    _mm512_storeu_pd(a, acc);
+                    int64_t r = 0, nrest = len - j;
+                    for (; r + 8 <= nrest; r += 8)
+                        for (int k = 0; k < 8; ++k)
+                            a[k] += (double)rest[r + k];
+                    for (; r < nrest; ++r)
+                        a[0] += (double)rest[r];
+                    acc = _mm512_loadu_pd(a);
+                }
+            }
+            double a[8];
+            _mm512_storeu_pd(a, acc);
+            through_scale += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            continue;
+        }
+        for (int64_t t = 0; t * TILE < len; ++t) {
+            __m512 z[4];
+            tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+            const int64_t j0 = t * TILE, groups = DQ_MIN((int64_t)8, (len - j0) / 8);
+            __m512d d[8];
+            for (int l = 0; l < 4; ++l) {
+                const __m512 g = _mm512_maskz_loadu_ps(lanes_upto(len - j0 - l * LANES), gs + j0 + l * LANES);
+                d[2 * l] = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(g)),
+                                         _mm512_cvtps_pd(_mm512_castps512_ps256(z[l])));
+                d[2 * l + 1] = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1)),
+                                             _mm512_cvtps_pd(_mm512_extractf32x8_ps(z[l], 1)));
+            }
+            const __m512d dot = tile_group_sums8(d);
+            const __mmask8 m = (__mmask8)((1u << groups) - 1u);
+            const __m512d dsv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, ds + t * 8));
+            const __m512d stv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, st + t * 8));
+            _mm256_mask_storeu_ps(grad_logit + g0 + t * 8, m,
+                                  _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(dscale, dot), dsv)));
+            lanes = _mm512_mask_add_pd(lanes, m, lanes, _mm512_mul_pd(stv, dot));
+        }
+    }
+    double a[8];
+    _mm512_storeu_pd(a, lanes);
+    *through = through_scale + (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
+    return 1;
+}
+#endif
+
+double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
+                               const float *restrict logit, float scale, int64_t group_size,
+                               int kind, uint64_t seed, int64_t start, int64_t count,
+                               float *restrict grad_logit) {
+    assert(group_size > 0 && start % group_size == 0 && count % group_size == 0);
+#if DQ_X86_AVX512
+    double through;
+    if (dq__noise_avx512() && backward_avx512(prm, grad, logit, scale, group_size, kind, seed,
+                                              start, count, grad_logit, &through))
+        return through;
+#endif
+    return dq_noise_backward_fused_portable(prm, grad, logit, scale, group_size, kind, seed, start,
+                                            count, grad_logit);
 }
 
 /* ------------------------------------------------------------- drivers */

@@ -12,7 +12,8 @@
 #include "test_common.h"
 
 /* named tolerances */
-#define TOL_GAUSSIAN_ABS 1e-6f /* the spec's polynomial log/sincos vs libm in double */
+#define TOL_GAUSSIAN_ABS 1e-6f /* fast vs reference noise: the same bits; a margin */
+#define TOL_QUANTILE_ABS 2.5e-6 /* the gaussian table vs the exact quantile, N(0, 1)/2 units */
 #define TOL_NOISE_FWD_ABS 1e-6f
 #define TOL_FAST_EXP_REL 2e-6f /* polynomial exp2 vs libm in the fast bits/step */
 
@@ -37,11 +38,12 @@ static void test_philox_kat(void) {
 }
 
 /* The fast generator gives the reference's bits: every size and start
- * offset around the tiles of 32 and batches of 256, and counters whose low
- * word wraps inside a batch. */
-static void test_noise_fill(void) {
+ * offset around the tiles of 64 and batches of 256, and counters whose low
+ * word wraps inside a batch; with the AVX-512 tiles (where the CPU has
+ * them) and with the portable loops. */
+static void test_noise_fill_one(void) {
     const uint64_t seeds[] = {0, 0x123456789abcdefull, ~0ull};
-    const int64_t starts[] = {0, 1, 3, 5, 31, 33, 255, 257, 1000, ((int64_t)1 << 34) - 32 * 9 - 2,
+    const int64_t starts[] = {0, 1, 3, 5, 31, 33, 63, 65, 255, 257, 1000, ((int64_t)1 << 34) - 64 * 5 - 2,
                               ((int64_t)1 << 34) + 5, ((int64_t)1 << 62) + 7};
     for (int kind = 0; kind < 2; ++kind)
         for (int s = 0; s < 3; ++s)
@@ -65,32 +67,59 @@ static void test_noise_fill(void) {
     CHECK(memcmp(b, c, sizeof b) != 0, "counter high word ignored");
 }
 
-/* The specification's float formulas against the exact law they stand for:
- * from the same hash words, Box-Muller with libm in double, and the uniform
- * as an exact fraction. */
-static void test_noise_spec_accuracy(void) {
-    const uint64_t seed = 77;
-    const int64_t n = 1 << 16;
-    float *g = xmalloc(n * sizeof(float)), *u = xmalloc(n * sizeof(float));
-    dq_noise_fill_ref(DQ_NOISE_GAUSSIAN, seed, 0, n, g);
-    dq_noise_fill_ref(DQ_NOISE_UNIFORM, seed, 0, n, u);
-    double worst = 0;
-    int uniform_ok = 1;
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t w[4];
-        dq_noise_hash4(seed, (uint64_t)(i / 32 * 8 + i % 8), w);
-        int word = (int)(i / 8 % 4), pair = word & 2;
-        double v = (double)((w[pair] >> 8) + 1) / 16777216.0;
-        double angle = 6.283185307179586 * (double)(w[pair + 1] >> 8) / 16777216.0;
-        double radius = sqrt(-0.5 * log(v));
-        double want = radius * (word & 1 ? sin(angle) : cos(angle));
-        worst = fmax(worst, fabs(want - (double)g[i]));
-        uniform_ok &= (double)u[i] == (double)(w[word] >> 8) / 16777216.0 - 0.5;
+static void test_noise_fill(void) {
+    int best = dq_noise_simd(-1);
+    for (int level = best; level >= 0; --level) {
+        CHECK(dq_noise_simd(level) == level, "noise level %d", level);
+        test_noise_fill_one();
     }
-    CHECK(worst <= TOL_GAUSSIAN_ABS, "gaussian spec vs libm Box-Muller: %g", worst);
+    dq_noise_simd(-1);
+    printf("noise fill checked at levels %d (%s) down to 0\n", best,
+           best == 2 ? "AVX-512" : best == 1 ? "AVX2" : "plain C");
+}
+
+/* The lower tail's quantile Phi^-1(p) in double: Newton on erfc from the
+ * table's own value (already within 1e-5), three steps. */
+static double normal_quantile_near(double p, double x) {
+    for (int k = 0; k < 3; ++k) {
+        double cdf = 0.5 * erfc(-x / sqrt(2.0));
+        double pdf = exp(-0.5 * x * x) / 2.5066282746310002;
+        x -= (cdf - p) / pdf;
+    }
+    return x;
+}
+
+/* The specification's float formulas against the exact law they stand for:
+ * the gaussian as the normal quantile of its word's tail probability, over
+ * every 2^23 probabilities (and both signs on a sample), and the uniform as
+ * an exact fraction. */
+static void test_noise_spec_accuracy(void) {
+    double worst = 0;
+    int sign_ok = 1;
+    for (uint32_t v = 0; v < (1u << 23); ++v) {
+        uint32_t word = v << 8 | (v & 0xff); /* low byte: ignored */
+        float g;
+        g = dq_noise_of_word(DQ_NOISE_GAUSSIAN, word);
+        double p = (2.0 * v + 1.0) / 33554432.0;
+        double want = -0.5 * normal_quantile_near(p, -2.0 * (double)g);
+        worst = fmax(worst, fabs(want - (double)g));
+        if ((v & 1023) == 0) {
+            float neg;
+            neg = dq_noise_of_word(DQ_NOISE_GAUSSIAN, word | 0x80000000u);
+            sign_ok &= neg == -g;
+        }
+    }
+    CHECK(worst <= TOL_QUANTILE_ABS, "gaussian spec vs the normal quantile: %g", worst);
+    CHECK(sign_ok, "bit 31 is not the gaussian's sign");
+    int uniform_ok = 1;
+    for (uint32_t k = 0; k < (1u << 16); ++k) {
+        uint32_t word = k * 0x10001u * 2654435761u;
+        float u;
+        u = dq_noise_of_word(DQ_NOISE_UNIFORM, word);
+        uniform_ok &= (double)u == (double)(word >> 8) / 16777216.0 - 0.5;
+    }
     CHECK(uniform_ok, "uniform spec is not the top 24 bits as a fraction");
-    free(g);
-    free(u);
+    printf("gaussian table: worst %.3g from the normal quantile\n", worst);
 }
 
 /* pcg4d's published definition with the seed through splitmix64, written
@@ -121,15 +150,6 @@ static void test_noise_hash_definition(void) {
             dq_noise_hash4(seeds[s], counters[c], got);
             CHECK(memcmp(got, v, sizeof v) == 0, "hash seed %d counter %d", s, c);
         }
-}
-
-/* The retired switch answers portable whatever it is asked. */
-static void test_noise_simd_switch_is_inert(void) {
-    float a[300], b[300];
-    dq_noise_fill_fast(DQ_NOISE_GAUSSIAN, 3, 7, 300, a);
-    CHECK(dq_noise_simd(1) == 0 && dq_noise_simd(-1) == 0, "noise switch not inert");
-    dq_noise_fill_fast(DQ_NOISE_GAUSSIAN, 3, 7, 300, b);
-    CHECK(memcmp(a, b, sizeof a) == 0, "noise switch changed the noise");
 }
 
 static void test_noise_law_and_threads(void) {
@@ -352,6 +372,63 @@ static void test_noise_forward_backward(void) {
     dq_range r;
     int err = dq_noise_forward(&prm, p, 4, &logit, 0, DQ_NOISE_GAUSSIAN, 1, out, &r, 1);
     CHECK(err == DQ_ERR_NONFINITE && out[0] == 7 && r.nonfinite == 1, "nonfinite forward");
+}
+
+/* The fused forward and backward give the same bits with the AVX-512 tiles
+ * and with the portable loops: group sizes with a vector path (1, 8, 2, 16,
+ * a whole span) and without (3, 24), odd lengths, chunks starting off a
+ * tile. Skipped (one note) on a CPU without AVX-512. */
+static void test_fused_simd_matches_portable(void) {
+    if (dq_noise_simd(-1) < 2) {
+        printf("fused kernels: no AVX-512 here, one path only\n");
+        return;
+    }
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
+    const int64_t group_sizes[] = {1, 8, 2, 16, 3, 24, 4096};
+    const int64_t lengths[] = {8, 24, 64, 72, 256, 264, 1000, 4096, 4104, 3 * 4096 + 8 * 13};
+    const int64_t starts[] = {0, 64, 4096, 24, 8};
+    int checked = 0;
+    for (int gi = 0; gi < 7; ++gi)
+        for (int li = 0; li < 10; ++li)
+            for (int si = 0; si < 5; ++si)
+                for (int kind = 0; kind < 2; ++kind) {
+                    int64_t gs = group_sizes[gi], len = lengths[li], start = starts[si];
+                    if (len % gs || start % gs)
+                        continue;
+                    int64_t n = start + len, ng = n / gs;
+                    float *p = xmalloc(n * 4), *logit = xmalloc(ng * 4), *grad = xmalloc(n * 4);
+                    float *o1 = xmalloc(n * 4), *o2 = xmalloc(n * 4);
+                    float *l1 = xmalloc(ng * 4), *l2 = xmalloc(ng * 4);
+                    for (int64_t i = 0; i < n; ++i) {
+                        p[i] = frand();
+                        grad[i] = frand();
+                    }
+                    for (int64_t g = 0; g < ng; ++g)
+                        logit[g] = 4.0f * frand();
+                    p[start] = -2.0f;
+                    int64_t a1, b1, a2, b2;
+                    dq_noise_simd(2);
+                    dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o1, -2.0f,
+                                           p[n - 1], &a1, &b1);
+                    double t1 = dq_noise_backward_fused(&prm, grad, logit, 1.5f, gs, kind, 11, start,
+                                                        len, l1);
+                    dq_noise_simd(0);
+                    dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o2, -2.0f,
+                                           p[n - 1], &a2, &b2);
+                    double t2 = dq_noise_backward_fused(&prm, grad, logit, 1.5f, gs, kind, 11, start,
+                                                        len, l2);
+                    CHECK(memcmp(o1 + start, o2 + start, len * 4) == 0 && a1 == a2 && b1 == b2 &&
+                              a1 >= 1 && b1 >= 1,
+                          "fused forward simd vs portable gs %lld len %lld start %lld kind %d",
+                          (long long)gs, (long long)len, (long long)start, kind);
+                    CHECK(memcmp(l1 + start / gs, l2 + start / gs, len / gs * 4) == 0 && t1 == t2,
+                          "fused backward simd vs portable gs %lld len %lld start %lld kind %d: %.17g %.17g",
+                          (long long)gs, (long long)len, (long long)start, kind, t1, t2);
+                    ++checked;
+                    free(p), free(logit), free(grad), free(o1), free(o2), free(l1), free(l2);
+                }
+    dq_noise_simd(-1);
+    printf("fused kernels: AVX-512 and portable agree in %d cases\n", checked);
 }
 
 /* The noise forward says where the first min and max are; the in-place
@@ -856,8 +933,8 @@ int main(void) {
     test_philox_kat();
     test_noise_fill();
     test_noise_spec_accuracy();
+    test_fused_simd_matches_portable();
     test_noise_hash_definition();
-    test_noise_simd_switch_is_inert();
     test_noise_law_and_threads();
     test_range();
     test_quantize();

@@ -72,12 +72,12 @@ static void far_free(far_array *fa) {
 /* ----------------------------------------------------------------- noise */
 
 /* Uniform noise of element i straight from the definition: word
- * (i / 8) % 4 of the hash of counter (i / 32) * 8 + i % 8, its top 24 bits
- * as a fraction. */
+ * (i / 16) % 4 of the hash of counter (i / 64) * 16 + i % 16, its top 24
+ * bits as a fraction. */
 static float uniform_noise_at(uint64_t seed, int64_t i) {
     uint32_t r[4];
-    dq_noise_hash4(seed, (uint64_t)i / 32 * 8 + (uint64_t)i % 8, r);
-    return (float)(r[(i / 8) % 4] >> 8) * 0x1p-24f - 0.5f;
+    dq_noise_hash4(seed, (uint64_t)i / 64 * 16 + (uint64_t)i % 16, r);
+    return (float)(r[(i / 16) % 4] >> 8) * 0x1p-24f - 0.5f;
 }
 
 static void test_noise_fill_far(void) {

@@ -1,0 +1,225 @@
+/* The noise generator's pieces that the fill (rng.c) and the fused noise
+ * kernels (noise.c) share: the hash, the word-to-noise transforms, which
+ * word makes which element, and the same over a tile of 64 in AVX-512
+ * registers. Internal; diffq_c.h says what the noise is. */
+#ifndef DQ_NOISE_GEN_H
+#define DQ_NOISE_GEN_H
+
+#include "dq_internal.h"
+
+/* ---- the hash */
+
+#define PCG_MUL 1664525u
+#define PCG_INC 1013904223u
+
+/* The key words: the seed through splitmix64's finalizer, so that seeds
+ * differing in a few bits (0, 1, 2, ...) still give unrelated keys. */
+DQ_INLINE void key_of_seed(uint64_t seed, uint32_t *k0, uint32_t *k1) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    *k0 = (uint32_t)z;
+    *k1 = (uint32_t)(z >> 32);
+}
+
+/* pcg4d (Jarzynski and Olano, JCGT 2020) of (counter low, counter high,
+ * key 0, key 1), the key words already through the LCG step (kz, kw): 32-bit
+ * multiplies, adds, one shift, nothing sequential. */
+DQ_INLINE void pcg4d(uint32_t lo, uint32_t hi, uint32_t kz, uint32_t kw, uint32_t *o0,
+                     uint32_t *o1, uint32_t *o2, uint32_t *o3) {
+    uint32_t x = lo * PCG_MUL + PCG_INC, y = hi * PCG_MUL + PCG_INC, z = kz, w = kw;
+    x += y * w;
+    y += z * x;
+    z += x * y;
+    w += y * z;
+    x ^= x >> 16;
+    y ^= y >> 16;
+    z ^= z >> 16;
+    w ^= w >> 16;
+    x += y * w;
+    y += z * x;
+    z += x * y;
+    w += y * z;
+    *o0 = x, *o1 = y, *o2 = z, *o3 = w;
+}
+
+/* ---- words to noise: float operations in one fixed order, no
+ * contraction, so every compilation of them gives the same bits */
+
+/* The top 24 bits as a float in [-0.5, 0.5), exactly. */
+DQ_INLINE float uniform_of(uint32_t u) { return (float)(u >> 8) * 0x1p-24f - 0.5f; }
+
+/* A word's bit 31 and bits 8..30 as N(0, 1) / 2 by the inverse normal CDF.
+ * Bits 8..30 are v in the tail probability p = (2v + 1) / 2^25 in
+ * [2^-25, 1/2) (largest magnitude 5.42 sigma); bit 31 is the sign. The
+ * magnitude -Phi^-1(p) / 2 is a degree-5 polynomial in p's mantissa, one
+ * per octave [2^e, 2^(e+1)), e = -25..-2. 4v + 2 = p * 2^26 < 2^25 is a
+ * float exactly, with p's mantissa, and the low five bits of its biased
+ * exponent are the octave's row, 0..23: no log and no square root. A
+ * vector looks the rows up with register permutes (two registers a row
+ * with AVX-512, three with AVX2) or gathers. tools/gaussian_table.py fits
+ * the table: worst error 2.0e-6 against the exact quantile. Next to
+ * p = 1/2 the fit may dip to -2e-6; the sign bit flips such a value as any
+ * other, so the law stays symmetric. */
+#define GAUSS_DEGREE 5
+/* worst error against -Phi^-1(p) / 2: 2.02e-06 */
+static const float GAUSS_POLY[GAUSS_DEGREE + 1][32] = {
+    {
+     -0x1.525c8ep-9f, -0x1.5918eap-9f, -0x1.603ep-9f, -0x1.67d6aep-9f,
+     -0x1.6fef6ep-9f, -0x1.7896a8p-9f, -0x1.81dd1cp-9f, -0x1.8bd66p-9f,
+     -0x1.96998p-9f, -0x1.a241dp-9f, -0x1.aeeff8p-9f, -0x1.bccb54p-9f,
+     -0x1.cc03cp-9f, -0x1.dcd402p-9f, -0x1.ef8508p-9f, -0x1.02392cp-8f,
+     -0x1.0e0808p-8f, -0x1.1b799ap-8f, -0x1.2aee72p-8f, -0x1.3ce498p-8f,
+     -0x1.5200aap-8f, -0x1.6b1852p-8f, -0x1.89772p-8f, -0x1.ce4752p-8f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+    {
+     0x1.3658fep-8f, 0x1.3c9d76p-8f, 0x1.4344d2p-8f, 0x1.4a597ep-8f,
+     0x1.51e774p-8f, 0x1.59fc96p-8f, 0x1.62a91p-8f, 0x1.6bffdp-8f,
+     0x1.761736p-8f, 0x1.8109dcp-8f, 0x1.8cf7a2p-8f, 0x1.9a0718p-8f,
+     0x1.a86752p-8f, 0x1.b8525ap-8f, 0x1.ca1088p-8f, 0x1.ddfd08p-8f,
+     0x1.f48c12p-8f, 0x1.0729acp-7f, 0x1.160abep-7f, 0x1.276846p-7f,
+     0x1.3be6f8p-7f, 0x1.544f12p-7f, 0x1.7099fp-7f, 0x1.6094bcp-7f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+    {
+     -0x1.15fa8ep-7f, -0x1.1bb8d4p-7f, -0x1.21d3dep-7f, -0x1.2855bp-7f,
+     -0x1.2f49d8p-7f, -0x1.36bdc4p-7f, -0x1.3ec126p-7f, -0x1.47667cp-7f,
+     -0x1.50c3aep-7f, -0x1.5af2eep-7f, -0x1.6613cap-7f, -0x1.724ca8p-7f,
+     -0x1.7fccbp-7f, -0x1.8ece68p-7f, -0x1.9f9b42p-7f, -0x1.b29076p-7f,
+     -0x1.c8259ap-7f, -0x1.e0f598p-7f, -0x1.fdca8p-7f, -0x1.0fd688p-6f,
+     -0x1.24005cp-6f, -0x1.3c8ae4p-6f, -0x1.5e5d04p-6f, -0x1.d4df06p-6f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+    {
+     0x1.3e516ap-6f, 0x1.45193cp-6f, 0x1.4c5224p-6f, 0x1.5408bep-6f,
+     0x1.5c4baep-6f, 0x1.652c0ep-6f, 0x1.6ebdf8p-6f, 0x1.79193ep-6f,
+     0x1.845a4cp-6f, 0x1.90a35ap-6f, 0x1.9e1df6p-6f, 0x1.acfd22p-6f,
+     0x1.bd800cp-6f, 0x1.cff5e2p-6f, 0x1.e4c2dep-6f, 0x1.fc6728p-6f,
+     0x1.0bc3cp-5f, 0x1.1b7b6cp-5f, 0x1.2ddd78p-5f, 0x1.4378f8p-5f,
+     0x1.5c9502p-5f, 0x1.7784cp-5f, 0x1.86ed9ep-5f, 0x1.1aaf52p-5f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+    {
+     -0x1.ee722cp-5f, -0x1.f9b8b4p-5f, -0x1.02e502p-4f, -0x1.095f5ep-4f,
+     -0x1.1059eap-4f, -0x1.17e5dap-4f, -0x1.2017cp-4f, -0x1.290874p-4f,
+     -0x1.32d64ep-4f, -0x1.3da6ccp-4f, -0x1.49a8d6p-4f, -0x1.57180cp-4f,
+     -0x1.66417ap-4f, -0x1.778acp-4f, -0x1.8b7cf4p-4f, -0x1.a2d62ep-4f,
+     -0x1.bea6bep-4f, -0x1.e084cp-4f, -0x1.05767p-3f, -0x1.2103fep-3f,
+     -0x1.46b642p-3f, -0x1.7e613p-3f, -0x1.db8fdap-3f, -0x1.518f86p-2f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+    {
+     0x1.5635d6p+1f, 0x1.4e165cp+1f, 0x1.45c65ep+1f, 0x1.3d426p+1f,
+     0x1.348678p+1f, 0x1.2b8e34p+1f, 0x1.225488p+1f, 0x1.18d3acp+1f,
+     0x1.0f04f4p+1f, 0x1.04e098p+1f, 0x1.f4bafp+0f, 0x1.dee16cp+0f,
+     0x1.c81a88p+0f, 0x1.b04662p+0f, 0x1.973d6ap+0f, 0x1.7ccd8cp+0f,
+     0x1.60b5e6p+0f, 0x1.429fe4p+0f, 0x1.2213ccp+0f, 0x1.fcc83ep-1f,
+     0x1.ad0a92p-1f, 0x1.51695cp-1f, 0x1.c6387ep-2f, 0x1.464a46p-3f,
+     0.0f, 0.0f, 0.0f, 0.0f,
+     0.0f, 0.0f, 0.0f, 0.0f},
+};
+
+DQ_INLINE float gaussian_of(uint32_t u) {
+    uint32_t bits = dq_float_bits((float)(int32_t)(((u >> 6) & 0x1fffffcu) | 2u));
+    uint32_t octave = (bits >> 23) & 31u;
+    float t = dq_bits_float((bits & 0x7fffffu) | 0x3f800000u) - 1.5f;
+    float y = GAUSS_POLY[0][octave];
+    for (int k = 1; k <= GAUSS_DEGREE; ++k)
+        y = y * t + GAUSS_POLY[k][octave];
+    return dq_bits_float(dq_float_bits(y) ^ (u & 0x80000000u));
+}
+
+/* ---- which word makes which element
+ *
+ * Elements come in tiles of 64: tile t = i / 64 hashes the sixteen counters
+ * 16t .. 16t + 15, and element 64t + 16l + j takes word l of counter
+ * 16t + j. Sixteen consecutive elements thus take the same word of sixteen
+ * consecutive counters: a vector of hash outputs (one AVX-512 register, two
+ * AVX2 ones) is a vector of noise, stored as is. Each element is one word,
+ * uniform and gaussian alike. */
+#define LANES 16
+#define TILE (4 * LANES)
+
+DQ_INLINE float noise_of(int kind, uint32_t u) {
+    return kind == DQ_NOISE_UNIFORM ? uniform_of(u) : gaussian_of(u);
+}
+
+#if DQ_X86_AVX512
+#include <immintrin.h>
+
+/* The same bits with AVX-512 intrinsics: a tile's sixteen counters are one
+ * register, each 32-entry table row two registers that a two-source permute
+ * indexes by the octave's five bits (gathers cost more than the
+ * polynomial). Multiplies and adds stay separate, as in the C. */
+#define DQ_AVX512_INLINE static inline __attribute__((always_inline, target("avx512f")))
+
+typedef struct {
+    __m512i lane, mul, inc, y0, z0, w0;
+    __m512 lo[GAUSS_DEGREE + 1], up[GAUSS_DEGREE + 1];
+} tile_gen;
+
+/* The generator of one key, for counters whose high word is `hi`. */
+DQ_AVX512_INLINE void tile_gen_init(tile_gen *g, uint32_t kz, uint32_t kw, uint32_t hi) {
+    g->lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    g->mul = _mm512_set1_epi32((int)PCG_MUL);
+    g->inc = _mm512_set1_epi32((int)PCG_INC);
+    g->y0 = _mm512_set1_epi32((int)(hi * PCG_MUL + PCG_INC));
+    g->z0 = _mm512_set1_epi32((int)kz);
+    g->w0 = _mm512_set1_epi32((int)kw);
+    for (int k = 0; k <= GAUSS_DEGREE; ++k) {
+        g->lo[k] = _mm512_loadu_ps(GAUSS_POLY[k]);
+        g->up[k] = _mm512_loadu_ps(GAUSS_POLY[k] + 16);
+    }
+}
+
+/* The noise of the tile whose first counter's low word is `lo`: z[l] holds
+ * elements 16l .. 16l + 15 of the tile. */
+DQ_AVX512_INLINE void tile_gen_noise(const tile_gen *g, int kind, uint32_t lo, __m512 z[4]) {
+    __m512i ctr = _mm512_add_epi32(_mm512_set1_epi32((int)lo), g->lane);
+    __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(ctr, g->mul), g->inc);
+    __m512i y = g->y0, zz = g->z0, w = g->w0;
+    for (int round = 0; round < 2; ++round) {
+        x = _mm512_add_epi32(x, _mm512_mullo_epi32(y, w));
+        y = _mm512_add_epi32(y, _mm512_mullo_epi32(zz, x));
+        zz = _mm512_add_epi32(zz, _mm512_mullo_epi32(x, y));
+        w = _mm512_add_epi32(w, _mm512_mullo_epi32(y, zz));
+        if (round == 0) {
+            x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+            y = _mm512_xor_si512(y, _mm512_srli_epi32(y, 16));
+            zz = _mm512_xor_si512(zz, _mm512_srli_epi32(zz, 16));
+            w = _mm512_xor_si512(w, _mm512_srli_epi32(w, 16));
+        }
+    }
+    const __m512i words[4] = {x, y, zz, w};
+    for (int l = 0; l < 4; ++l) {
+        const __m512i u = words[l];
+        if (kind == DQ_NOISE_UNIFORM) {
+            z[l] = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)),
+                                               _mm512_set1_ps(0x1p-24f)),
+                                 _mm512_set1_ps(0.5f));
+            continue;
+        }
+        /* (A & B) | C and A ^ (B & C): one ternary-logic op each */
+        __m512i odd = _mm512_ternarylogic_epi32(_mm512_srli_epi32(u, 6), _mm512_set1_epi32(0x1fffffc),
+                                                _mm512_set1_epi32(2), 0xEA);
+        __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(odd));
+        __m512i octave = _mm512_srli_epi32(bits, 23);
+        __m512 t = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+                                     bits, _mm512_set1_epi32(0x7fffff), _mm512_set1_epi32(0x3f800000), 0xEA)),
+                                 _mm512_set1_ps(1.5f));
+        __m512 v = _mm512_permutex2var_ps(g->lo[0], octave, g->up[0]);
+        for (int k = 1; k <= GAUSS_DEGREE; ++k)
+            v = _mm512_add_ps(_mm512_mul_ps(v, t), _mm512_permutex2var_ps(g->lo[k], octave, g->up[k]));
+        z[l] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(v), u,
+                                                             _mm512_set1_epi32((int)0x80000000u), 0x78));
+    }
+}
+#endif
+
+/* Whether the fast kernels take their AVX-512 paths (rng.c; dq_noise_simd
+ * switches them). */
+int dq__noise_avx512(void);
+
+#endif
