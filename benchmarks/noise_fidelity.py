@@ -1,7 +1,8 @@
 """Does the noise generator move the learning outcome? The demo (diffq_c.demo:
 a small CNN on sklearn digits, one training per size penalty) with several
 seeds, under two builds of diffq_c: this working tree and an older commit
-(by default the last one with Philox4x32-10 and Box-Muller). The old commit
+(by default the last one with pcg4d and Box-Muller; `26a4466` is the last
+with Philox4x32-10 and Box-Muller). The old commit
 is exported with `git archive` into a temporary folder and built there, so
 the old generator needs no switch in the current code.
 
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OLD_COMMIT = "26a4466"  # Philox4x32-10 with Box-Muller
+OLD_COMMIT = "210e13f"  # pcg4d with Box-Muller (before it, 26a4466: Philox4x32-10)
 
 RUN_ONE = """
 import json, sys, tempfile
