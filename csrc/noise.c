@@ -133,6 +133,11 @@ void dq_noise_forward_ref(const float *restrict p, const float *restrict step_sc
 
 typedef double dq_v4d __attribute__((vector_size(32)));
 
+/* Eight partial sums added in the one order every path uses. */
+DQ_INLINE double sum8(const double a[8]) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 /* sum over k in [j, end) of grad[k] * z[k], in double, on four independent
  * sums (no add latency chain) combined in a fixed order, so the result does
  * not depend on threads. */
@@ -256,6 +261,24 @@ static int small_group_shift(int64_t group_size) {
     return -1;
 }
 
+/* The tile generator of a chunk of the noise of `seed`, or 0 where the
+ * AVX-512 kernels leave the chunk to the portable loops: not starting on a
+ * tile, empty, or the counters' high word changing inside it. */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) int chunk_tile_gen(
+    tile_gen *gen, uint64_t seed, int64_t start, int64_t count) {
+    const uint64_t first = (uint64_t)start / TILE * LANES;
+    const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
+    if (start % TILE || count == 0 || (first >> 32) != ((last - 1) >> 32))
+        return 0;
+    uint32_t kz, kw;
+    key_of_seed(seed, &kz, &kw);
+    tile_gen_init(gen, kz, kw, (uint32_t)(first >> 32));
+    return 1;
+}
+
+/* The low word of the first counter of the tile holding element i. */
+DQ_INLINE uint32_t tile_counter_lo(int64_t i) { return (uint32_t)((uint64_t)i / TILE * LANES); }
+
 /* Lanes [0, n) of a 16-lane mask. */
 DQ_INLINE __mmask16 lanes_upto(int64_t n) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
@@ -273,15 +296,10 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
                                            int64_t start, int64_t count, float *restrict noisy,
                                            float mn, float mx, int64_t *count_min,
                                            int64_t *count_max) {
-    const uint64_t first = (uint64_t)start / TILE * LANES;
-    const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
-    if (start % TILE || (first >> 32) != ((last - 1) >> 32) || count == 0)
+    tile_gen gen;
+    if (!chunk_tile_gen(&gen, seed, start, count))
         return 0;
     const int shift = small_group_shift(group_size);
-    uint32_t k0, k1;
-    key_of_seed(seed, &k0, &k1);
-    tile_gen gen;
-    tile_gen_init(&gen, k0 * PCG_MUL + PCG_INC, k1 * PCG_MUL + PCG_INC, (uint32_t)(first >> 32));
     const __m512 vmn = _mm512_set1_ps(mn), vmx = _mm512_set1_ps(mx);
     const __m512i group_lane = _mm512_srli_epi32(gen.lane, shift < 0 ? 0 : shift);
     float ss[SPAN + 1];
@@ -304,7 +322,7 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
         float *restrict out = noisy + i0;
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+            tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
             for (int l = 0; l < 4; ++l) {
                 const int64_t j = t * TILE + l * LANES;
                 if (j >= len)
@@ -382,7 +400,7 @@ static double dq_noise_backward_fused_portable(const dq_bits_param *prm, const f
                     acc[k] += (double)through[j + k];
             for (; j < len; ++j)
                 acc[0] += (double)through[j];
-            through_scale += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            through_scale += sum8(acc);
             continue;
         }
         if (group_size % 4 == 0 && group_size <= SMALL_GROUP && SPAN % group_size == 0) {
@@ -426,8 +444,7 @@ static double dq_noise_backward_fused_portable(const dq_bits_param *prm, const f
             j = seg_end;
         }
     }
-    return through_scale + (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+    return through_scale + sum8(lanes);
 }
 
 #if DQ_X86_AVX512
@@ -455,15 +472,9 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                                             int64_t group_size, int kind, uint64_t seed,
                                             int64_t start, int64_t count,
                                             float *restrict grad_logit, double *through) {
-    const uint64_t first = (uint64_t)start / TILE * LANES;
-    const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
-    if ((group_size != 1 && group_size != 8) || start % TILE ||
-        (first >> 32) != ((last - 1) >> 32) || count == 0)
-        return 0;
-    uint32_t k0, k1;
-    key_of_seed(seed, &k0, &k1);
     tile_gen gen;
-    tile_gen_init(&gen, k0 * PCG_MUL + PCG_INC, k1 * PCG_MUL + PCG_INC, (uint32_t)(first >> 32));
+    if ((group_size != 1 && group_size != 8) || !chunk_tile_gen(&gen, seed, start, count))
+        return 0;
     const __m512 vscale = _mm512_set1_ps(scale);
     const __m512d dscale = _mm512_set1_pd((double)scale);
     float st[SPAN + 1], ds[SPAN + 1];
@@ -480,7 +491,7 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
             int64_t j = 0;
             for (int64_t t = 0; t * TILE < len; ++t) {
                 __m512 z[4];
-                tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+                tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
                     const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
@@ -509,12 +520,12 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
             }
             double a[8];
             _mm512_storeu_pd(a, acc);
-            through_scale += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            through_scale += sum8(a);
             continue;
         }
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            tile_gen_noise(&gen, kind, (uint32_t)((uint64_t)(i0 + t * TILE) / TILE * LANES), z);
+            tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
             const int64_t j0 = t * TILE, groups = DQ_MIN((int64_t)8, (len - j0) / 8);
             __m512d d[8];
             for (int l = 0; l < 4; ++l) {
@@ -535,7 +546,7 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
     }
     double a[8];
     _mm512_storeu_pd(a, lanes);
-    *through = through_scale + (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
+    *through = through_scale + sum8(a);
     return 1;
 }
 #endif

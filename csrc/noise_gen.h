@@ -12,15 +12,16 @@
 #define PCG_MUL 1664525u
 #define PCG_INC 1013904223u
 
-/* The key words: the seed through splitmix64's finalizer, so that seeds
- * differing in a few bits (0, 1, 2, ...) still give unrelated keys. */
-DQ_INLINE void key_of_seed(uint64_t seed, uint32_t *k0, uint32_t *k1) {
+/* The key words pcg4d takes: the seed through splitmix64's finalizer (so
+ * that seeds differing in a few bits, 0, 1, 2, ..., still give unrelated
+ * keys), each half then through the LCG step pcg4d gives its inputs. */
+DQ_INLINE void key_of_seed(uint64_t seed, uint32_t *kz, uint32_t *kw) {
     uint64_t z = seed + 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
-    *k0 = (uint32_t)z;
-    *k1 = (uint32_t)(z >> 32);
+    *kz = (uint32_t)z * PCG_MUL + PCG_INC;
+    *kw = (uint32_t)(z >> 32) * PCG_MUL + PCG_INC;
 }
 
 /* pcg4d (Jarzynski and Olano, JCGT 2020) of (counter low, counter high,
@@ -63,6 +64,10 @@ DQ_INLINE float uniform_of(uint32_t u) { return (float)(u >> 8) * 0x1p-24f - 0.5
  * p = 1/2 the fit may dip to -2e-6; the sign bit flips such a value as any
  * other, so the law stays symmetric. */
 #define GAUSS_DEGREE 5
+/* 4v + 2 from the word u: ((u >> GAUSS_Q_SHIFT) & GAUSS_Q_MASK) | GAUSS_Q_LOW */
+#define GAUSS_Q_SHIFT 6
+#define GAUSS_Q_MASK 0x1fffffcu
+#define GAUSS_Q_LOW 2u
 /* worst error against -Phi^-1(p) / 2: 2.02e-06 */
 static const float GAUSS_POLY[GAUSS_DEGREE + 1][32] = {
     {
@@ -122,7 +127,7 @@ static const float GAUSS_POLY[GAUSS_DEGREE + 1][32] = {
 };
 
 DQ_INLINE float gaussian_of(uint32_t u) {
-    uint32_t bits = dq_float_bits((float)(int32_t)(((u >> 6) & 0x1fffffcu) | 2u));
+    uint32_t bits = dq_float_bits((float)(int32_t)(((u >> GAUSS_Q_SHIFT) & GAUSS_Q_MASK) | GAUSS_Q_LOW));
     uint32_t octave = (bits >> 23) & 31u;
     float t = dq_bits_float((bits & 0x7fffffu) | 0x3f800000u) - 1.5f;
     float y = GAUSS_POLY[0][octave];
@@ -202,9 +207,10 @@ DQ_AVX512_INLINE void tile_gen_noise(const tile_gen *g, int kind, uint32_t lo, _
             continue;
         }
         /* (A & B) | C and A ^ (B & C): one ternary-logic op each */
-        __m512i odd = _mm512_ternarylogic_epi32(_mm512_srli_epi32(u, 6), _mm512_set1_epi32(0x1fffffc),
-                                                _mm512_set1_epi32(2), 0xEA);
-        __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(odd));
+        __m512i q = _mm512_ternarylogic_epi32(_mm512_srli_epi32(u, GAUSS_Q_SHIFT),
+                                              _mm512_set1_epi32((int)GAUSS_Q_MASK),
+                                              _mm512_set1_epi32((int)GAUSS_Q_LOW), 0xEA);
+        __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(q));
         __m512i octave = _mm512_srli_epi32(bits, 23);
         __m512 t = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
                                      bits, _mm512_set1_epi32(0x7fffff), _mm512_set1_epi32(0x3f800000), 0xEA)),

@@ -29,10 +29,9 @@ void dq_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out
 }
 
 void dq_noise_hash4(uint64_t seed, uint64_t counter, uint32_t out[4]) {
-    uint32_t k0, k1;
-    key_of_seed(seed, &k0, &k1);
-    pcg4d((uint32_t)counter, (uint32_t)(counter >> 32), k0 * PCG_MUL + PCG_INC,
-          k1 * PCG_MUL + PCG_INC, &out[0], &out[1], &out[2], &out[3]);
+    uint32_t kz, kw;
+    key_of_seed(seed, &kz, &kw);
+    pcg4d((uint32_t)counter, (uint32_t)(counter >> 32), kz, kw, &out[0], &out[1], &out[2], &out[3]);
 }
 
 float dq_noise_of_word(int kind, uint32_t word) { return noise_of(kind, word); }
@@ -81,7 +80,7 @@ static int noise_level_now(void) {
  * gaussian_of, so the same bits. n is a multiple of 8. */
 __attribute__((target("avx2"))) static void gaussian_words_avx2(const uint32_t *restrict src, int n,
                                                                 float *restrict o) {
-    const __m256i low_mask = _mm256_set1_epi32(0x1fffffc), two = _mm256_set1_epi32(2);
+    const __m256i low_mask = _mm256_set1_epi32((int)GAUSS_Q_MASK), two = _mm256_set1_epi32((int)GAUSS_Q_LOW);
     const __m256i mant_mask = _mm256_set1_epi32(0x7fffff), one_f = _mm256_set1_epi32(0x3f800000);
     const __m256i sign_mask = _mm256_set1_epi32((int)0x80000000u), body = _mm256_set1_epi32(16);
     const __m256 half3 = _mm256_set1_ps(1.5f);
@@ -90,7 +89,7 @@ __attribute__((target("avx2"))) static void gaussian_words_avx2(const uint32_t *
         top[k] = _mm256_loadu_ps(GAUSS_POLY[k] + 16);
     for (int j = 0; j < n; j += 8) {
         const __m256i u = _mm256_loadu_si256((const __m256i *)(src + j));
-        const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 6), low_mask), two);
+        const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, GAUSS_Q_SHIFT), low_mask), two);
         const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(q));
         const __m256i row = _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(31));
         const __m256 t = _mm256_sub_ps(
@@ -137,8 +136,8 @@ static void gaussian_words(const uint32_t *restrict src, int n, float *restrict 
 
 /* Noise of whole tiles [first_tile, first_tile + ntiles) into out; the
  * counters' high word is `hi` throughout (the caller splits batches where
- * it changes). Loops the compiler vectorizes (32-bit lanes: the hash is
- * 32-bit multiplies; the table lookups become gathers). */
+ * it changes). The hash in a loop the compiler vectorizes (32-bit lanes,
+ * 32-bit multiplies); the gaussian through gaussian_words. */
 DQ_INLINE void noise_tiles_portable(int kind, uint32_t kz, uint32_t kw, uint64_t first_tile,
                                     int ntiles, float *restrict out) {
     uint32_t w[4][LANES * FAST_TILES];
@@ -217,9 +216,8 @@ DQ_FAST
 void dq_noise_fill_fast(int kind, uint64_t seed, int64_t start, int64_t count,
                         float *restrict out) {
     assert(start >= 0 && count >= 0);
-    uint32_t k0, k1;
-    key_of_seed(seed, &k0, &k1);
-    const uint32_t kz = k0 * PCG_MUL + PCG_INC, kw = k1 * PCG_MUL + PCG_INC;
+    uint32_t kz, kw;
+    key_of_seed(seed, &kz, &kw);
     float buf[TILE * FAST_TILES];
     int64_t i = start, end = start + count;
     /* unaligned head and tail go through a batch-sized staging buffer */
