@@ -59,6 +59,13 @@ void dq_noise_fill(int kind, uint64_t seed, int64_t n, float *restrict out, int 
  * Returns the level in effect (never above what the CPU has). */
 int dq_noise_simd(int level);
 
+/* Whether the fast kernels' multiply-adds (the exp2 of the steps and of
+ * the size penalty) run as FMA instructions (1) or as a multiply and an add
+ * (0, which may round the last bit otherwise); -1 as the CPU allows.
+ * Returns the setting in effect. The noise itself has the same bits
+ * either way. */
+int dq_fused_madd(int on);
+
 /* ---------------------------------------------------------------- noise.c */
 
 enum dq_bits_mode { DQ_PARAM_BITS = 0, DQ_PARAM_NOISE = 1 };

@@ -39,7 +39,38 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
     }
 }
 
-/* ---- fast bits and step: branch-free exp2 so the loops vectorize. */
+/* ---- fast bits and step: branch-free exp2 so the loops vectorize; each
+ * loop twice, with FMA instructions and without (dq_madd) */
+
+DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                               int64_t count, float *restrict step, float *restrict dstep,
+                               const int fused) {
+    const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
+    /* one loop per set of outputs: a store under a condition would keep the
+     * compiler from vectorizing */
+    if (step && dstep) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = dq_fast_sigmoid(logit[i], fused);
+            float one_minus_t = 1.0f - t;
+            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+            step[i] = s;
+            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+        }
+    } else if (step) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = dq_fast_sigmoid(logit[i], fused);
+            float one_minus_t = 1.0f - t;
+            step[i] = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+        }
+    } else if (dstep) {
+        for (int64_t i = start; i < start + count; ++i) {
+            float t = dq_fast_sigmoid(logit[i], fused);
+            float one_minus_t = 1.0f - t;
+            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+        }
+    }
+}
 
 DQ_FAST
 void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
@@ -50,31 +81,26 @@ void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit
                              dstep ? dstep + start : NULL);
         return;
     }
+    if (dq__fused())
+        steps_bits_mode(prm, logit, start, count, step, dstep, 1);
+    else
+        steps_bits_mode(prm, logit, start, count, step, dstep, 0);
+}
+
+DQ_INLINE void bits_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                              int64_t count, float *restrict bits, float *restrict dbits,
+                              const int fused) {
     const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
-    /* one loop per set of outputs: a store under a condition would keep the
-     * compiler from vectorizing */
-    if (step && dstep) {
+    if (bits)
         for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            float one_minus_t = 1.0f - t;
-            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
-            step[i] = s;
-            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+            float t = dq_fast_sigmoid(logit[i], fused);
+            bits[i] = hi * t + (1.0f - t) * lo;
         }
-    } else if (step) {
+    if (dbits)
         for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            float one_minus_t = 1.0f - t;
-            step[i] = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
+            float t = dq_fast_sigmoid(logit[i], fused);
+            dbits[i] = span * (t * (1.0f - t));
         }
-    } else if (dstep) {
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            float one_minus_t = 1.0f - t;
-            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo) - 1.0f);
-            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
-        }
-    }
 }
 
 DQ_FAST
@@ -91,17 +117,10 @@ void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit
         }
         return;
     }
-    const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
-    if (bits)
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            bits[i] = hi * t + (1.0f - t) * lo;
-        }
-    if (dbits)
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            dbits[i] = span * (t * (1.0f - t));
-        }
+    if (dq__fused())
+        bits_bits_mode(prm, logit, start, count, bits, dbits, 1);
+    else
+        bits_bits_mode(prm, logit, start, count, bits, dbits, 0);
 }
 
 void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
@@ -304,6 +323,8 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
     const __m512i group_lane = _mm512_srli_epi32(gen.lane, shift < 0 ? 0 : shift);
     float ss[SPAN + 1];
     int64_t nmin = 0, nmax = 0;
+    tile_ahead ahead;
+    tile_ahead_init(&gen, &ahead, tile_counter_lo(start));
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
@@ -322,7 +343,7 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
         float *restrict out = noisy + i0;
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
+            tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             for (int l = 0; l < 4; ++l) {
                 const int64_t j = t * TILE + l * LANES;
                 if (j >= len)
@@ -480,6 +501,8 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
     float st[SPAN + 1], ds[SPAN + 1];
     double through_scale = 0;
     __m512d lanes = _mm512_setzero_pd();
+    tile_ahead ahead;
+    tile_ahead_init(&gen, &ahead, tile_counter_lo(start));
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, ng = len / group_size;
@@ -491,7 +514,7 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
             int64_t j = 0;
             for (int64_t t = 0; t * TILE < len; ++t) {
                 __m512 z[4];
-                tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
+                tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
                     const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
@@ -525,7 +548,7 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
         }
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            tile_gen_noise(&gen, kind, tile_counter_lo(i0 + t * TILE), z);
+            tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             const int64_t j0 = t * TILE, groups = DQ_MIN((int64_t)8, (len - j0) / 8);
             __m512d d[8];
             for (int l = 0; l < 4; ++l) {

@@ -48,7 +48,7 @@ void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
     }
 }
 
-/* The instruction set the noise paths take: 2 AVX-512, 1 AVX2, 0 plain C;
+/* The instruction set the noise paths take: 2 AVX-512, 1 AVX2 and FMA, 0 plain C;
  * -1 until first asked. dq_noise_simd caps it for tests and measurements. */
 static int noise_level = -1;
 
@@ -56,7 +56,7 @@ static int noise_level_available(void) {
 #if DQ_X86_AVX512
     if (dq__avx512_level() >= 1)
         return 2;
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 #else
     return 0;
 #endif
@@ -78,7 +78,7 @@ static int noise_level_now(void) {
  * deeper value (3% of vectors) takes all 24 rows in three registers,
  * chosen by blends on the row's bits 3 and 4. The same operations as
  * gaussian_of, so the same bits. n is a multiple of 8. */
-__attribute__((target("avx2"))) static void gaussian_words_avx2(const uint32_t *restrict src, int n,
+__attribute__((target("avx2,fma"))) static void gaussian_words_avx2(const uint32_t *restrict src, int n,
                                                                 float *restrict o) {
     const __m256i low_mask = _mm256_set1_epi32((int)GAUSS_Q_MASK), two = _mm256_set1_epi32((int)GAUSS_Q_LOW);
     const __m256i mant_mask = _mm256_set1_epi32(0x7fffff), one_f = _mm256_set1_epi32(0x3f800000);
@@ -98,7 +98,7 @@ __attribute__((target("avx2"))) static void gaussian_words_avx2(const uint32_t *
         if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(body, row))) == 0) {
             v = _mm256_permutevar8x32_ps(top[0], row);
             for (int k = 1; k <= GAUSS_DEGREE; ++k)
-                v = _mm256_add_ps(_mm256_mul_ps(v, t), _mm256_permutevar8x32_ps(top[k], row));
+                v = _mm256_fmadd_ps(v, t, _mm256_permutevar8x32_ps(top[k], row));
         } else {
             const __m256 upper8 = _mm256_castsi256_ps(_mm256_slli_epi32(row, 28));
             const __m256 upper16 = _mm256_castsi256_ps(_mm256_slli_epi32(row, 27));
@@ -108,7 +108,7 @@ __attribute__((target("avx2"))) static void gaussian_words_avx2(const uint32_t *
                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(GAUSS_POLY[k] + 8), row),
                                      upper8),
                     _mm256_permutevar8x32_ps(top[k], row), upper16);
-                v = k == 0 ? c : _mm256_add_ps(_mm256_mul_ps(v, t), c);
+                v = k == 0 ? c : _mm256_fmadd_ps(v, t, c);
             }
         }
         v = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), _mm256_and_si256(u, sign_mask)));
@@ -168,9 +168,20 @@ __attribute__((target("avx512f"))) static void noise_tiles_avx512(int kind, uint
     const uint64_t first = first_tile * LANES;
     tile_gen g;
     tile_gen_init(&g, kz, kw, (uint32_t)(first >> 32));
+    if (kind == DQ_NOISE_UNIFORM) {
+        for (int t = 0; t < ntiles; ++t) {
+            __m512 z[4];
+            tile_gen_noise(&g, kind, (uint32_t)first + (uint32_t)(LANES * t), z);
+            for (int l = 0; l < 4; ++l)
+                _mm512_storeu_ps(out + TILE * t + LANES * l, z[l]);
+        }
+        return;
+    }
+    tile_ahead ahead;
+    tile_ahead_init(&g, &ahead, (uint32_t)first);
     for (int t = 0; t < ntiles; ++t) {
         __m512 z[4];
-        tile_gen_noise(&g, kind, (uint32_t)first + (uint32_t)(LANES * t), z);
+        tile_ahead_noise(&g, &ahead, kind, (uint32_t)first + (uint32_t)(LANES * t), z);
         for (int l = 0; l < 4; ++l)
             _mm512_storeu_ps(out + TILE * t + LANES * l, z[l]);
     }
@@ -178,6 +189,41 @@ __attribute__((target("avx512f"))) static void noise_tiles_avx512(int kind, uint
 #endif
 
 int dq__noise_avx512(void) { return noise_level_now() == 2; }
+
+/* 1 where the fast kernels' clones have FMA instructions: x86-64-v3 is
+ * what target_clones picks the FMA clones by; -1 until first asked. */
+static int fused_madd = -1;
+
+static int fused_madd_available(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__FMA__)
+    return 1;
+#elif defined(DQ_NO_CLONES) || defined(__clang__) || !defined(__linux__)
+    return 0;
+#else
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v3") != 0;
+#endif
+#else
+    return 1;
+#endif
+}
+
+int dq__fused(void) {
+    int on = __atomic_load_n(&fused_madd, __ATOMIC_RELAXED);
+    if (on < 0) {
+        on = fused_madd_available();
+        __atomic_store_n(&fused_madd, on, __ATOMIC_RELAXED);
+    }
+    return on;
+}
+
+int dq_fused_madd(int on) {
+    int available = fused_madd_available();
+    int now = on < 0 ? available : (on && available);
+    __atomic_store_n(&fused_madd, now, __ATOMIC_RELAXED);
+    return now;
+}
 
 int dq_noise_simd(int level) {
     int available = noise_level_available();

@@ -54,12 +54,16 @@ void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit,
     double sum = 0;
     float top = -INFINITY;
     const int affine = prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits;
+    const int fused = dq__fused();
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         const float *restrict x = logit + start + off;
-        if (affine)
+        if (affine && fused)
             for (int64_t j = 0; j < len; ++j)
-                buf[j] = dq_fast_sigmoid(x[j]);
+                buf[j] = dq_fast_sigmoid(x[j], 1);
+        else if (affine)
+            for (int64_t j = 0; j < len; ++j)
+                buf[j] = dq_fast_sigmoid(x[j], 0);
         else
             dq_logit_to_bits_fast(prm, x, 0, len, buf, NULL);
         span_sum_max(buf, len, &sum, &top);
@@ -86,15 +90,24 @@ void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit,
  * each call, so each caller gets its own loop): in one pass in the bits
  * mode (the same arithmetic as dq_logit_to_bits_fast's derivative, then
  * the scale), through a span of derivatives on the stack in the others */
+DQ_INLINE void size_grad_bits_mode(const dq_bits_param *prm, const float *restrict logit,
+                                   int64_t start, int64_t count, float scale,
+                                   float *restrict grad, const int add, const int fused) {
+    const float span = prm->max_bits - prm->min_bits;
+    for (int64_t i = start; i < start + count; ++i) {
+        float t = dq_fast_sigmoid(logit[i], fused);
+        float term = (span * (t * (1.0f - t))) * scale;
+        grad[i] = add ? grad[i] + term : term;
+    }
+}
+
 DQ_INLINE void size_grad(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                          int64_t count, float scale, float *restrict grad, const int add) {
     if (prm->mode == DQ_PARAM_BITS) {
-        const float span = prm->max_bits - prm->min_bits;
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i]);
-            float term = (span * (t * (1.0f - t))) * scale;
-            grad[i] = add ? grad[i] + term : term;
-        }
+        if (dq__fused())
+            size_grad_bits_mode(prm, logit, start, count, scale, grad, add, 1);
+        else
+            size_grad_bits_mode(prm, logit, start, count, scale, grad, add, 0);
         return;
     }
     enum { SPAN = 1024 };

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "diffq_c.h"
+#include "noise_gen.h" /* dq_madd, gaussian_of */
 
 #define TEST_SEED 12345
 #include "test_common.h"
@@ -14,6 +15,7 @@
 /* named tolerances */
 #define TOL_GAUSSIAN_ABS 1e-6f /* fast vs reference noise: the same bits; a margin */
 #define TOL_QUANTILE_ABS 2.5e-6 /* the gaussian table vs the exact quantile, N(0, 1)/2 units */
+#define TOL_MADD_REL 1e-5 /* steps with and without FMA instructions: a few roundings, 1 - t amplifying them */
 #define TOL_NOISE_FWD_ABS 1e-6f
 #define TOL_FAST_EXP_REL 2e-6f /* polynomial exp2 vs libm in the fast bits/step */
 
@@ -384,12 +386,14 @@ static void test_fused_simd_matches_portable(void) {
         return;
     }
     dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
-    const int64_t group_sizes[] = {1, 8, 2, 16, 3, 24, 4096};
-    const int64_t lengths[] = {8, 24, 64, 72, 256, 264, 1000, 4096, 4104, 3 * 4096 + 8 * 13};
+    /* 320: spans inside one group (vector path) after spans across two
+     * (portable), so the vector path's hash-ahead stream restarts */
+    const int64_t group_sizes[] = {1, 8, 2, 16, 3, 24, 4096, 320};
+    const int64_t lengths[] = {8, 24, 64, 72, 256, 264, 1000, 4096, 4104, 3 * 4096 + 8 * 13, 7 * 320};
     const int64_t starts[] = {0, 64, 4096, 24, 8};
     int checked = 0;
-    for (int gi = 0; gi < 7; ++gi)
-        for (int li = 0; li < 10; ++li)
+    for (int gi = 0; gi < 8; ++gi)
+        for (int li = 0; li < 11; ++li)
             for (int si = 0; si < 5; ++si)
                 for (int kind = 0; kind < 2; ++kind) {
                     int64_t gs = group_sizes[gi], len = lengths[li], start = starts[si];
@@ -429,6 +433,71 @@ static void test_fused_simd_matches_portable(void) {
                 }
     dq_noise_simd(-1);
     printf("fused kernels: AVX-512 and portable agree in %d cases\n", checked);
+}
+
+/* dq_madd_double against fmaf (libm's, correctly rounded) over all 2^23
+ * magnitudes of the gaussian's polynomial: the plain-C gaussian's bits are
+ * the FMA paths'. Then, to show the check can fail, a multiply-add whose
+ * double sum lands on a float midpoint. */
+static void test_madd_double_is_fma_for_the_gaussian(void) {
+    int64_t bad = 0;
+    for (uint32_t v = 0; v < (1u << 23); ++v) {
+        const uint32_t u = v << 8;
+        uint32_t bits = dq_float_bits((float)(int32_t)(((u >> GAUSS_Q_SHIFT) & GAUSS_Q_MASK) | GAUSS_Q_LOW));
+        uint32_t octave = (bits >> 23) & 31u;
+        float t = dq_bits_float((bits & 0x7fffffu) | 0x3f800000u) - 1.5f, z = GAUSS_POLY[0][octave];
+        for (int k = 1; k <= GAUSS_DEGREE; ++k)
+            z = fmaf(z, t, GAUSS_POLY[k][octave]);
+        bad += dq_float_bits(gaussian_of(u)) != dq_float_bits(z);
+    }
+    CHECK(bad == 0, "gaussian: double multiply-adds differ from fmaf at %lld magnitudes", (long long)bad);
+    const float ta = ldexpf(1.0f + 0x1p-23f, -12), tb = ldexpf(1.0f - 0x1p-23f, -12), tc = 1.0f + 0x1p-23f;
+    CHECK(fmaf(ta, tb, tc) == tc && dq_madd_double(ta, tb, tc) != tc,
+          "a double sum on a float midpoint rounds twice");
+}
+
+/* The fast steps, bits and size penalty with FMA instructions and with a
+ * multiply and an add (where the CPU has FMA): within a few float
+ * roundings of each other. */
+static void test_fused_madd_agrees(void) {
+    if (!dq_fused_madd(-1)) {
+        printf("multiply-adds: no FMA clone here, one path only\n");
+        return;
+    }
+    const int64_t n = 3 * 1024 + 7;
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
+    float *logit = xmalloc(n * 4), *out[2][4];
+    dq_size_stats st[2];
+    for (int64_t i = 0; i < n; ++i)
+        logit[i] = 12.0f * frand();
+    logit[0] = 0.0f, logit[1] = 200.0f, logit[2] = -200.0f;
+    for (int f = 0; f < 2; ++f) {
+        CHECK(dq_fused_madd(f) == f, "dq_fused_madd(%d)", f);
+        for (int k = 0; k < 4; ++k)
+            out[f][k] = xmalloc(n * 4);
+        dq_logit_to_step_fast(&prm, logit, 0, n, out[f][0], out[f][1]);
+        dq_logit_to_bits_fast(&prm, logit, 0, n, out[f][2], NULL);
+        dq_size_backward(&prm, logit, n, 0.5f, out[f][3], 1);
+        dq_size_forward(&prm, logit, n, &st[f], 1);
+    }
+    dq_fused_madd(-1);
+    int differ = 0;
+    double worst = 0;
+    for (int k = 0; k < 4; ++k)
+        for (int64_t i = 0; i < n; ++i) {
+            double a = out[0][k][i], b = out[1][k][i];
+            differ += a != b;
+            double rel = fabs(a - b) / fmax(fabs(a), 1e-30);
+            worst = rel > worst ? rel : worst;
+        }
+    CHECK(worst <= TOL_MADD_REL && differ > 0,
+          "FMA vs multiply and add: worst relative difference %g, %d values differ", worst, differ);
+    CHECK(fabs(st[0].sum_bits - st[1].sum_bits) <= TOL_MADD_REL * st[0].sum_bits,
+          "FMA vs multiply and add, size");
+    for (int f = 0; f < 2; ++f)
+        for (int k = 0; k < 4; ++k)
+            free(out[f][k]);
+    free(logit);
 }
 
 /* The noise forward says where the first min and max are; the in-place
@@ -934,6 +1003,8 @@ int main(void) {
     test_noise_fill();
     test_noise_spec_accuracy();
     test_fused_simd_matches_portable();
+    test_madd_double_is_fma_for_the_gaussian();
+    test_fused_madd_agrees();
     test_noise_hash_definition();
     test_noise_law_and_threads();
     test_range();

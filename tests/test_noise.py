@@ -244,7 +244,57 @@ def test_in_place_gradient_update_is_optional_and_exact(monkeypatch):
 # A second implementation in numpy of what csrc/rng.c specifies: pcg4d of
 # (counter, key) with the key from splitmix64, the tile mapping, and the
 # float formulas in the same order. float32 numpy operations round like C's,
-# so the bits must agree.
+# and _fma32 rounds like fmaf, so the bits must agree.
+
+
+def _fma32(a, b, c):
+    """a * b + c of float32 arrays rounded once to float32, as C's fmaf.
+    The product of two float32 is exact in float64; the float64 sum s and
+    its error e (TwoSum) give the exact sum, from which s is rounded to odd
+    (truncated, then its last bit set when inexact). Rounding that to
+    float32 is then correct: float64 has more than 24 + 2 bits."""
+    np = pytest.importorskip("numpy")
+    a, b, c = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, c))
+    p = a * b
+    s = p + c
+    c_part = s - p
+    e = (p - (s - c_part)) + (c - c_part)
+    inexact = e != 0
+    bits = s.view(np.int64) - (inexact & ((e < 0) != (s < 0))).astype(np.int64)
+    return (bits | inexact.astype(np.int64)).view(np.float64).astype(np.float32)
+
+
+def _fma32_exact(a, b, c):
+    """The same one value at a time with exact rationals: the float32
+    nearest a * b + c, ties to the even last bit."""
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    r = np.float32(float(exact))
+    candidates = [r, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))]
+    return min(candidates, key=lambda x: (abs(Fraction(float(x)) - exact),
+                                          int(np.array(x).view(np.uint32)) & 1))
+
+
+def test_fma32_rounds_once():
+    """_fma32 against exact rationals: random triples, cancellations, and a
+    sum just under a float32 tie that float64 rounds onto the tie (where
+    the product and sum in float64 rounded to float32, twice, is wrong)."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(3000).astype(np.float32)
+    b = (rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000)).astype(np.float32)
+    c = rng.standard_normal(3000).astype(np.float32)
+    c[:1000] = -(a[:1000] * b[:1000])  # cancellation: the product's low bits
+    c[1000:1500] = c[1000:1500] * np.float32(2.0 ** -40)  # a tiny addend
+    one_tie = (np.float32(2.0 ** -12 * (1 + 2.0 ** -23)), np.float32(2.0 ** -12 * (1 - 2.0 ** -23)),
+               np.float32(1 + 2.0 ** -23))
+    a, b, c = np.append(a, one_tie[0]), np.append(b, one_tie[1]), np.append(c, one_tie[2])
+    got = _fma32(a, b, c)
+    want = np.array([_fma32_exact(x, y, z) for x, y, z in zip(a, b, c)], np.float32)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    twice = (a.astype(np.float64) * b + c).astype(np.float32)
+    assert got[-1] == np.float32(1 + 2.0 ** -23) and twice[-1] != got[-1]
 
 M64 = (1 << 64) - 1
 
@@ -292,7 +342,8 @@ def _gauss_table():
 def _gauss_of_words(words):
     """N(0, 1) / 2 of 32-bit words: bits 8..30 make 4v + 2 = p * 2^26 as a
     float, its exponent's low five bits pick the table row, its mantissa
-    t + 1.5 the point; Horner in float32; bit 31 the sign."""
+    t + 1.5 the point; Horner by float32 fused multiply-adds; bit 31 the
+    sign."""
     np = pytest.importorskip("numpy")
     f = np.float32
     table = _gauss_table()
@@ -302,7 +353,7 @@ def _gauss_of_words(words):
     t = ((bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000)).view(f) - f(1.5)
     y = table[0][row]
     for k in range(1, 6):
-        y = y * t + table[k][row]
+        y = _fma32(y, t, table[k][row])
     return (y.view(np.uint32) ^ (words & np.uint32(0x80000000))).view(f)
 
 
