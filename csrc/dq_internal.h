@@ -78,11 +78,14 @@ int dq__fused(void);
  * a baseline clone's fmaf would be a libm call a value). The two may
  * differ in the last bit: the steps and size penalty that use this are
  * approximations of torch's formulas (relative error ~2.4e-7) whose bits
- * are not specified. Callers pass `fused` as a constant and branch on
- * dq__fused() once, outside their loops. */
+ * are not specified. Callers pass `fused` as a constant (DQ_CALL_FUSED). */
 DQ_INLINE float dq_madd(float a, float b, float c, const int fused) {
     return fused ? fmaf(a, b, c) : a * b + c;
 }
+
+/* fn(args..., 1) where dq__fused(), fn(args..., 0) elsewhere: one branch
+ * outside fn's loops, which each call compiles with `fused` a constant. */
+#define DQ_CALL_FUSED(fn, ...) (dq__fused() ? fn(__VA_ARGS__, 1) : fn(__VA_ARGS__, 0))
 
 /* a * b + c computed in double, rounded to float: the product of two
  * floats is exact in double, so only the sum rounds twice, which differs

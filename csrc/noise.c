@@ -81,10 +81,7 @@ void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit
                              dstep ? dstep + start : NULL);
         return;
     }
-    if (dq__fused())
-        steps_bits_mode(prm, logit, start, count, step, dstep, 1);
-    else
-        steps_bits_mode(prm, logit, start, count, step, dstep, 0);
+    DQ_CALL_FUSED(steps_bits_mode, prm, logit, start, count, step, dstep);
 }
 
 DQ_INLINE void bits_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
@@ -117,10 +114,7 @@ void dq_logit_to_bits_fast(const dq_bits_param *prm, const float *restrict logit
         }
         return;
     }
-    if (dq__fused())
-        bits_bits_mode(prm, logit, start, count, bits, dbits, 1);
-    else
-        bits_bits_mode(prm, logit, start, count, bits, dbits, 0);
+    DQ_CALL_FUSED(bits_bits_mode, prm, logit, start, count, bits, dbits);
 }
 
 void dq_noise_forward_ref(const float *restrict p, const float *restrict step_scale,
@@ -280,11 +274,12 @@ static int small_group_shift(int64_t group_size) {
     return -1;
 }
 
-/* The tile generator of a chunk of the noise of `seed`, or 0 where the
- * AVX-512 kernels leave the chunk to the portable loops: not starting on a
- * tile, empty, or the counters' high word changing inside it. */
+/* The tile generator of a chunk of the noise of `seed` and its stream
+ * from the chunk's first tile, or 0 where the AVX-512 kernels leave the
+ * chunk to the portable loops: not starting on a tile, empty, or the
+ * counters' high word changing inside it. */
 DQ_AVX512_KERNEL static inline __attribute__((always_inline)) int chunk_tile_gen(
-    tile_gen *gen, uint64_t seed, int64_t start, int64_t count) {
+    tile_gen *gen, tile_ahead *ahead, uint64_t seed, int64_t start, int64_t count) {
     const uint64_t first = (uint64_t)start / TILE * LANES;
     const uint64_t last = ((uint64_t)(start + count) + TILE - 1) / TILE * LANES;
     if (start % TILE || count == 0 || (first >> 32) != ((last - 1) >> 32))
@@ -292,6 +287,7 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) int chunk_tile_gen
     uint32_t kz, kw;
     key_of_seed(seed, &kz, &kw);
     tile_gen_init(gen, kz, kw, (uint32_t)(first >> 32));
+    tile_ahead_init(gen, ahead, (uint32_t)first);
     return 1;
 }
 
@@ -316,15 +312,14 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
                                            float mn, float mx, int64_t *count_min,
                                            int64_t *count_max) {
     tile_gen gen;
-    if (!chunk_tile_gen(&gen, seed, start, count))
+    tile_ahead ahead;
+    if (!chunk_tile_gen(&gen, &ahead, seed, start, count))
         return 0;
     const int shift = small_group_shift(group_size);
     const __m512 vmn = _mm512_set1_ps(mn), vmx = _mm512_set1_ps(mx);
     const __m512i group_lane = _mm512_srli_epi32(gen.lane, shift < 0 ? 0 : shift);
     float ss[SPAN + 1];
     int64_t nmin = 0, nmax = 0;
-    tile_ahead ahead;
-    tile_ahead_init(&gen, &ahead, tile_counter_lo(start));
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
@@ -494,15 +489,14 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                                             int64_t start, int64_t count,
                                             float *restrict grad_logit, double *through) {
     tile_gen gen;
-    if ((group_size != 1 && group_size != 8) || !chunk_tile_gen(&gen, seed, start, count))
+    tile_ahead ahead;
+    if ((group_size != 1 && group_size != 8) || !chunk_tile_gen(&gen, &ahead, seed, start, count))
         return 0;
     const __m512 vscale = _mm512_set1_ps(scale);
     const __m512d dscale = _mm512_set1_pd((double)scale);
     float st[SPAN + 1], ds[SPAN + 1];
     double through_scale = 0;
     __m512d lanes = _mm512_setzero_pd();
-    tile_ahead ahead;
-    tile_ahead_init(&gen, &ahead, tile_counter_lo(start));
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, ng = len / group_size;

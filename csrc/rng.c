@@ -48,8 +48,27 @@ void dq_noise_fill_ref(int kind, uint64_t seed, int64_t start, int64_t count,
     }
 }
 
-/* The instruction set the noise paths take: 2 AVX-512, 1 AVX2 and FMA, 0 plain C;
- * -1 until first asked. dq_noise_simd caps it for tests and measurements. */
+/* A setting that is -1 until first asked, then what the CPU has
+ * (`available`); dq_noise_simd and dq_fused_madd cap it for tests and
+ * measurements. */
+static int setting_now(int *setting, int (*available)(void)) {
+    int now = __atomic_load_n(setting, __ATOMIC_RELAXED);
+    if (now < 0) {
+        now = available();
+        __atomic_store_n(setting, now, __ATOMIC_RELAXED);
+    }
+    return now;
+}
+
+/* `wanted`, at most what the CPU has; -1 for that. Returns what is set. */
+static int setting_cap(int *setting, int (*available)(void), int wanted) {
+    const int most = available();
+    const int now = wanted < 0 || wanted > most ? most : wanted;
+    __atomic_store_n(setting, now, __ATOMIC_RELAXED);
+    return now;
+}
+
+/* The instruction set the noise paths take: 2 AVX-512, 1 AVX2 and FMA, 0 plain C. */
 static int noise_level = -1;
 
 static int noise_level_available(void) {
@@ -62,14 +81,7 @@ static int noise_level_available(void) {
 #endif
 }
 
-static int noise_level_now(void) {
-    int level = __atomic_load_n(&noise_level, __ATOMIC_RELAXED);
-    if (level < 0) {
-        level = noise_level_available();
-        __atomic_store_n(&noise_level, level, __ATOMIC_RELAXED);
-    }
-    return level;
-}
+static int noise_level_now(void) { return setting_now(&noise_level, noise_level_available); }
 
 #if DQ_X86_AVX512
 /* The gaussian transform with AVX2 (no AVX-512). A permute looks up eight
@@ -168,15 +180,6 @@ __attribute__((target("avx512f"))) static void noise_tiles_avx512(int kind, uint
     const uint64_t first = first_tile * LANES;
     tile_gen g;
     tile_gen_init(&g, kz, kw, (uint32_t)(first >> 32));
-    if (kind == DQ_NOISE_UNIFORM) {
-        for (int t = 0; t < ntiles; ++t) {
-            __m512 z[4];
-            tile_gen_noise(&g, kind, (uint32_t)first + (uint32_t)(LANES * t), z);
-            for (int l = 0; l < 4; ++l)
-                _mm512_storeu_ps(out + TILE * t + LANES * l, z[l]);
-        }
-        return;
-    }
     tile_ahead ahead;
     tile_ahead_init(&g, &ahead, (uint32_t)first);
     for (int t = 0; t < ntiles; ++t) {
@@ -191,7 +194,7 @@ __attribute__((target("avx512f"))) static void noise_tiles_avx512(int kind, uint
 int dq__noise_avx512(void) { return noise_level_now() == 2; }
 
 /* 1 where the fast kernels' clones have FMA instructions: x86-64-v3 is
- * what target_clones picks the FMA clones by; -1 until first asked. */
+ * what target_clones picks the FMA clones by. */
 static int fused_madd = -1;
 
 static int fused_madd_available(void) {
@@ -209,28 +212,11 @@ static int fused_madd_available(void) {
 #endif
 }
 
-int dq__fused(void) {
-    int on = __atomic_load_n(&fused_madd, __ATOMIC_RELAXED);
-    if (on < 0) {
-        on = fused_madd_available();
-        __atomic_store_n(&fused_madd, on, __ATOMIC_RELAXED);
-    }
-    return on;
-}
+int dq__fused(void) { return setting_now(&fused_madd, fused_madd_available); }
 
-int dq_fused_madd(int on) {
-    int available = fused_madd_available();
-    int now = on < 0 ? available : (on && available);
-    __atomic_store_n(&fused_madd, now, __ATOMIC_RELAXED);
-    return now;
-}
+int dq_fused_madd(int on) { return setting_cap(&fused_madd, fused_madd_available, on); }
 
-int dq_noise_simd(int level) {
-    int available = noise_level_available();
-    int now = level < 0 || level > available ? available : level;
-    __atomic_store_n(&noise_level, now, __ATOMIC_RELAXED);
-    return now;
-}
+int dq_noise_simd(int level) { return setting_cap(&noise_level, noise_level_available, level); }
 
 DQ_INLINE void noise_tiles(int kind, uint32_t kz, uint32_t kw, uint64_t first_tile, int ntiles,
                            float *restrict out) {

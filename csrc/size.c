@@ -42,6 +42,11 @@ DQ_INLINE void span_sum_max(const float *restrict v, int64_t len, double *sum, f
     *top = span_top > *top ? span_top : *top;
 }
 
+DQ_INLINE void sigmoids(const float *restrict x, int64_t len, float *restrict out, const int fused) {
+    for (int64_t j = 0; j < len; ++j)
+        out[j] = dq_fast_sigmoid(x[j], fused);
+}
+
 /* Sum and max of the bits of a chunk, span by span through a buffer. In
  * the bits mode, bits = lo + (hi - lo) * t is non-decreasing in
  * t = sigmoid(logit): the buffer holds t and the bits follow from its sum
@@ -54,16 +59,11 @@ void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit,
     double sum = 0;
     float top = -INFINITY;
     const int affine = prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits;
-    const int fused = dq__fused();
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         const float *restrict x = logit + start + off;
-        if (affine && fused)
-            for (int64_t j = 0; j < len; ++j)
-                buf[j] = dq_fast_sigmoid(x[j], 1);
-        else if (affine)
-            for (int64_t j = 0; j < len; ++j)
-                buf[j] = dq_fast_sigmoid(x[j], 0);
+        if (affine)
+            DQ_CALL_FUSED(sigmoids, x, len, buf);
         else
             dq_logit_to_bits_fast(prm, x, 0, len, buf, NULL);
         span_sum_max(buf, len, &sum, &top);
@@ -104,10 +104,7 @@ DQ_INLINE void size_grad_bits_mode(const dq_bits_param *prm, const float *restri
 DQ_INLINE void size_grad(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                          int64_t count, float scale, float *restrict grad, const int add) {
     if (prm->mode == DQ_PARAM_BITS) {
-        if (dq__fused())
-            size_grad_bits_mode(prm, logit, start, count, scale, grad, add, 1);
-        else
-            size_grad_bits_mode(prm, logit, start, count, scale, grad, add, 0);
+        DQ_CALL_FUSED(size_grad_bits_mode, prm, logit, start, count, scale, grad, add);
         return;
     }
     enum { SPAN = 1024 };
