@@ -42,9 +42,15 @@ void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit,
 /* ---- fast bits and step: branch-free exp2 so the loops vectorize; each
  * loop twice, with FMA instructions and without (dq_madd) */
 
-DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
-                               int64_t count, float *restrict step, float *restrict dstep,
-                               const int fused) {
+/* 2^bits of bits = hi * t + (1 - t) * lo, t in [0, 1]: without the clamp
+ * when lo and hi leave no way out of the exponent's range (`bounded`) */
+DQ_INLINE float exp2_of_bits(float bits, const int bounded, const int fused) {
+    return bounded ? dq__exp2_in_range(bits, fused) : dq_fast_exp2f(bits, fused);
+}
+
+DQ_INLINE void steps_loops(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                           int64_t count, float *restrict step, float *restrict dstep,
+                           const int bounded, const int fused) {
     const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
     /* one loop per set of outputs: a store under a condition would keep the
      * compiler from vectorizing */
@@ -52,7 +58,7 @@ DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict l
         for (int64_t i = start; i < start + count; ++i) {
             float t = dq_fast_sigmoid(logit[i], fused);
             float one_minus_t = 1.0f - t;
-            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+            float s = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
             step[i] = s;
             dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
         }
@@ -60,16 +66,27 @@ DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict l
         for (int64_t i = start; i < start + count; ++i) {
             float t = dq_fast_sigmoid(logit[i], fused);
             float one_minus_t = 1.0f - t;
-            step[i] = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+            step[i] = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
         }
     } else if (dstep) {
         for (int64_t i = start; i < start + count; ++i) {
             float t = dq_fast_sigmoid(logit[i], fused);
             float one_minus_t = 1.0f - t;
-            float s = 1.0f / (dq_fast_exp2f(hi * t + one_minus_t * lo, fused) - 1.0f);
+            float s = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
             dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
         }
     }
+}
+
+DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                               int64_t count, float *restrict step, float *restrict dstep,
+                               const int fused) {
+    /* |bits| <= 100 (rounding cannot take a blend of the two past either)
+     * keeps 2^bits in the unclamped exp2's range: 5% off the steps */
+    if (fabsf(prm->min_bits) <= 100.0f && fabsf(prm->max_bits) <= 100.0f)
+        steps_loops(prm, logit, start, count, step, dstep, 1, fused);
+    else
+        steps_loops(prm, logit, start, count, step, dstep, 0, fused);
 }
 
 DQ_FAST
