@@ -29,7 +29,7 @@ static double now(void) {
             double t = now() - t0;                                               \
             best = t < best ? t : best;                                          \
         }                                                                        \
-        printf("%-34s %d thread%s %6.3f ns/value\n", label, threads, threads > 1 ? "s" : " ", \
+        printf("%-36s %d thread%s %6.3f ns/value\n", label, threads, threads > 1 ? "s" : " ", \
                best * 1e9 / (double)n);                                          \
     } while (0)
 
@@ -77,9 +77,18 @@ int main(void) {
         BEST("uniform noise", dq_noise_fill(DQ_NOISE_UNIFORM, 42, n, out, threads));
         BEST("gaussian noise", dq_noise_fill(DQ_NOISE_GAUSSIAN, 42, n, out, threads));
         BEST("noise forward, group_size 1", dq_noise_forward(&prm, p, n, logit, 1, 1, 42, out, &range, threads));
+        /* with the size penalty's sum from the same sigmoids (what a
+         * training forward followed by model_size() runs) */
+        dq_noise_job job = {.p = p, .n = n, .logit = logit, .group_size = 1, .seed = 42, .noisy = out,
+                            .with_size = 1};
+        BEST("noise forward + size, group_size 1", dq_noise_forward_multi(&prm, 1, &job, 1, threads));
         BEST("noise forward, group_size 8", dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads));
         BEST("noise backward, group_size 1",
              dq_noise_backward(&prm, grad, p, n, logit, 1, 1, 42, &range, grad, grad_logit, threads));
+        const float size_scale = 1e-3f;
+        BEST("noise backward + size, group_size 1",
+             dq_noise_backward_sized(&prm, grad, p, n, logit, 1, 1, 42, &range, grad, grad_logit, &size_scale,
+                                     threads));
         dq_noise_forward(&prm, p, n, logit, 8, 1, 42, out, &range, threads);
         BEST("noise backward, group_size 8",
              dq_noise_backward(&prm, grad, p, n, logit, 8, 1, 42, &range, grad, grad_logit, threads));

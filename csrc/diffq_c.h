@@ -81,6 +81,13 @@ typedef struct {
     float log_min_noise, log_max_noise;
 } dq_bits_param;
 
+/* The size penalty's terms of some logits: their sum of bits and largest
+ * bits value (size.c). */
+typedef struct {
+    double sum_bits;
+    float max_bits;
+} dq_size_stats;
+
 /* For each logit: bits, step and d(step)/d(logit). Any output may be NULL. */
 void dq_logit_to_step_ref(const dq_bits_param *prm, const float *restrict logit, int64_t n,
                           float *restrict bits, float *restrict step,
@@ -141,19 +148,33 @@ int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *
                       int64_t n, const float *restrict logit, int64_t group_size, int kind,
                       uint64_t seed, const dq_range *range, float *grad_p,
                       float *restrict grad_logit, int nthreads);
+/* dq_noise_backward that with size_scale (else NULL) then adds the size
+ * penalty's gradient, *size_scale * d(bits)/d(logit), to grad_logit: the
+ * bits of dq_size_backward_add_fast after it, in the same pass where it can. */
+int dq_noise_backward_sized(const dq_bits_param *prm, const float *grad, const float *restrict p,
+                            int64_t n, const float *restrict logit, int64_t group_size, int kind,
+                            uint64_t seed, const dq_range *range, float *grad_p,
+                            float *restrict grad_logit, const float *size_scale, int nthreads);
 
 /* The chunk kernels the drivers run: the forward with the steps computed
  * from the logits on the fly, and the backward over whole groups (returns
- * sum_g step_g * dot_g and writes grad_logit of those groups). */
+ * sum_g step_g * dot_g and writes grad_logit of those groups).
+ *
+ * With `size` (else NULL; group_size 1 only) the forward also gives
+ * dq_size_forward_fast of the chunk's logits, from the sigmoids its steps
+ * computed where the size works on them (the bits mode). With size_scale
+ * (else NULL) the backward adds *size_scale * d(bits)/d(logit) to its
+ * groups' grad_logit, as dq_size_backward_add_fast would after it. Same
+ * bits either way, one pass fewer over the logits. */
 void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
                             const float *restrict logit, float scale, int64_t group_size,
                             int kind, uint64_t seed, int64_t start, int64_t count,
                             float *restrict noisy, float mn, float mx, int64_t *count_min,
-                            int64_t *count_max);
+                            int64_t *count_max, dq_size_stats *size);
 double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
                                const float *restrict logit, float scale, int64_t group_size,
                                int kind, uint64_t seed, int64_t start, int64_t count,
-                               float *restrict grad_logit);
+                               float *restrict grad_logit, const float *size_scale);
 
 /* ------------------------------------------------------------- quantize.c */
 
@@ -289,11 +310,8 @@ int64_t dq_widths_from_stored(const int16_t *restrict stored, int64_t n, int off
 /* ----------------------------------------------------------------- size.c */
 
 /* Differentiable size terms over the logits: sum of bits, the largest bits
- * value (for the bit-width of the stored bits), and d(bits)/d(logit). */
-typedef struct {
-    double sum_bits;
-    float max_bits;
-} dq_size_stats;
+ * value (for the bit-width of the stored bits; dq_size_stats, declared with
+ * the noise), and d(bits)/d(logit). */
 
 void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit,
                          int64_t start, int64_t count, dq_size_stats *out);
@@ -412,6 +430,8 @@ typedef struct {
     uint64_t seed;
     float *noisy;
     dq_range range; /* filled as dq_noise_forward fills it */
+    int with_size;      /* also fill `size` */
+    dq_size_stats size; /* dq_size_forward_multi of logit (on DQ_OK) */
 } dq_noise_job;
 
 /* dq_noise_forward of every job. DQ_ERR_NONFINITE when a p holds NaN or

@@ -146,6 +146,88 @@ DQ_INLINE float dq_fast_sigmoid(float x, const int fused) {
     return 1.0f / (1.0f + dq_fast_exp2f(-x * 1.44269504088896341f, fused));
 }
 
+/* ---- the size penalty's sum and max, shared by dq_size_forward_fast and
+ * the noise forward at group_size 1 so both give the same bits */
+
+/* Adds the sum of v[0..len) to *sum and raises *top to its max: the sum on
+ * sixteen float lanes (64 values each for a full span, exact to ~1e-7)
+ * then in double; the max as a SIMD reduction, exact in any order so every
+ * instruction set gives the same value, NaN skipped. */
+DQ_INLINE void dq__span_sum_max(const float *restrict v, int64_t len, double *sum, float *top) {
+    enum { L = 16 };
+    float lane_sum[L];
+    for (int k = 0; k < L; ++k)
+        lane_sum[k] = 0.0f;
+    int64_t whole = len - len % L;
+    for (int64_t j = 0; j < whole; j += L)
+        for (int k = 0; k < L; ++k)
+            lane_sum[k] += v[j + k];
+    double span_sum = 0;
+    for (int64_t j = whole; j < len; ++j)
+        span_sum += v[j];
+    for (int k = 0; k < L; ++k)
+        span_sum += lane_sum[k];
+    *sum += span_sum;
+    float span_top = -INFINITY;
+#pragma omp simd reduction(max : span_top)
+    for (int64_t j = 0; j < len; ++j) {
+        float b = v[j] == v[j] ? v[j] : -INFINITY;
+        span_top = b > span_top ? b : span_top;
+    }
+    *top = span_top > *top ? span_top : *top;
+}
+
+/* Whether the bits are lo + (hi - lo) * sigmoid(logit), non-decreasing:
+ * then the spans hold sigmoids, not bits. */
+DQ_INLINE int dq__size_affine(const dq_bits_param *prm) {
+    return prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits;
+}
+
+/* The spans of a chunk's values: DQ_SIZE_SPAN of them from the chunk's
+ * first, the last one shorter. A writer puts the next len values at
+ * dq__size_acc_next (len at most what is left of the span) and commits
+ * them; finish gives the chunk's statistics. */
+enum { DQ_SIZE_SPAN = 1024 };
+typedef struct {
+    float t[DQ_SIZE_SPAN];
+    int64_t filled;
+    double sum;
+    float top;
+} dq__size_acc;
+
+DQ_INLINE void dq__size_acc_init(dq__size_acc *acc) {
+    acc->filled = 0;
+    acc->sum = 0;
+    acc->top = -INFINITY;
+}
+
+DQ_INLINE float *dq__size_acc_next(dq__size_acc *acc) { return acc->t + acc->filled; }
+
+DQ_INLINE void dq__size_acc_commit(dq__size_acc *acc, int64_t len) {
+    assert(len >= 0 && acc->filled + len <= DQ_SIZE_SPAN);
+    acc->filled += len;
+    if (acc->filled == DQ_SIZE_SPAN) {
+        dq__span_sum_max(acc->t, acc->filled, &acc->sum, &acc->top);
+        acc->filled = 0;
+    }
+}
+
+DQ_INLINE void dq__size_acc_finish(dq__size_acc *acc, const dq_bits_param *prm, int64_t count,
+                                   dq_size_stats *out) {
+    if (acc->filled)
+        dq__span_sum_max(acc->t, acc->filled, &acc->sum, &acc->top);
+    acc->filled = 0;
+    double sum = acc->sum;
+    float top = acc->top;
+    if (dq__size_affine(prm)) {
+        const float lo = prm->min_bits, hi = prm->max_bits;
+        sum = (double)count * lo + (double)(hi - lo) * sum;
+        top = top == -INFINITY ? -INFINITY : hi * top + (1.0f - top) * lo;
+    }
+    out->sum_bits = sum;
+    out->max_bits = top;
+}
+
 /* 1 / (2^bits - 1) rounded to float, as torch evaluates it. */
 DQ_INLINE float dq_step_of_bits(int bits) { return 1.0f / (float)((1 << bits) - 1); }
 

@@ -157,6 +157,35 @@ static int scratch_with_ranges(multi_scratch *s, const void *jobs, size_t job_si
     return DQ_OK;
 }
 
+/* Whether the noise forward gives job's size (see dq_noise_forward_multi). */
+static int size_with_noise(const dq_noise_job *job) {
+    return job->with_size && job->n > 0 && (job->group_size == 1 || job->n == 1);
+}
+
+/* The size of every job with_size that the noise forward does not give. */
+static int size_apart(const dq_bits_param *prm, dq_noise_job *jobs, int64_t njobs, int nthreads) {
+    const float **logits = malloc((size_t)njobs * sizeof(float *));
+    int64_t *ns = malloc((size_t)njobs * sizeof(int64_t));
+    dq_size_stats *out = malloc((size_t)njobs * sizeof(dq_size_stats));
+    int64_t m = 0;
+    int err = logits && ns && out ? DQ_OK : DQ_ERR_NOMEM;
+    for (int64_t j = 0; j < njobs && !err; ++j)
+        if (jobs[j].with_size && !size_with_noise(&jobs[j])) {
+            const int64_t gs = jobs[j].group_size;
+            logits[m] = jobs[j].logit;
+            ns[m++] = gs > 0 ? jobs[j].n / gs : 1;
+        }
+    if (!err)
+        err = dq_size_forward_multi(prm, logits, ns, m, out, nthreads);
+    for (int64_t j = 0, k = 0; j < njobs && !err; ++j)
+        if (jobs[j].with_size && !size_with_noise(&jobs[j]))
+            jobs[j].size = out[k++];
+    free(logits);
+    free(ns);
+    free(out);
+    return err;
+}
+
 int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *jobs, int64_t njobs,
                            int nthreads) {
     multi_scratch s;
@@ -176,6 +205,21 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         scratch_free(&s);
         return DQ_ERR_NONFINITE;
     }
+    /* the size of a tensor at group_size 1 from its noise chunks (its
+     * logits' chunks are the same), a part a chunk added in chunk order as
+     * dq_size_forward_multi adds them; of the others in a pass of their own */
+    dq_size_stats *size_part = NULL;
+    int64_t apart = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (jobs[j].with_size && !size_with_noise(&jobs[j]))
+            ++apart;
+    if (apart < njobs) {
+        size_part = malloc((size_t)(t->total ? t->total : 1) * sizeof(dq_size_stats));
+        if (!size_part) {
+            scratch_free(&s);
+            return DQ_ERR_NOMEM;
+        }
+    }
     (void)nthreads;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c) {
@@ -184,10 +228,27 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         const float mn = job->range.min, mx = job->range.max;
         int64_t cmin = 0, cmax = 0;
         dq_noise_forward_fused(prm, job->p, job->logit, mx - mn, gs, kind, job->seed, t->start[c],
-                               t->len[c], job->noisy, mn, mx, &cmin, &cmax);
+                               t->len[c], job->noisy, mn, mx, &cmin, &cmax,
+                               size_with_noise(job) ? &size_part[c] : NULL);
         part[c].count_min = cmin;
         part[c].count_max = cmax;
     }
+    if (apart)
+        err = size_apart(prm, jobs, njobs, nthreads);
+    for (int64_t j = 0; j < njobs; ++j)
+        if (size_with_noise(&jobs[j])) {
+            jobs[j].size.sum_bits = 0;
+            jobs[j].size.max_bits = -INFINITY;
+        }
+    for (int64_t c = 0; c < t->total; ++c) {
+        dq_noise_job *job = &jobs[t->job[c]];
+        if (size_with_noise(job)) {
+            job->size.sum_bits += size_part[c].sum_bits;
+            const float top = size_part[c].max_bits;
+            job->size.max_bits = top > job->size.max_bits ? top : job->size.max_bits;
+        }
+    }
+    free(size_part);
     /* ties at each end, and the first chunk holding each (as -2 - its
      * start): the backward then updates the extrema without a pass over p */
     for (int64_t c = 0; c < t->total; ++c) {
@@ -213,7 +274,7 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         }
     }
     scratch_free(&s);
-    return DQ_OK;
+    return err;
 }
 
 int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, const int64_t *ns,
@@ -326,16 +387,15 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
 /* The gradient of one job: the noise's (unless grad is NULL), then the
  * size penalty's term. An empty tensor's logit gets no noise gradient. */
 static int noise_grad_one(const dq_bits_param *prm, int kind, const dq_noise_grad_job *job, int nthreads) {
-    int err = DQ_OK;
-    if (job->grad) {
-        if (job->n == 0)
-            memset(job->grad_logit, 0, (size_t)job->nlogits * sizeof(float));
-        else
-            err = dq_noise_backward(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind,
-                                    job->seed, &job->range, job->grad_p, job->grad_logit, nthreads);
-    }
-    if (err != DQ_OK || !job->add_size)
-        return err;
+    if (job->grad && job->n > 0)
+        /* the size term in the noise's chunks */
+        return dq_noise_backward_sized(prm, job->grad, job->p, job->n, job->logit, job->group_size, kind,
+                                       job->seed, &job->range, job->grad_p, job->grad_logit,
+                                       job->add_size ? &job->size_scale : NULL, nthreads);
+    if (job->grad)
+        memset(job->grad_logit, 0, (size_t)job->nlogits * sizeof(float));
+    if (!job->add_size)
+        return DQ_OK;
     int64_t chunks = dq_num_chunks(job->nlogits, DQ_CHUNK);
     (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1 && nthreads > 1)

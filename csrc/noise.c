@@ -48,45 +48,67 @@ DQ_INLINE float exp2_of_bits(float bits, const int bounded, const int fused) {
     return bounded ? dq__exp2_in_range(bits, fused) : dq_fast_exp2f(bits, fused);
 }
 
+/* t = sigmoid(logit) into *t_out, and the step 1 / (2^bits - 1) of
+ * bits = hi * t + (1 - t) * lo */
+DQ_INLINE float step_of_logit(float logit, float lo, float hi, float *t_out, const int bounded,
+                              const int fused) {
+    const float t = dq_fast_sigmoid(logit, fused);
+    *t_out = t;
+    return 1.0f / (exp2_of_bits(hi * t + (1.0f - t) * lo, bounded, fused) - 1.0f);
+}
+
+/* d(step)/d(logit) from the step and t */
+DQ_INLINE float dstep_of(float s, float t, float span) {
+    return -LN2 * s * (1.0f + s) * (span * (t * (1.0f - t)));
+}
+
+/* One loop per set of outputs (a store under a condition would keep the
+ * compiler from vectorizing): steps, d(step) and the sigmoids t, any of
+ * them NULL. */
 DQ_INLINE void steps_loops(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                            int64_t count, float *restrict step, float *restrict dstep,
-                           const int bounded, const int fused) {
+                           float *restrict sig, const int bounded, const int fused) {
     const float lo = prm->min_bits, hi = prm->max_bits, span = hi - lo;
-    /* one loop per set of outputs: a store under a condition would keep the
-     * compiler from vectorizing */
-    if (step && dstep) {
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i], fused);
-            float one_minus_t = 1.0f - t;
-            float s = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
+    const int64_t end = start + count;
+    float t;
+    if (step && dstep && sig) {
+        for (int64_t i = start; i < end; ++i) {
+            float s = step_of_logit(logit[i], lo, hi, &t, bounded, fused);
             step[i] = s;
-            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+            dstep[i] = dstep_of(s, t, span);
+            sig[i] = t;
+        }
+    } else if (step && dstep) {
+        for (int64_t i = start; i < end; ++i) {
+            float s = step_of_logit(logit[i], lo, hi, &t, bounded, fused);
+            step[i] = s;
+            dstep[i] = dstep_of(s, t, span);
+        }
+    } else if (step && sig) {
+        for (int64_t i = start; i < end; ++i) {
+            step[i] = step_of_logit(logit[i], lo, hi, &t, bounded, fused);
+            sig[i] = t;
         }
     } else if (step) {
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i], fused);
-            float one_minus_t = 1.0f - t;
-            step[i] = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
-        }
+        for (int64_t i = start; i < end; ++i)
+            step[i] = step_of_logit(logit[i], lo, hi, &t, bounded, fused);
     } else if (dstep) {
-        for (int64_t i = start; i < start + count; ++i) {
-            float t = dq_fast_sigmoid(logit[i], fused);
-            float one_minus_t = 1.0f - t;
-            float s = 1.0f / (exp2_of_bits(hi * t + one_minus_t * lo, bounded, fused) - 1.0f);
-            dstep[i] = -LN2 * s * (1.0f + s) * (span * (t * one_minus_t));
+        for (int64_t i = start; i < end; ++i) {
+            float s = step_of_logit(logit[i], lo, hi, &t, bounded, fused);
+            dstep[i] = dstep_of(s, t, span);
         }
     }
 }
 
 DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                                int64_t count, float *restrict step, float *restrict dstep,
-                               const int fused) {
+                               float *restrict sig, const int fused) {
     /* |bits| <= 100 (rounding cannot take a blend of the two past either)
      * keeps 2^bits in the unclamped exp2's range: 5% off the steps */
     if (fabsf(prm->min_bits) <= 100.0f && fabsf(prm->max_bits) <= 100.0f)
-        steps_loops(prm, logit, start, count, step, dstep, 1, fused);
+        steps_loops(prm, logit, start, count, step, dstep, sig, 1, fused);
     else
-        steps_loops(prm, logit, start, count, step, dstep, 0, fused);
+        steps_loops(prm, logit, start, count, step, dstep, sig, 0, fused);
 }
 
 DQ_FAST
@@ -98,7 +120,18 @@ void dq_logit_to_step_fast(const dq_bits_param *prm, const float *restrict logit
                              dstep ? dstep + start : NULL);
         return;
     }
-    DQ_CALL_FUSED(steps_bits_mode, prm, logit, start, count, step, dstep);
+    DQ_CALL_FUSED(steps_bits_mode, prm, logit, start, count, step, dstep, NULL);
+}
+
+/* dq_logit_to_step_fast that also writes each logit's sigmoid t into sig,
+ * bit for bit the t of dq_size_forward_fast and dq_size_backward_fast: in
+ * the bits mode only (dq__size_affine, where the size penalty works on t). */
+DQ_FAST
+static void logit_to_step_sig(const dq_bits_param *prm, const float *restrict logit, int64_t start,
+                              int64_t count, float *restrict step, float *restrict dstep,
+                              float *restrict sig) {
+    assert(prm->mode == DQ_PARAM_BITS);
+    DQ_CALL_FUSED(steps_bits_mode, prm, logit, start, count, step, dstep, sig);
 }
 
 DQ_INLINE void bits_bits_mode(const dq_bits_param *prm, const float *restrict logit, int64_t start,
@@ -232,8 +265,12 @@ void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int 
 /* Steps of groups [g0, g0 + ng) times `scale` into ss[0..ng), and their
  * derivatives into ds when not NULL. */
 DQ_INLINE void span_steps(const dq_bits_param *prm, const float *restrict logit, int64_t g0,
-                          int64_t ng, float scale, float *restrict ss, float *restrict ds) {
-    dq_logit_to_step_fast(prm, logit + g0, 0, ng, ss, ds);
+                          int64_t ng, float scale, float *restrict ss, float *restrict ds,
+                          float *restrict sig) {
+    if (sig)
+        logit_to_step_sig(prm, logit + g0, 0, ng, ss, ds, sig);
+    else
+        dq_logit_to_step_fast(prm, logit + g0, 0, ng, ss, ds);
     for (int64_t k = 0; k < ng; ++k)
         ss[k] = scale * ss[k];
 }
@@ -243,16 +280,20 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
                             const float *restrict logit, float scale, int64_t group_size,
                             int kind, uint64_t seed, int64_t start, int64_t count,
                             float *restrict noisy, float mn, float mx, int64_t *count_min,
-                            int64_t *count_max) {
-    assert(group_size > 0);
+                            int64_t *count_max, dq_size_stats *size) {
+    assert(group_size > 0 && (!size || group_size == 1));
     float z[SPAN], ss[SPAN + 1];
     int64_t nmin = 0, nmax = 0;
+    dq__size_acc acc;
+    dq__size_acc_init(&acc);
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t i0 = start + off;
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         dq_noise_fill_fast(kind, seed, i0, len, z);
         int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
-        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL);
+        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL, size ? dq__size_acc_next(&acc) : NULL);
+        if (size)
+            dq__size_acc_commit(&acc, len);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
         if (group_size > 1) {
@@ -277,6 +318,8 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
     }
     *count_min = nmin;
     *count_max = nmax;
+    if (size)
+        dq__size_acc_finish(&acc, prm, count, size);
 }
 
 #if DQ_X86_AVX512
@@ -327,12 +370,14 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
                                            int64_t group_size, int kind, uint64_t seed,
                                            int64_t start, int64_t count, float *restrict noisy,
                                            float mn, float mx, int64_t *count_min,
-                                           int64_t *count_max) {
+                                           int64_t *count_max, dq_size_stats *size) {
     tile_gen gen;
     tile_ahead ahead;
     if (!chunk_tile_gen(&gen, &ahead, seed, start, count))
         return 0;
     const int shift = small_group_shift(group_size);
+    dq__size_acc acc;
+    dq__size_acc_init(&acc);
     const __m512 vmn = _mm512_set1_ps(mn), vmx = _mm512_set1_ps(mx);
     const __m512i group_lane = _mm512_srli_epi32(gen.lane, shift < 0 ? 0 : shift);
     float ss[SPAN + 1];
@@ -344,12 +389,14 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
             /* groups that straddle vectors: the portable span */
             int64_t cmin, cmax;
             dq_noise_forward_fused_portable(prm, p, logit, scale, group_size, kind, seed, i0, len,
-                                            noisy, mn, mx, &cmin, &cmax);
+                                            noisy, mn, mx, &cmin, &cmax, NULL);
             nmin += cmin;
             nmax += cmax;
             continue;
         }
-        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL);
+        span_steps(prm, logit, g0, g1 - g0 + 1, scale, ss, NULL, size ? dq__size_acc_next(&acc) : NULL);
+        if (size)
+            dq__size_acc_commit(&acc, len);
         const __m512 one_step = _mm512_set1_ps(ss[0]);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
@@ -380,6 +427,8 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
     }
     *count_min = nmin;
     *count_max = nmax;
+    if (size)
+        dq__size_acc_finish(&acc, prm, count, size);
     return 1;
 }
 #endif
@@ -388,14 +437,20 @@ void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
                             const float *restrict logit, float scale, int64_t group_size,
                             int kind, uint64_t seed, int64_t start, int64_t count,
                             float *restrict noisy, float mn, float mx, int64_t *count_min,
-                            int64_t *count_max) {
+                            int64_t *count_max, dq_size_stats *size) {
+    assert(!size || group_size == 1);
+    /* the size's sigmoids from the steps' where the size works on them;
+     * otherwise its own pass over the chunk's logits, read just now */
+    dq_size_stats *fused_size = size && dq__size_affine(prm) ? size : NULL;
+    if (size && !fused_size)
+        dq_size_forward_fast(prm, logit, start, count, size);
 #if DQ_X86_AVX512
     if (dq__noise_avx512() && forward_avx512(prm, p, logit, scale, group_size, kind, seed, start,
-                                             count, noisy, mn, mx, count_min, count_max))
+                                             count, noisy, mn, mx, count_min, count_max, fused_size))
         return;
 #endif
     dq_noise_forward_fused_portable(prm, p, logit, scale, group_size, kind, seed, start, count,
-                                    noisy, mn, mx, count_min, count_max);
+                                    noisy, mn, mx, count_min, count_max, fused_size);
 }
 
 /* For whole groups in [start, start + count): dot_g = sum grad * noise,
@@ -504,20 +559,27 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                                             const float *restrict logit, float scale,
                                             int64_t group_size, int kind, uint64_t seed,
                                             int64_t start, int64_t count,
-                                            float *restrict grad_logit, double *through) {
+                                            float *restrict grad_logit, double *through,
+                                            const float *size_scale) {
+    assert(!size_scale || (group_size == 1 && prm->mode == DQ_PARAM_BITS));
     tile_gen gen;
     tile_ahead ahead;
     if ((group_size != 1 && group_size != 8) || !chunk_tile_gen(&gen, &ahead, seed, start, count))
         return 0;
     const __m512 vscale = _mm512_set1_ps(scale);
     const __m512d dscale = _mm512_set1_pd((double)scale);
-    float st[SPAN + 1], ds[SPAN + 1];
+    const __m512 vspan = _mm512_set1_ps(prm->max_bits - prm->min_bits);
+    const __m512 vsize = _mm512_set1_ps(size_scale ? *size_scale : 0.0f);
+    float st[SPAN + 1], ds[SPAN + 1], sig[SPAN + 1];
     double through_scale = 0;
     __m512d lanes = _mm512_setzero_pd();
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, ng = len / group_size;
-        dq_logit_to_step_fast(prm, logit + g0, 0, ng, st, ds);
+        if (size_scale)
+            logit_to_step_sig(prm, logit + g0, 0, ng, st, ds, sig);
+        else
+            dq_logit_to_step_fast(prm, logit + g0, 0, ng, st, ds);
         const float *restrict gs = grad + i0;
         if (group_size == 1) {
             __m512d acc = _mm512_setzero_pd();
@@ -529,8 +591,14 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
                     const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
-                    _mm512_mask_storeu_ps(gl + j, m, _mm512_mul_ps(_mm512_mul_ps(vscale, dot),
-                                                                   _mm512_maskz_loadu_ps(m, ds + j)));
+                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(vscale, dot), _mm512_maskz_loadu_ps(m, ds + j));
+                    if (size_scale) {
+                        /* + dq_size_backward_add_fast's term, in its order */
+                        const __m512 t = _mm512_maskz_loadu_ps(m, sig + j);
+                        const __m512 tt = _mm512_mul_ps(t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
+                        g = _mm512_add_ps(g, _mm512_mul_ps(_mm512_mul_ps(vspan, tt), vsize));
+                    }
+                    _mm512_mask_storeu_ps(gl + j, m, g);
                     const __m512 th = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, st + j), dot);
                     if (len - j >= LANES) {
                         acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(th)));
@@ -588,16 +656,26 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
 double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict grad,
                                const float *restrict logit, float scale, int64_t group_size,
                                int kind, uint64_t seed, int64_t start, int64_t count,
-                               float *restrict grad_logit) {
+                               float *restrict grad_logit, const float *size_scale) {
     assert(group_size > 0 && start % group_size == 0 && count % group_size == 0);
-#if DQ_X86_AVX512
     double through;
-    if (dq__noise_avx512() && backward_avx512(prm, grad, logit, scale, group_size, kind, seed,
-                                              start, count, grad_logit, &through))
-        return through;
+    int done = 0, size_done = 0;
+#if DQ_X86_AVX512
+    /* the size term in the noise's loop where the steps give its sigmoids */
+    const int size_inside = size_scale && group_size == 1 && prm->mode == DQ_PARAM_BITS;
+    done = dq__noise_avx512() &&
+           backward_avx512(prm, grad, logit, scale, group_size, kind, seed, start, count, grad_logit,
+                           &through, size_inside ? size_scale : NULL);
+    size_done = done && size_inside;
 #endif
-    return dq_noise_backward_fused_portable(prm, grad, logit, scale, group_size, kind, seed, start,
-                                            count, grad_logit);
+    if (!done)
+        through = dq_noise_backward_fused_portable(prm, grad, logit, scale, group_size, kind, seed,
+                                                   start, count, grad_logit);
+    /* elsewhere a pass of its own over the chunk's logits, in cache now */
+    if (size_scale && !size_done)
+        dq_size_backward_add_fast(prm, logit, start / group_size, count / group_size, *size_scale,
+                                  grad_logit);
+    return through;
 }
 
 /* ------------------------------------------------------------- drivers */
@@ -635,7 +713,7 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK, cmin, cmax;
         dq_noise_forward_fused(prm, p, logit, scale, group_size, kind, seed, start,
-                               DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax);
+                               DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax, NULL);
         nmin += cmin;
         nmax += cmax;
         if (cmin && c < chunk_min)
@@ -746,6 +824,14 @@ int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *
                       int64_t n, const float *restrict logit, int64_t group_size, int kind,
                       uint64_t seed, const dq_range *range, float *grad_p,
                       float *restrict grad_logit, int nthreads) {
+    return dq_noise_backward_sized(prm, grad, p, n, logit, group_size, kind, seed, range, grad_p,
+                                   grad_logit, NULL, nthreads);
+}
+
+int dq_noise_backward_sized(const dq_bits_param *prm, const float *grad, const float *restrict p,
+                            int64_t n, const float *restrict logit, int64_t group_size, int kind,
+                            uint64_t seed, const dq_range *range, float *grad_p,
+                            float *restrict grad_logit, const float *size_scale, int nthreads) {
     if (group_size <= 0)
         group_size = n > 0 ? n : 1;
     int64_t ngroups = n / group_size;
@@ -766,7 +852,8 @@ int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *
             for (int64_t c = 0; c < m; ++c) {
                 int64_t start = (base + c) * chunk;
                 parts[c] = dq_noise_backward_fused(prm, grad, logit, scale, group_size, kind, seed,
-                                                   start, DQ_MIN(chunk, n - start), grad_logit);
+                                                   start, DQ_MIN(chunk, n - start), grad_logit,
+                                                   size_scale);
             }
             for (int64_t c = 0; c < m; ++c)
                 through_scale += parts[c];
@@ -785,6 +872,8 @@ int dq_noise_backward(const dq_bits_param *prm, const float *grad, const float *
             through_scale += (double)step[g] * dot[g];
             grad_logit[g] = (float)((double)scale * dot[g] * (double)dstep[g]);
         }
+        if (size_scale)
+            dq_size_backward_add_fast(prm, logit, 0, ngroups, *size_scale, grad_logit);
         free(dot);
         free(step);
     }

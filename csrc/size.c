@@ -14,34 +14,6 @@ void dq_size_forward_ref(const dq_bits_param *prm, const float *restrict logit, 
     out->max_bits = top;
 }
 
-/* Adds the sum of v[0..len) to *sum and raises *top to its max: the sum on
- * sixteen float lanes (64 values each for a full span, exact to ~1e-7)
- * then in double; the max as a SIMD reduction, exact in any order so every
- * instruction set gives the same value, NaN skipped. */
-DQ_INLINE void span_sum_max(const float *restrict v, int64_t len, double *sum, float *top) {
-    enum { L = 16 };
-    float lane_sum[L];
-    for (int k = 0; k < L; ++k)
-        lane_sum[k] = 0.0f;
-    int64_t whole = len - len % L;
-    for (int64_t j = 0; j < whole; j += L)
-        for (int k = 0; k < L; ++k)
-            lane_sum[k] += v[j + k];
-    double span_sum = 0;
-    for (int64_t j = whole; j < len; ++j)
-        span_sum += v[j];
-    for (int k = 0; k < L; ++k)
-        span_sum += lane_sum[k];
-    *sum += span_sum;
-    float span_top = -INFINITY;
-#pragma omp simd reduction(max : span_top)
-    for (int64_t j = 0; j < len; ++j) {
-        float b = v[j] == v[j] ? v[j] : -INFINITY;
-        span_top = b > span_top ? b : span_top;
-    }
-    *top = span_top > *top ? span_top : *top;
-}
-
 DQ_INLINE void sigmoids(const float *restrict x, int64_t len, float *restrict out, const int fused) {
     for (int64_t j = 0; j < len; ++j)
         out[j] = dq_fast_sigmoid(x[j], fused);
@@ -50,31 +22,25 @@ DQ_INLINE void sigmoids(const float *restrict x, int64_t len, float *restrict ou
 /* Sum and max of the bits of a chunk, span by span through a buffer. In
  * the bits mode, bits = lo + (hi - lo) * t is non-decreasing in
  * t = sigmoid(logit): the buffer holds t and the bits follow from its sum
- * and max (0.71 -> 0.52 ns a logit on one thread). */
+ * and max (0.71 -> 0.52 ns a logit on one thread). The noise forward at
+ * group_size 1 fills the same spans with the sigmoids of its steps
+ * (dq__size_acc), for the same bits. */
 DQ_FAST
 void dq_size_forward_fast(const dq_bits_param *prm, const float *restrict logit, int64_t start,
                               int64_t count, dq_size_stats *out) {
-    enum { SPAN = 1024 };
-    float buf[SPAN];
-    double sum = 0;
-    float top = -INFINITY;
-    const int affine = prm->mode == DQ_PARAM_BITS && prm->max_bits >= prm->min_bits;
-    for (int64_t off = 0; off < count; off += SPAN) {
-        int64_t len = DQ_MIN((int64_t)SPAN, count - off);
+    dq__size_acc acc;
+    dq__size_acc_init(&acc);
+    const int affine = dq__size_affine(prm);
+    for (int64_t off = 0; off < count; off += DQ_SIZE_SPAN) {
+        int64_t len = DQ_MIN((int64_t)DQ_SIZE_SPAN, count - off);
         const float *restrict x = logit + start + off;
         if (affine)
-            DQ_CALL_FUSED(sigmoids, x, len, buf);
+            DQ_CALL_FUSED(sigmoids, x, len, dq__size_acc_next(&acc));
         else
-            dq_logit_to_bits_fast(prm, x, 0, len, buf, NULL);
-        span_sum_max(buf, len, &sum, &top);
+            dq_logit_to_bits_fast(prm, x, 0, len, dq__size_acc_next(&acc), NULL);
+        dq__size_acc_commit(&acc, len);
     }
-    if (affine) {
-        const float lo = prm->min_bits, hi = prm->max_bits;
-        sum = (double)count * lo + (double)(hi - lo) * sum;
-        top = top == -INFINITY ? -INFINITY : hi * top + (1.0f - top) * lo;
-    }
-    out->sum_bits = sum;
-    out->max_bits = top;
+    dq__size_acc_finish(&acc, prm, count, out);
 }
 
 void dq_size_backward_ref(const dq_bits_param *prm, const float *restrict logit, int64_t start,

@@ -323,7 +323,7 @@ static void test_noise_forward_backward(void) {
                     ss[g] = 0.25f * ss[g];
                 int64_t c1, c2, c3, c4;
                 dq_noise_forward_ref(p, ss, gs, kind, 7, 0, n, a, -0.5f, 0.5f, &c1, &c2);
-                dq_noise_forward_fused(&prm, p, logit, 0.25f, gs, kind, 7, 0, n, b, -0.5f, 0.5f, &c3, &c4);
+                dq_noise_forward_fused(&prm, p, logit, 0.25f, gs, kind, 7, 0, n, b, -0.5f, 0.5f, &c3, &c4, NULL);
                 float worst = 0;
                 for (int64_t i = 0; i < n; ++i)
                     worst = fmaxf(worst, fabsf(a[i] - b[i]));
@@ -413,14 +413,14 @@ static void test_fused_simd_matches_portable(void) {
                     int64_t a1, b1, a2, b2;
                     dq_noise_simd(2);
                     dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o1, -2.0f,
-                                           p[n - 1], &a1, &b1);
+                                           p[n - 1], &a1, &b1, NULL);
                     double t1 = dq_noise_backward_fused(&prm, grad, logit, 1.5f, gs, kind, 11, start,
-                                                        len, l1);
+                                                        len, l1, NULL);
                     dq_noise_simd(0);
                     dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o2, -2.0f,
-                                           p[n - 1], &a2, &b2);
+                                           p[n - 1], &a2, &b2, NULL);
                     double t2 = dq_noise_backward_fused(&prm, grad, logit, 1.5f, gs, kind, 11, start,
-                                                        len, l2);
+                                                        len, l2, NULL);
                     CHECK(memcmp(o1 + start, o2 + start, len * 4) == 0 && a1 == a2 && b1 == b2 &&
                               a1 >= 1 && b1 >= 1,
                           "fused forward simd vs portable gs %lld len %lld start %lld kind %d",

@@ -241,10 +241,89 @@ static void test_quantize_multi(void) {
     }
 }
 
+/* The size statistics the noise forward gives with_size: at group_size 1
+ * from the sigmoids of its steps, else from a pass of their own; either way
+ * bit for bit dq_size_forward's, at every noise level, FMA setting and
+ * thread count, for odd sizes across span and chunk borders, NaN and
+ * saturating logits, and the modes where the size is not affine in t. The
+ * noisy weights do not change with it. */
+static void test_size_with_noise_forward(void) {
+    static const int64_t sizes[] = {1, 3, 17, 255, 257, 1023, 1025, 4099, DQ_CHUNK + 5, 2 * DQ_CHUNK + 1027};
+    enum { NS = sizeof sizes / sizeof sizes[0] };
+    const dq_bits_param modes[3] = {bits_mode(),
+                                    {DQ_PARAM_BITS, 15.0f, 2.0f, 0.0f, 0.0f},
+                                    {DQ_PARAM_NOISE, 2.0f, 15.0f, logf(1.0f / 32767.0f), logf(1.0f / 3.0f)}};
+    const int best = dq_noise_simd(-1), fma_best = dq_fused_madd(-1);
+    for (int gi = 0; gi < 3; ++gi) {
+        const int64_t gs = GROUPS[gi];
+        float *p[NS], *logit[NS], *noisy[NS], *plain[NS];
+        for (int t = 0; t < NS; ++t) {
+            const int64_t n = gs > 1 ? sizes[t] * gs : sizes[t], ng = groups_of(n, gs);
+            p[t] = random_floats(n, 1.0f);
+            logit[t] = random_floats(ng, 6.0f);
+            noisy[t] = xmalloc((size_t)n * sizeof(float));
+            plain[t] = xmalloc((size_t)n * sizeof(float));
+        }
+        if (gs) {
+            logit[4][100] = NAN;
+            logit[7][3] = 200.0f;
+            logit[7][4] = -200.0f;
+            logit[8][DQ_CHUNK] = INFINITY;
+        }
+        for (int m = 0; m < 3; ++m)
+            for (int level = best; level >= 0; --level)
+                for (int fma = fma_best; fma >= 0; --fma)
+                    for (int th = 0; th < 2; ++th) {
+                        dq_noise_simd(level);
+                        dq_fused_madd(fma);
+                        dq_noise_job jobs[NS], without[NS];
+                        for (int t = 0; t < NS; ++t) {
+                            const int64_t n = gs > 1 ? sizes[t] * gs : sizes[t];
+                            jobs[t] = (dq_noise_job){.p = p[t], .n = n, .logit = logit[t], .group_size = gs,
+                                                     .seed = 99 + (uint64_t)t, .noisy = noisy[t],
+                                                     .with_size = t % 3 != 1};
+                            without[t] = jobs[t];
+                            without[t].noisy = plain[t];
+                            without[t].with_size = 0;
+                        }
+                        CHECK(dq_noise_forward_multi(&modes[m], DQ_NOISE_GAUSSIAN, jobs, NS, THREADS[th]) == DQ_OK &&
+                                  dq_noise_forward_multi(&modes[m], DQ_NOISE_GAUSSIAN, without, NS, THREADS[th]) ==
+                                      DQ_OK,
+                              "forwards run");
+                        for (int t = 0; t < NS; ++t) {
+                            const int64_t n = jobs[t].n, ng = groups_of(n, gs);
+                            CHECK(memcmp(noisy[t], plain[t], (size_t)n * sizeof(float)) == 0,
+                                  "noisy the same with the size (tensor %d, gs %lld)", t, (long long)gs);
+                            if (!jobs[t].with_size)
+                                continue;
+                            dq_size_stats ref;
+                            dq_size_forward(&modes[m], logit[t], ng, &ref, 1);
+                            const dq_size_stats got = jobs[t].size;
+                            int same = (got.sum_bits == ref.sum_bits || (isnan(got.sum_bits) && isnan(ref.sum_bits))) &&
+                                       got.max_bits == ref.max_bits;
+                            CHECK(same && (t != 4 || gs != 1 || isnan(got.sum_bits)),
+                                  "size of tensor %d: %.17g / %g, dq_size_forward %.17g / %g (gs %lld, mode %d, "
+                                  "level %d, fma %d, %d threads)",
+                                  t, got.sum_bits, (double)got.max_bits, ref.sum_bits, (double)ref.max_bits,
+                                  (long long)gs, m, level, fma, THREADS[th]);
+                        }
+                    }
+        dq_noise_simd(-1);
+        dq_fused_madd(-1);
+        for (int t = 0; t < NS; ++t) {
+            free(p[t]);
+            free(logit[t]);
+            free(noisy[t]);
+            free(plain[t]);
+        }
+    }
+}
+
 int main(void) {
     test_derive_seed();
     test_noise_forward_backward_multi();
     test_noise_forward_multi_refuses_nan_whole();
+    test_size_with_noise_forward();
     test_size_multi();
     test_quantize_multi();
     printf("%d passed, %d failed\n", passed, failed);

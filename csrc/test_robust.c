@@ -124,7 +124,7 @@ static void test_noise_forward_far(void) {
         }
         int64_t nmin, nmax, rmin, rmax;
         dq_noise_forward_fused(&prm, p, lg, 2.0f, gs, DQ_NOISE_UNIFORM, seed, start, count, noisy,
-                               -1.0f, 1.0f, &nmin, &nmax);
+                               -1.0f, 1.0f, &nmin, &nmax, NULL);
         int ok = 1;
         for (int64_t i = start; i < start + count && ok; ++i)
             ok = noisy[i] == p[i] + ss[i / gs] * uniform_noise_at(seed, i);

@@ -1169,8 +1169,6 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         stats_rows = reinterpret_cast<double *>(keep.back().data);
         add_extent(extents, keep.back(), true, "size_stats");
     }
-    std::vector<const float *> logit_ptrs(n);
-    std::vector<int64_t> logit_sizes(n);
     std::vector<dq_noise_job> jobs(n);
     for (size_t i = 0; i < n; ++i) {
         const int64_t k = (int64_t)i;
@@ -1187,14 +1185,12 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         add_extent(extents, p, false, Name("p", k));
         add_extent(extents, logit, false, Name("logit", k));
         add_extent(extents, noisy, true, Name("noisy", k));
-        logit_ptrs[i] = reinterpret_cast<const float *>(logit.data);
-        logit_sizes[i] = ngroups;
         jobs[i] = dq_noise_job{reinterpret_cast<const float *>(p.data), p.numel,
                                reinterpret_cast<const float *>(logit.data), group_sizes[i],
-                               dq_derive_seed(base_seed, k), reinterpret_cast<float *>(noisy.data), {}};
+                               dq_derive_seed(base_seed, k), reinterpret_cast<float *>(noisy.data), {},
+                               sized, {}};
     }
     outputs_disjoint(extents);
-    std::vector<dq_size_stats> stats(sized ? n : 0);
     int err;
     {
         py::gil_scoped_release nogil;
@@ -1202,15 +1198,10 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
         double *rows = reinterpret_cast<double *>(ranges.data);
         for (size_t i = 0; i < n; ++i)
             range_to_row(jobs[i].range, rows + i * kRangeFields);
-        if (sized && err != DQ_ERR_NOMEM) {
-            // what size_forward_multi gives, from the logits read here anyway
-            int e = dq_size_forward_multi(&prm, logit_ptrs.data(), logit_sizes.data(), (int64_t)n, stats.data(),
-                                          nthreads);
-            err = e == DQ_ERR_NOMEM ? e : err;
-            for (size_t i = 0; i < n; ++i) {
-                stats_rows[2 * i] = stats[i].sum_bits;
-                stats_rows[2 * i + 1] = stats[i].max_bits;
-            }
+        // what size_forward_multi gives (NaN where the forward stopped)
+        for (size_t i = 0; i < n && sized; ++i) {
+            stats_rows[2 * i] = err == DQ_OK ? jobs[i].size.sum_bits : NAN;
+            stats_rows[2 * i + 1] = err == DQ_OK ? jobs[i].size.max_bits : NAN;
         }
     }
     if (err == DQ_ERR_NOMEM)
