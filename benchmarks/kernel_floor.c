@@ -5,6 +5,7 @@
  * diffq (benchmarks/compare.py is); it shows what a step cannot go below.
  *
  *   make -C csrc floor
+ *   csrc/kernel_floor 1      (the noise paths capped at AVX2: dq_noise_simd)
  *
  * Each figure is the best of 7 runs over 2^24 values, in ns per value. */
 #include <stdio.h>
@@ -50,7 +51,9 @@ static void steps_chunks(const dq_bits_param *prm, const float *logit, int64_t n
         dq_logit_to_step_fast(prm, logit, c * DQ_CHUNK, DQ_CHUNK, step, dstep);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1)
+        printf("noise level %d (dq_noise_simd)\n", dq_noise_simd(atoi(argv[1])));
     const int64_t n = (int64_t)1 << 24;
     float *p = malloc((size_t)n * 4), *logit = malloc((size_t)n * 4), *out = malloc((size_t)n * 4);
     float *grad_logit = malloc((size_t)n * 4), *grad = malloc((size_t)n * 4);
