@@ -408,6 +408,8 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
     float ss[SPAN + 1];
     step_window win = {0, 0, (start + count - 1) / group_size + 1};
     int64_t nmin = 0, nmax = 0;
+    __m512i lane_min = _mm512_setzero_si512(), lane_max = _mm512_setzero_si512();
+    const __m512i minus_one = _mm512_set1_epi32(-1);
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
@@ -450,13 +452,16 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
                         _mm512_maskz_loadu_ps(lanes_upto(((DQ_MIN(len - j, 16) - 1) >> shift) + 1),
                                               sw + (j >> shift)));
                 _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(pv, _mm512_mul_ps(z[l], sv)));
-                nmin += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, pv, vmn, _CMP_EQ_OQ));
-                nmax += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, pv, vmx, _CMP_EQ_OQ));
+                /* ties counted lane by lane: a masked subtract of -1 each */
+                lane_min = _mm512_mask_sub_epi32(lane_min, _mm512_mask_cmp_ps_mask(m, pv, vmn, _CMP_EQ_OQ),
+                                                 lane_min, minus_one);
+                lane_max = _mm512_mask_sub_epi32(lane_max, _mm512_mask_cmp_ps_mask(m, pv, vmx, _CMP_EQ_OQ),
+                                                 lane_max, minus_one);
             }
         }
     }
-    *count_min = nmin;
-    *count_max = nmax;
+    *count_min = nmin + _mm512_reduce_add_epi32(lane_min);
+    *count_max = nmax + _mm512_reduce_add_epi32(lane_max);
     if (size)
         dq__size_acc_finish(&acc, prm, count, size);
     return 1;
