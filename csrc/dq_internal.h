@@ -297,6 +297,9 @@ DQ_INLINE int64_t dq__groups_per_chunk(int64_t group_size) {
 int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                              int64_t totals[16], int nthreads);
 
+/* The first index of p[from, to) holding value, or -1 (quantize.c). */
+int64_t dq__first_index(const float *restrict p, int64_t from, int64_t to, float value);
+
 /* Number of fixed-size chunks covering n elements. */
 static inline int64_t dq_num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 

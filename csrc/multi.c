@@ -92,14 +92,6 @@ static void ranges_of(const chunk_table *t, const float *const *ps, int64_t njob
     }
 }
 
-/* The first index of [from, to) holding value, or -1. */
-static int64_t first_index(const float *restrict p, int64_t from, int64_t to, float value) {
-    for (int64_t i = from; i < to; ++i)
-        if (p[i] == value)
-            return i;
-    return -1;
-}
-
 /* Scratch of a multi-tensor pass: the chunk table, a range per chunk and
  * per tensor, the tensors' pointers and sizes. */
 typedef struct {
@@ -266,11 +258,11 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         dq_range *r = &job->range;
         if (r->first_min <= -2) {
             int64_t from = -2 - r->first_min;
-            r->first_min = first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->min);
+            r->first_min = dq__first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->min);
         }
         if (r->first_max <= -2) {
             int64_t from = -2 - r->first_max;
-            r->first_max = first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->max);
+            r->first_max = dq__first_index(job->p, from, DQ_MIN(job->n, from + DQ_CHUNK), r->max);
         }
     }
     scratch_free(&s);

@@ -729,10 +729,7 @@ double dq_noise_backward_fused(const dq_bits_param *prm, const float *restrict g
 static int64_t first_index_in_chunk(const float *restrict p, int64_t n, int64_t c, float value) {
     if (c == INT64_MAX)
         return -1;
-    for (int64_t i = c * DQ_CHUNK; i < DQ_MIN(n, (c + 1) * DQ_CHUNK); ++i)
-        if (p[i] == value)
-            return i;
-    return -1;
+    return dq__first_index(p, c * DQ_CHUNK, DQ_MIN(n, (c + 1) * DQ_CHUNK), value);
 }
 
 int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t n,

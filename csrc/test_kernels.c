@@ -202,6 +202,62 @@ static void test_range(void) {
     }
 }
 
+static int64_t naive_first_index(const float *p, int64_t from, int64_t to, float value) {
+    for (int64_t i = from; i < to; ++i)
+        if (p[i] == value)
+            return i;
+    return -1;
+}
+
+/* dq__first_index (blocks compared as vectors) against a plain scan, with
+ * the value nowhere, at block borders, twice, as -0.0 for 0.0 and NaN; and
+ * the first extrema a noise forward reports, which it finds that way. */
+static void test_first_index(void) {
+    const int64_t sizes[] = {1, 255, 256, 257, 1000, DQ_CHUNK + 300};
+    for (int s = 0; s < 6; ++s) {
+        const int64_t n = sizes[s];
+        const int64_t spots[] = {-1, 0, 255, 256, n / 2, n - 1};
+        for (int k = 0; k < 6; ++k) {
+            float *p = xmalloc((size_t)n * sizeof(float));
+            for (int64_t i = 0; i < n; ++i)
+                p[i] = 0.25f + 0.5f * (frand() + 1.0f) / 2.0f; /* in [0.25, 0.75] */
+            const int64_t at = spots[k] < n ? spots[k] : -1;
+            if (at >= 0) {
+                p[at] = -0.0f;
+                if (at + 300 < n)
+                    p[at + 300] = 0.0f; /* a later tie */
+                p[n - 1] = at == n - 1 ? p[n - 1] : 2.0f;
+            }
+            for (int64_t from = 0; from < n; from += n / 3 + 1) {
+                CHECK(dq__first_index(p, from, n, 0.0f) == naive_first_index(p, from, n, 0.0f),
+                      "first index of 0 from %lld (n %lld, at %lld)", (long long)from, (long long)n, (long long)at);
+                CHECK(dq__first_index(p, from, n, NAN) == -1, "NaN is never found");
+            }
+            if (at >= 0) {
+                /* starting on the value, and just past it (the later tie) */
+                CHECK(dq__first_index(p, at, n, 0.0f) == at, "first index from the value itself (n %lld, at %lld)",
+                      (long long)n, (long long)at);
+                CHECK(dq__first_index(p, at + 1, n, 0.0f) == naive_first_index(p, at + 1, n, 0.0f),
+                      "first index past the value (n %lld, at %lld)", (long long)n, (long long)at);
+            }
+            if (at >= 0 && at < n - 1 && n > 1) {
+                dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0.0f, 0.0f};
+                float *logit = xmalloc((size_t)n * sizeof(float)), *noisy = xmalloc((size_t)n * sizeof(float));
+                for (int64_t i = 0; i < n; ++i)
+                    logit[i] = 0.5f;
+                dq_range r;
+                dq_noise_forward(&prm, p, n, logit, 1, DQ_NOISE_GAUSSIAN, 3, noisy, &r, 2);
+                CHECK(r.first_min == at && r.first_max == naive_first_index(p, 0, n, 2.0f),
+                      "forward's first extrema %lld %lld, expected %lld (n %lld)", (long long)r.first_min,
+                      (long long)r.first_max, (long long)at, (long long)n);
+                free(logit);
+                free(noisy);
+            }
+            free(p);
+        }
+    }
+}
+
 static void test_quantize(void) {
     /* 2, 4, 8, 16: the widths of groups of 2^k values take a vector path */
     const int64_t group_sizes[] = {1, 3, 8, 0, 2, 4, 16};
@@ -1009,6 +1065,7 @@ int main(void) {
     test_noise_hash_definition();
     test_noise_law_and_threads();
     test_range();
+    test_first_index();
     test_quantize();
     test_bitpack();
     test_noise_forward_backward();
