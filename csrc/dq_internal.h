@@ -300,6 +300,10 @@ int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int6
 /* The first index of p[from, to) holding value, or -1 (quantize.c). */
 int64_t dq__first_index(const float *restrict p, int64_t from, int64_t to, float value);
 
+/* The noise backward's gradient through the extrema (noise.c). */
+void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n, const dq_range *range,
+                          double through_scale, float *grad_p, int only_extrema, int nthreads);
+
 /* Number of fixed-size chunks covering n elements. */
 static inline int64_t dq_num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 

@@ -74,7 +74,7 @@ uint64_t dq_derive_seed(uint64_t base, int64_t index) {
 static void ranges_of(const chunk_table *t, const float *const *ps, int64_t njobs,
                       dq_range *part, dq_range *out, int nthreads) {
     (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c)
         dq_range_fast(ps[t->job[c]], t->start[c], t->len[c], &part[c]);
     for (int64_t j = 0; j < njobs; ++j) {
@@ -213,7 +213,10 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         }
     }
     (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
+    /* a chunk at a time: one is tens of microseconds of work, and taking
+     * four left the threads up to four apart at the end (the forward over
+     * the conv benchmark's tensors 8-12% slower) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c) {
         const dq_noise_job *job = &jobs[t->job[c]];
         const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
@@ -401,24 +404,92 @@ static int noise_grad_one(const dq_bits_param *prm, int kind, const dq_noise_gra
     return DQ_OK;
 }
 
+/* Whether a job's noise gradient goes through the shared chunk table (a
+ * gradient, values, groups no larger than a chunk), not noise_grad_one. */
+static int grad_in_table(const dq_noise_grad_job *job) {
+    const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+    return job->grad && job->n > 0 && gs <= DQ_CHUNK;
+}
+
+/* The noise backward of the table's jobs: the chunks of all of them (whole
+ * groups each, as dq_noise_backward cuts them) shared by the threads a
+ * chunk at a time, then each job's gradient through its extrema from its
+ * chunks' sums added in chunk order, as dq_noise_backward adds them: the
+ * same bits. A job whose grad_p is not its grad gets grad copied in its
+ * chunks, so only the extrema are left to write. */
+static int backward_table(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
+                          int64_t njobs, int nthreads) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (grad_in_table(&jobs[j])) {
+            const int64_t gs = jobs[j].group_size > 0 ? jobs[j].group_size : jobs[j].n;
+            total += dq_num_chunks(jobs[j].n, (DQ_CHUNK / gs) * gs);
+        }
+    if (total == 0)
+        return DQ_OK;
+    int64_t *job_of = malloc((size_t)total * 3 * sizeof(int64_t));
+    double *part = malloc((size_t)total * sizeof(double));
+    if (!job_of || !part) {
+        free(job_of);
+        free(part);
+        return DQ_ERR_NOMEM;
+    }
+    int64_t *start = job_of + total, *len = start + total, c = 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (grad_in_table(&jobs[j])) {
+            const int64_t gs = jobs[j].group_size > 0 ? jobs[j].group_size : jobs[j].n;
+            const int64_t chunk = (DQ_CHUNK / gs) * gs;
+            for (int64_t s = 0; s < jobs[j].n; s += chunk, ++c) {
+                job_of[c] = j;
+                start[c] = s;
+                len[c] = DQ_MIN(chunk, jobs[j].n - s);
+            }
+        }
+    (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (total > 1)
+    for (int64_t k = 0; k < total; ++k) {
+        const dq_noise_grad_job *job = &jobs[job_of[k]];
+        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        part[k] = dq_noise_backward_fused(prm, job->grad, job->logit, job->range.max - job->range.min, gs, kind,
+                                          job->seed, start[k], len[k], job->grad_logit,
+                                          job->add_size ? &job->size_scale : NULL);
+        if (job->grad_p != job->grad)
+            memcpy(job->grad_p + start[k], job->grad + start[k], (size_t)len[k] * sizeof(float));
+    }
+    for (int64_t j = 0, k = 0; j < njobs; ++j) {
+        if (!grad_in_table(&jobs[j]))
+            continue;
+        double through_scale = 0;
+        for (; k < total && job_of[k] == j; ++k)
+            through_scale += part[k];
+        const dq_noise_grad_job *job = &jobs[j];
+        dq__add_extrema_grad(job->grad, job->p, job->n, &job->range, through_scale, job->grad_p, 1,
+                             nthreads);
+    }
+    free(job_of);
+    free(part);
+    return DQ_OK;
+}
+
 int dq_noise_backward_multi(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
                             int64_t njobs, int nthreads) {
-    /* small tensors one a thread, each on one thread; large ones after,
-     * each with every thread */
-    int err = DQ_OK;
     int64_t values = 0;
     for (int64_t j = 0; j < njobs; ++j)
         values += jobs[j].n + jobs[j].nlogits;
     nthreads = threads_for(values, nthreads);
+    int err = backward_table(prm, kind, jobs, njobs, nthreads);
+    /* the rest (the size term alone, empty tensors, groups over a chunk):
+     * small ones one a thread, each on one thread; large ones after, each
+     * with every thread */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (njobs > 1) reduction(min : err)
     for (int64_t j = 0; j < njobs; ++j) {
-        if (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
+        if (grad_in_table(&jobs[j]) || jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
             continue;
         int e = noise_grad_one(prm, kind, &jobs[j], 1);
         err = e < err ? e : err;
     }
     for (int64_t j = 0; j < njobs && err == DQ_OK; ++j)
-        if (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK)
+        if (!grad_in_table(&jobs[j]) && (jobs[j].n > DQ_CHUNK || jobs[j].nlogits > DQ_CHUNK))
             err = noise_grad_one(prm, kind, &jobs[j], nthreads);
     return err;
 }

@@ -808,33 +808,35 @@ static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_s
     return 0;
 }
 
-/* Adds the gradient through max(p) and min(p) to grad_p: it goes to the
- * extrema, shared evenly among ties. grad_p may be grad itself: then only
- * the extrema are written; otherwise every element is. */
-static void add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
-                             const dq_range *range, double through_scale, float *grad_p,
-                             int nthreads) {
+/* Adds the gradient through max(p) and min(p): grad_p[i] = grad[i] + extra
+ * at the extrema, extra shared evenly among ties, grad_p[i] = grad[i]
+ * elsewhere. With only_extrema (grad_p is grad itself, or already holds a
+ * copy of it: see dq_noise_backward_multi) only the extrema are written;
+ * otherwise every element is. */
+void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
+                          const dq_range *range, double through_scale, float *grad_p,
+                          int only_extrema, int nthreads) {
     const float mn = range->min, mx = range->max;
     const float g_max = range->count_max ? (float)(through_scale / (double)range->count_max) : 0;
     const float g_min = range->count_min ? (float)(through_scale / (double)range->count_min) : 0;
     int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
     (void)nthreads;
-    if (grad_p == grad && range->count_min == 1 && range->count_max == 1 && range->first_min >= 0 &&
+    if (only_extrema && range->count_min == 1 && range->count_max == 1 && range->first_min >= 0 &&
         range->first_min < n && range->first_max >= 0 && range->first_max < n &&
         p[range->first_min] == mn && p[range->first_max] == mx) {
-        /* in place, one element at each end and the forward said where: the
-         * same update as the scan below, without reading p */
+        /* one element at each end and the forward said where: the same
+         * update as the scan below, without reading p */
         int64_t at[2] = {range->first_min, range->first_max};
         for (int e = 0; e < 2; ++e) {
             int64_t i = at[e];
             if (e == 1 && i == at[0])
                 break;
-            grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
+            grad_p[i] = grad[i] + ((p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f));
         }
         return;
     }
-    if (grad_p == grad) {
-        /* in place: read p, touch only the extrema */
+    if (only_extrema) {
+        /* read p, touch only the extrema */
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
         for (int64_t c = 0; c < chunks; ++c) {
             int64_t end = DQ_MIN(n, (c + 1) * DQ_CHUNK);
@@ -847,7 +849,7 @@ static void add_extrema_grad(const float *grad, const float *restrict p, int64_t
                     continue;
                 for (int64_t i = base; i < stop; ++i)
                     if (p[i] == mx || p[i] == mn)
-                        grad_p[i] += (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
+                        grad_p[i] = grad[i] + ((p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f));
             }
         }
         return;
@@ -856,8 +858,9 @@ static void add_extrema_grad(const float *grad, const float *restrict p, int64_t
     for (int64_t c = 0; c < chunks; ++c) {
         int64_t start = c * DQ_CHUNK, end = DQ_MIN(n, start + DQ_CHUNK);
         for (int64_t i = start; i < end; ++i) {
+            /* grad itself off the extrema (a -0.0 stays -0.0, as in place) */
             float extra = (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
-            grad_p[i] = grad[i] + extra;
+            grad_p[i] = p[i] == mx || p[i] == mn ? grad[i] + extra : grad[i];
         }
     }
 }
@@ -919,6 +922,6 @@ int dq_noise_backward_sized(const dq_bits_param *prm, const float *grad, const f
         free(dot);
         free(step);
     }
-    add_extrema_grad(grad, p, n, range, through_scale, grad_p, nthreads);
+    dq__add_extrema_grad(grad, p, n, range, through_scale, grad_p, grad_p == grad, nthreads);
     return 0;
 }

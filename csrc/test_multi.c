@@ -53,6 +53,9 @@ static void test_noise_forward_backward_multi(void) {
             p[t] = random_floats(SIZES[t], 1.0f);
             logit[t] = random_floats(groups_of(SIZES[t], gs), 3.0f);
             grad[t] = random_floats(SIZES[t], 1.0f);
+            grad[t][1] = -0.0f; /* stays -0.0, in place or not */
+            if (t % 3 == 0) /* ties at the minimum: the backward scans p for them */
+                p[t][2] = p[t][SIZES[t] - 1] = -2.0f;
         }
         const uint64_t seed = 0xABCDEF0123ull + (uint64_t)gi;
         for (int kind = 0; kind < 2; ++kind)
