@@ -345,6 +345,10 @@ SPECS: tp.Dict[str, Spec] = {
                      ({"packs": [[None] * 15]}, ValueError), ({"packs": [_state_packs() + [None] * 12]}, ValueError),
                      ({"group_size": [5]}, ValueError), ({"bits": [_state_bits(extra=1)]}, ValueError),
                      ({"offset": 3}, ValueError), ({"nthreads": 0}, ValueError))),
+    "dlpack_exchange": Spec(
+        make=lambda: dict(on=-1),
+        tensors=(), outputs=(), any_size=(), overlaps=(),
+        bad_scalars=(({"on": "yes"}, TypeError), ({"on": 2 ** 40}, TypeError))),
     "derive_seed": Spec(
         make=lambda: dict(base=12345, index=3),
         tensors=(), outputs=(), any_size=(), overlaps=(),
@@ -519,6 +523,37 @@ def _expect(name, spec, overrides, error, match=None):
 # ------------------------------------------------------------------ tests
 
 
+@pytest.fixture(autouse=True, params=["exchange", "attributes"])
+def torch_buffer_path(request):
+    """Every test runs both ways the binding reads a torch tensor: through
+    torch's DLPack exchange entry, and through the tensor's attributes (its
+    fallback when the entry refuses or a check fails, and the only way on a
+    torch without the entry)."""
+    _C.dlpack_exchange(request.param == "exchange")
+    yield request.param
+    _C.dlpack_exchange(True)
+
+
+def test_exchange_entry_is_used_where_torch_has_one(torch_buffer_path):
+    has_entry = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    assert _C.dlpack_exchange(-1) == (has_entry and torch_buffer_path == "exchange")
+
+
+def test_both_paths_read_the_same_buffers():
+    """A view, a parameter, an empty and a 0-d tensor give the same results
+    either way, and a non-contiguous one is refused either way."""
+    base = torch.linspace(-1, 1, 40)
+    cases = [base[8:32], torch.nn.Parameter(base.clone()), torch.zeros(0), torch.tensor(2.5)]
+    got = {}
+    for on in (True, False):
+        _C.dlpack_exchange(on)
+        got[on] = [_C.value_range(t) for t in cases]
+        with pytest.raises(ValueError, match="contiguous"):
+            _C.value_range(base.view(4, 10).t())
+    assert got[True] == got[False]
+    assert got[True][0] == (float(base[8]), float(base[31]), 0)
+
+
 def test_every_entry_point_has_rejection_cases():
     assert entry_points() == sorted(SPECS), (
         "entry points of diffq_c._C and the rejection table differ: add a Spec for "
@@ -646,9 +681,9 @@ def test_empty_buffers_are_valid():
 
 
 def test_requires_grad_tensor_is_read_as_its_values():
-    """Torch tensors are read through their attributes, not DLPack (which
-    refuses tensors that require grad): a parameter is read as its values,
-    the same as its detached tensor."""
+    """Torch tensors are read through torch's DLPack exchange entry or their
+    attributes, not `__dlpack__` (which refuses tensors that require grad): a
+    parameter is read as its values, the same as its detached tensor."""
     x = torch.tensor([3.0, -1.0, 2.0], requires_grad=True)
     assert _C.value_range(x) == _C.value_range(x.detach()) == (-1.0, 3.0, 0)
 
