@@ -262,8 +262,9 @@ void dq_noise_grad_dot_fast(const float *restrict grad, int64_t group_size, int 
 
 /* ------------------------------------------------- fused chunk kernels */
 
-/* Steps of groups [g0, g0 + ng) times `scale` into ss[0..ng), and their
- * derivatives into ds when not NULL. */
+/* Steps of groups [g0, g0 + ng) times `scale` into ss[0..ng), their
+ * derivatives into ds and their logits' sigmoids into sig (the bits mode)
+ * when not NULL. */
 DQ_INLINE void span_steps(const dq_bits_param *prm, const float *restrict logit, int64_t g0,
                           int64_t ng, float scale, float *restrict ss, float *restrict ds,
                           float *restrict sig) {
