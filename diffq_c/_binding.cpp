@@ -53,10 +53,11 @@ constexpr int32_t kDLCPU = 1;
 constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2;
 
 // DLPack 1.3's exchange table, which a tensor type publishes as the capsule
-// `__dlpack_c_exchange_api__` ("dlpack_exchange_api"; torch does from 2.10
-// or so). Its dltensor_from_py_object_no_sync fills a DLTensor describing a
-// tensor, without a capsule or an allocation; only the layout up to that
-// entry is read, after the header says 1.3 or later of major version 1.
+// `__dlpack_c_exchange_api__` ("dlpack_exchange_api"; torch releases since
+// late 2025 do). Its dltensor_from_py_object_no_sync fills a DLTensor
+// describing a tensor, without a capsule or an allocation; only the layout
+// up to that entry is read, after the header says 1.3 or later of major
+// version 1.
 struct DLPackVersion {
     uint32_t major;
     uint32_t minor;
