@@ -304,6 +304,13 @@ int64_t dq__first_index(const float *restrict p, int64_t from, int64_t to, float
 void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n, const dq_range *range,
                           double through_scale, float *grad_p, int only_extrema, int nthreads);
 
+/* The group size a job's group_size means: 0 is one group of all n. */
+DQ_INLINE int64_t dq__group_size_of(int64_t group_size, int64_t n) { return group_size > 0 ? group_size : n; }
+
+/* Values in a chunk of the noise backward (group sizes up to DQ_CHUNK):
+ * whole groups, about DQ_CHUNK values, so no group is cut. */
+DQ_INLINE int64_t dq__grad_chunk(int64_t group_size) { return (DQ_CHUNK / group_size) * group_size; }
+
 /* Number of fixed-size chunks covering n elements. */
 static inline int64_t dq_num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 

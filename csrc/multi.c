@@ -154,6 +154,9 @@ static int size_with_noise(const dq_noise_job *job) {
     return job->with_size && job->n > 0 && (job->group_size == 1 || job->n == 1);
 }
 
+/* Whether job's size takes a pass of its own (size_apart). */
+static int size_without_noise(const dq_noise_job *job) { return job->with_size && !size_with_noise(job); }
+
 /* The size of every job with_size that the noise forward does not give. */
 static int size_apart(const dq_bits_param *prm, dq_noise_job *jobs, int64_t njobs, int nthreads) {
     const float **logits = malloc((size_t)njobs * sizeof(float *));
@@ -162,7 +165,7 @@ static int size_apart(const dq_bits_param *prm, dq_noise_job *jobs, int64_t njob
     int64_t m = 0;
     int err = logits && ns && out ? DQ_OK : DQ_ERR_NOMEM;
     for (int64_t j = 0; j < njobs && !err; ++j)
-        if (jobs[j].with_size && !size_with_noise(&jobs[j])) {
+        if (size_without_noise(&jobs[j])) {
             const int64_t gs = jobs[j].group_size;
             logits[m] = jobs[j].logit;
             ns[m++] = gs > 0 ? jobs[j].n / gs : 1;
@@ -170,7 +173,7 @@ static int size_apart(const dq_bits_param *prm, dq_noise_job *jobs, int64_t njob
     if (!err)
         err = dq_size_forward_multi(prm, logits, ns, m, out, nthreads);
     for (int64_t j = 0, k = 0; j < njobs && !err; ++j)
-        if (jobs[j].with_size && !size_with_noise(&jobs[j]))
+        if (size_without_noise(&jobs[j]))
             jobs[j].size = out[k++];
     free(logits);
     free(ns);
@@ -203,7 +206,7 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
     dq_size_stats *size_part = NULL;
     int64_t apart = 0;
     for (int64_t j = 0; j < njobs; ++j)
-        if (jobs[j].with_size && !size_with_noise(&jobs[j]))
+        if (size_without_noise(&jobs[j]))
             ++apart;
     if (apart < njobs) {
         size_part = malloc((size_t)(t->total ? t->total : 1) * sizeof(dq_size_stats));
@@ -219,7 +222,7 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c) {
         const dq_noise_job *job = &jobs[t->job[c]];
-        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const int64_t gs = dq__group_size_of(job->group_size, job->n);
         const float mn = job->range.min, mx = job->range.max;
         int64_t cmin = 0, cmax = 0;
         dq_noise_forward_fused(prm, job->p, job->logit, mx - mn, gs, kind, job->seed, t->start[c],
@@ -334,7 +337,7 @@ int dq_quantize_prepare_multi(float min_bits, float max_bits, float extra_bits, 
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c) {
         const dq_quant_job *job = &jobs[t->job[c]];
-        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const int64_t gs = dq__group_size_of(job->group_size, job->n);
         const int64_t g0 = (t->start[c] + gs - 1) / gs, g1 = (t->start[c] + t->len[c] + gs - 1) / gs;
         if (g1 > g0)
             dq_stored_bits_fast(job->t, g0, g1 - g0, min_bits, max_bits, extra_bits, job->bits);
@@ -370,7 +373,7 @@ int dq_requantize_multi(const dq_quant_job *jobs, int64_t njobs, int nthreads) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (t.total > 1)
     for (int64_t c = 0; c < t.total; ++c) {
         const dq_quant_job *job = &jobs[t.job[c]];
-        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const int64_t gs = dq__group_size_of(job->group_size, job->n);
         /* the range as the single-tensor path computes it: in double, rounded once */
         const float range = (float)((double)job->max - (double)job->min);
         dq_requantize_fast(job->p, gs, job->bits, job->min, range, t.start[c], t.len[c], job->out);
@@ -407,7 +410,7 @@ static int noise_grad_one(const dq_bits_param *prm, int kind, const dq_noise_gra
 /* Whether a job's noise gradient goes through the shared chunk table (a
  * gradient, values, groups no larger than a chunk), not noise_grad_one. */
 static int grad_in_table(const dq_noise_grad_job *job) {
-    const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+    const int64_t gs = dq__group_size_of(job->group_size, job->n);
     return job->grad && job->n > 0 && gs <= DQ_CHUNK;
 }
 
@@ -422,8 +425,8 @@ static int backward_table(const dq_bits_param *prm, int kind, const dq_noise_gra
     int64_t total = 0;
     for (int64_t j = 0; j < njobs; ++j)
         if (grad_in_table(&jobs[j])) {
-            const int64_t gs = jobs[j].group_size > 0 ? jobs[j].group_size : jobs[j].n;
-            total += dq_num_chunks(jobs[j].n, (DQ_CHUNK / gs) * gs);
+            const int64_t gs = dq__group_size_of(jobs[j].group_size, jobs[j].n);
+            total += dq_num_chunks(jobs[j].n, dq__grad_chunk(gs));
         }
     if (total == 0)
         return DQ_OK;
@@ -437,8 +440,8 @@ static int backward_table(const dq_bits_param *prm, int kind, const dq_noise_gra
     int64_t *start = job_of + total, *len = start + total, c = 0;
     for (int64_t j = 0; j < njobs; ++j)
         if (grad_in_table(&jobs[j])) {
-            const int64_t gs = jobs[j].group_size > 0 ? jobs[j].group_size : jobs[j].n;
-            const int64_t chunk = (DQ_CHUNK / gs) * gs;
+            const int64_t gs = dq__group_size_of(jobs[j].group_size, jobs[j].n);
+            const int64_t chunk = dq__grad_chunk(gs);
             for (int64_t s = 0; s < jobs[j].n; s += chunk, ++c) {
                 job_of[c] = j;
                 start[c] = s;
@@ -449,7 +452,7 @@ static int backward_table(const dq_bits_param *prm, int kind, const dq_noise_gra
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (total > 1)
     for (int64_t k = 0; k < total; ++k) {
         const dq_noise_grad_job *job = &jobs[job_of[k]];
-        const int64_t gs = job->group_size > 0 ? job->group_size : job->n;
+        const int64_t gs = dq__group_size_of(job->group_size, job->n);
         part[k] = dq_noise_backward_fused(prm, job->grad, job->logit, job->range.max - job->range.min, gs, kind,
                                           job->seed, start[k], len[k], job->grad_logit,
                                           job->add_size ? &job->size_scale : NULL);

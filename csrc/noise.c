@@ -295,6 +295,22 @@ DQ_INLINE int step_window_moves(step_window *w, int64_t g0, int64_t g1) {
     return 1;
 }
 
+/* The forwards' steps times `scale` of a span of `len` values holding
+ * groups [g0, g1], from the window over ss (refilled when it misses them):
+ * the span's first group's. With `acc` (group_size 1: a group a value) a
+ * refill also puts the logits' sigmoids in the size's spans. */
+DQ_INLINE const float *forward_span_steps(const dq_bits_param *prm, const float *restrict logit,
+                                          float scale, step_window *win, int64_t g0, int64_t g1,
+                                          int64_t len, float *restrict ss, dq__size_acc *acc) {
+    if (step_window_moves(win, g0, g1 + 1)) {
+        assert(!acc || win->count == len);
+        span_steps(prm, logit, win->first, win->count, scale, ss, NULL, acc ? dq__size_acc_next(acc) : NULL);
+        if (acc)
+            dq__size_acc_commit(acc, len);
+    }
+    return ss + (g0 - win->first);
+}
+
 DQ_FAST
 static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const float *restrict p,
                             const float *restrict logit, float scale, int64_t group_size,
@@ -312,14 +328,8 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         dq_noise_fill_fast(kind, seed, i0, len, z);
         int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
-        if (step_window_moves(&win, g0, g1 + 1)) {
-            assert(!size || win.count == len);
-            span_steps(prm, logit, win.first, win.count, scale, ss_win, NULL,
-                       size ? dq__size_acc_next(&acc) : NULL);
-            if (size)
-                dq__size_acc_commit(&acc, len);
-        }
-        const float *restrict ss = ss_win + (g0 - win.first); /* the span's first group */
+        const float *restrict ss =
+            forward_span_steps(prm, logit, scale, &win, g0, g1, len, ss_win, size ? &acc : NULL);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
         if (group_size > 1) {
@@ -423,13 +433,8 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
             nmax += cmax;
             continue;
         }
-        if (step_window_moves(&win, g0, g1 + 1)) {
-            assert(!size || win.count == len);
-            span_steps(prm, logit, win.first, win.count, scale, ss, NULL, size ? dq__size_acc_next(&acc) : NULL);
-            if (size)
-                dq__size_acc_commit(&acc, len);
-        }
-        const float *restrict sw = ss + (g0 - win.first); /* the span's first group */
+        const float *restrict sw =
+            forward_span_steps(prm, logit, scale, &win, g0, g1, len, ss, size ? &acc : NULL);
         const __m512 one_step = _mm512_set1_ps(sw[0]);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
@@ -781,7 +786,7 @@ static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_s
     memset(dot, 0, (size_t)ngroups * sizeof(double));
     (void)nthreads;
     if (group_size <= DQ_CHUNK) {
-        int64_t chunk = (DQ_CHUNK / group_size) * group_size;
+        int64_t chunk = dq__grad_chunk(group_size);
         int64_t chunks = dq_num_chunks(n, chunk);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
         for (int64_t c = 0; c < chunks; ++c) {
@@ -809,6 +814,11 @@ static int noise_grad_dot(const float *restrict grad, int64_t n, int64_t group_s
     return 0;
 }
 
+/* What the gradient through the extrema adds at a value v of p. */
+DQ_INLINE float extrema_extra(float v, float mn, float mx, float g_min, float g_max) {
+    return (v == mx ? g_max : 0.0f) - (v == mn ? g_min : 0.0f);
+}
+
 /* Adds the gradient through max(p) and min(p): grad_p[i] = grad[i] + extra
  * at the extrema, extra shared evenly among ties, grad_p[i] = grad[i]
  * elsewhere. With only_extrema (grad_p is grad itself, or already holds a
@@ -832,7 +842,7 @@ void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
             int64_t i = at[e];
             if (e == 1 && i == at[0])
                 break;
-            grad_p[i] = grad[i] + ((p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f));
+            grad_p[i] = grad[i] + extrema_extra(p[i], mn, mx, g_min, g_max);
         }
         return;
     }
@@ -850,7 +860,7 @@ void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
                     continue;
                 for (int64_t i = base; i < stop; ++i)
                     if (p[i] == mx || p[i] == mn)
-                        grad_p[i] = grad[i] + ((p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f));
+                        grad_p[i] = grad[i] + extrema_extra(p[i], mn, mx, g_min, g_max);
             }
         }
         return;
@@ -860,8 +870,7 @@ void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n,
         int64_t start = c * DQ_CHUNK, end = DQ_MIN(n, start + DQ_CHUNK);
         for (int64_t i = start; i < end; ++i) {
             /* grad itself off the extrema (a -0.0 stays -0.0, as in place) */
-            float extra = (p[i] == mx ? g_max : 0.0f) - (p[i] == mn ? g_min : 0.0f);
-            grad_p[i] = p[i] == mx || p[i] == mn ? grad[i] + extra : grad[i];
+            grad_p[i] = p[i] == mx || p[i] == mn ? grad[i] + extrema_extra(p[i], mn, mx, g_min, g_max) : grad[i];
         }
     }
 }
@@ -889,7 +898,7 @@ int dq_noise_backward_sized(const dq_bits_param *prm, const float *grad, const f
     (void)nthreads;
     if (group_size <= DQ_CHUNK) {
         /* chunks of whole groups; their sums are added in chunk order */
-        int64_t chunk = (DQ_CHUNK / group_size) * group_size;
+        int64_t chunk = dq__grad_chunk(group_size);
         int64_t chunks = dq_num_chunks(n, chunk);
         double parts[64];
         for (int64_t base = 0; base < chunks; base += 64) {
