@@ -27,11 +27,14 @@ void dq_range_ref(const float *restrict x, int64_t start, int64_t count, dq_rang
 
 DQ_FAST
 void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_range *out) {
-    /* Sixteen lanes of running extrema and a NaN flag, selects only, so the
-     * loop vectorizes. NaN never wins a comparison; infinities do, and show
-     * up as infinite extrema. Either case is rare: it is then recounted by
-     * the reference, which leaves non-finite values out. */
-    enum { L = 16 };
+    /* Sixty-four lanes of running extrema and a NaN flag, selects only, so
+     * the loop vectorizes: four registers a quantity, four independent
+     * chains of min, max and select (with one register each, the chains'
+     * latency bound the loop: a third slower from L2). NaN never wins a
+     * comparison; infinities do, and show up as infinite extrema. Either
+     * case is rare: it is then recounted by the reference, which leaves
+     * non-finite values out. */
+    enum { L = 64 };
     float mn[L], mx[L], nan[L]; /* nan as float: an int lane would stop the vectorizer */
     for (int k = 0; k < L; ++k) {
         mn[k] = INFINITY;

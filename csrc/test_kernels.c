@@ -184,20 +184,30 @@ static void test_range(void) {
     for (int s = 0; s < NSIZES; ++s) {
         int64_t n = SIZES[s];
         float *x = xmalloc(n * sizeof(float));
-        for (int64_t i = 0; i < n; ++i)
-            x[i] = frand();
-        if (n > 4) {
-            x[n / 2] = NAN;
-            x[n / 3] = INFINITY;
+        /* all finite, with the extrema in the last element (a lane of the
+         * vector body or of the tail), then one NaN alone, one -inf alone,
+         * both and an inf */
+        for (int variant = 0; variant < 4; ++variant) {
+            for (int64_t i = 0; i < n; ++i)
+                x[i] = frand();
+            x[n - 1] = variant == 0 ? 3.0f : x[n - 1];
+            if (n > 4 && variant == 1)
+                x[n / 2] = NAN;
+            if (n > 4 && variant == 2)
+                x[n - 2] = -INFINITY;
+            if (n > 4 && variant == 3) {
+                x[n / 2] = NAN;
+                x[n / 3] = INFINITY;
+            }
+            dq_range a, b, c;
+            dq_range_ref(x, 0, n, &a);
+            dq_range_fast(x, 0, n, &b);
+            dq_range_all(x, n, &c, 2);
+            CHECK(a.min == b.min && a.max == b.max && a.nonfinite == b.nonfinite,
+                  "range fast n %lld variant %d", (long long)n, variant);
+            CHECK(a.min == c.min && a.max == c.max && a.nonfinite == c.nonfinite,
+                  "range all n %lld variant %d", (long long)n, variant);
         }
-        dq_range a, b, c;
-        dq_range_ref(x, 0, n, &a);
-        dq_range_fast(x, 0, n, &b);
-        dq_range_all(x, n, &c, 2);
-        CHECK(a.min == b.min && a.max == b.max && a.nonfinite == b.nonfinite,
-              "range fast n %lld", (long long)n);
-        CHECK(a.min == c.min && a.max == c.max && a.nonfinite == c.nonfinite,
-              "range all n %lld", (long long)n);
         free(x);
     }
 }
