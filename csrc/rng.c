@@ -95,7 +95,6 @@ __attribute__((target("avx2,fma"))) static void gaussian_words_avx2(const uint32
     const __m256i low_mask = _mm256_set1_epi32((int)GAUSS_Q_MASK), two = _mm256_set1_epi32((int)GAUSS_Q_LOW);
     const __m256i mant_mask = _mm256_set1_epi32(0x7fffff), one_f = _mm256_set1_epi32(0x3f800000);
     const __m256i sign_mask = _mm256_set1_epi32((int)0x80000000u), body = _mm256_set1_epi32(16);
-    const __m256 half3 = _mm256_set1_ps(1.5f);
     __m256 top[GAUSS_DEGREE + 1];
     for (int k = 0; k <= GAUSS_DEGREE; ++k)
         top[k] = _mm256_loadu_ps(GAUSS_POLY[k] + 16);
@@ -104,13 +103,12 @@ __attribute__((target("avx2,fma"))) static void gaussian_words_avx2(const uint32
         const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, GAUSS_Q_SHIFT), low_mask), two);
         const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(q));
         const __m256i row = _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(31));
-        const __m256 t = _mm256_sub_ps(
-            _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, mant_mask), one_f)), half3);
+        const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, mant_mask), one_f));
         __m256 v;
         if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(body, row))) == 0) {
             v = _mm256_permutevar8x32_ps(top[0], row);
             for (int k = 1; k <= GAUSS_DEGREE; ++k)
-                v = _mm256_fmadd_ps(v, t, _mm256_permutevar8x32_ps(top[k], row));
+                v = _mm256_fmadd_ps(v, m, _mm256_permutevar8x32_ps(top[k], row));
         } else {
             const __m256 upper8 = _mm256_castsi256_ps(_mm256_slli_epi32(row, 28));
             const __m256 upper16 = _mm256_castsi256_ps(_mm256_slli_epi32(row, 27));
@@ -120,7 +118,7 @@ __attribute__((target("avx2,fma"))) static void gaussian_words_avx2(const uint32
                                      _mm256_permutevar8x32_ps(_mm256_loadu_ps(GAUSS_POLY[k] + 8), row),
                                      upper8),
                     _mm256_permutevar8x32_ps(top[k], row), upper16);
-                v = k == 0 ? c : _mm256_fmadd_ps(v, t, c);
+                v = k == 0 ? c : _mm256_fmadd_ps(v, m, c);
             }
         }
         v = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), _mm256_and_si256(u, sign_mask)));

@@ -14,7 +14,7 @@
 
 /* named tolerances */
 #define TOL_GAUSSIAN_ABS 1e-6f /* fast vs reference noise: the same bits; a margin */
-#define TOL_QUANTILE_ABS 2.5e-6 /* the gaussian table vs the exact quantile, N(0, 1)/2 units */
+#define TOL_QUANTILE_ABS 1.1e-4 /* the gaussian table (degree 3) vs the exact quantile, N(0, 1)/2 units */
 #define TOL_MADD_REL 1e-5 /* steps with and without FMA instructions: a few roundings, 1 - t amplifying them */
 #define TOL_NOISE_FWD_ABS 1e-6f
 #define TOL_FAST_EXP_REL 2e-6f /* polynomial exp2 vs libm in the fast bits/step */
@@ -81,7 +81,7 @@ static void test_noise_fill(void) {
 }
 
 /* The lower tail's quantile Phi^-1(p) in double: Newton on erfc from the
- * table's own value (already within 1e-5), three steps. */
+ * table's own value (already within 1e-4), three steps. */
 static double normal_quantile_near(double p, double x) {
     for (int k = 0; k < 3; ++k) {
         double cdf = 0.5 * erfc(-x / sqrt(2.0));
@@ -510,11 +510,11 @@ static void test_madd_double_is_fma_for_the_gaussian(void) {
     for (uint32_t v = 0; v < (1u << 23); ++v) {
         const uint32_t u = v << 8;
         uint32_t octave;
-        float t;
-        gaussian_point(u, &octave, &t);
+        float m;
+        gaussian_point(u, &octave, &m);
         float z = GAUSS_POLY[0][octave];
         for (int k = 1; k <= GAUSS_DEGREE; ++k)
-            z = fmaf(z, t, GAUSS_POLY[k][octave]);
+            z = fmaf(z, m, GAUSS_POLY[k][octave]);
         bad += dq_float_bits(gaussian_of(u)) != dq_float_bits(z);
     }
     CHECK(bad == 0, "gaussian: double multiply-adds differ from fmaf at %lld magnitudes", (long long)bad);

@@ -335,25 +335,25 @@ def _gauss_table():
     rows = [r for r in re.findall(r"\{([^{}]*)\}", body)]
     table = np.array([[float.fromhex(c.strip().rstrip("f")) if "0x" in c else float(c.strip().rstrip("f"))
                        for c in row.split(",") if c.strip()] for row in rows], dtype=np.float32)
-    assert table.shape == (6, 32)
+    assert table.shape == (4, 32)  # degree 3: four coefficients a row
     return table
 
 
 def _gauss_of_words(words):
     """N(0, 1) / 2 of 32-bit words: bits 8..30 make 4v + 2 = p * 2^26 as a
-    float, its exponent's low five bits pick the table row, its mantissa
-    t + 1.5 the point; Horner by float32 fused multiply-adds; bit 31 the
-    sign."""
+    float, its exponent's low five bits pick the table row, its mantissa m
+    in [1, 2) is the point; Horner by float32 fused multiply-adds; bit 31
+    the sign."""
     np = pytest.importorskip("numpy")
     f = np.float32
     table = _gauss_table()
     q = ((words >> np.uint32(6)) & np.uint32(0x1FFFFFC)) | np.uint32(2)
     bits = q.astype(f).view(np.uint32)
     row = (bits >> np.uint32(23)) & np.uint32(31)
-    t = ((bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000)).view(f) - f(1.5)
+    m = ((bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000)).view(f)
     y = table[0][row]
-    for k in range(1, 6):
-        y = _fma32(y, t, table[k][row])
+    for k in range(1, len(table)):
+        y = _fma32(y, m, table[k][row])
     return (y.view(np.uint32) ^ (words & np.uint32(0x80000000))).view(f)
 
 
@@ -372,19 +372,20 @@ def _spec_noise(kind, seed, start, n):
 
 def test_gaussian_table_is_the_normal_quantile():
     """Every one of the 2^23 magnitudes against -Phi^-1(p) / 2 in float64
-    (torch.special.ndtri): within 2.5e-6, and the sign bit mirrors them."""
+    (torch.special.ndtri): within 1.1e-4 (the degree-3 fit's 1.0e-4), and
+    the sign bit mirrors them."""
     np = pytest.importorskip("numpy")
     v = np.arange(1 << 23, dtype=np.uint32)
     words = (v << np.uint32(8)) | np.uint32(0x5A)  # the low byte is not used
     got = _gauss_of_words(words).astype(np.float64)
     p = torch.from_numpy((2.0 * v.astype(np.float64) + 1.0) / 2.0 ** 25)
     want = (-0.5 * torch.special.ndtri(p)).numpy()
-    assert np.abs(got - want).max() <= 2.5e-6
+    assert np.abs(got - want).max() <= 1.1e-4
     mirrored = _gauss_of_words(words | np.uint32(0x80000000)).astype(np.float64)
     assert np.array_equal(mirrored, -got)
     # the largest magnitude is 5.42 sigma; next to p = 1/2 the fit dips
     # below zero by less than its error
-    assert 2.70 < got.max() <= 2.72 and got.min() > -2.5e-6
+    assert 2.70 < got.max() <= 2.72 and got.min() > -1.1e-4
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])
