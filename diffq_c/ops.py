@@ -509,6 +509,10 @@ class SizeLink:
     copy has no forward of its own yet)."""
 
     def __init__(self) -> None:
+        # whether model_size() looked at the last training forward's nodes:
+        # the next forward then gives the size's statistics from its steps
+        # (see wants_stats). Survives clear(): it is about the next forward.
+        self.read = True
         self.clear()
 
     def clear(self) -> None:
@@ -524,6 +528,18 @@ class SizeLink:
         self.handles, self.logits, self.weights, self.stats = handles, logits, weights, stats
         self.versions = [(l._version, l.data_ptr()) for l in logits]
         self.steps = _eval_cache.optimizer_steps()
+        self.read = False
+
+    def wants_stats(self) -> bool:
+        """Whether the next training forward should give the logits' size
+        statistics (size_bits_all, from the steps it computes anyway at
+        group_size 1, a pass over the logits otherwise): when model_size()
+        read the last forward's link, or no forward set one yet. A loop
+        that never calls model_size() (or calls it without grad) then skips
+        that work from its second step on; one that starts calling it gets
+        the statistics again from the forward after its first call, which
+        computes them itself."""
+        return self.read
 
     def take(self, logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[float]):
         """(handles, stats) when model_size() of these logits and weights may
@@ -539,6 +555,7 @@ class SizeLink:
             if (logit is not mine or not logit.requires_grad or logit._version != version
                     or logit.data_ptr() != address):
                 return None
+        self.read = True
         steps = _eval_cache.optimizer_steps()
         return handles, self.stats if steps >= 0 and steps == self.steps else None
 
@@ -619,7 +636,7 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
         seed = draw_seed(generator)
     linked = (link is not None and size_weights is not None and FUSE_SIZE_GRAD
               and torch.is_grad_enabled())
-    stats = torch.empty((len(ps), 2), dtype=torch.float64) if linked else None
+    stats = torch.empty((len(ps), 2), dtype=torch.float64) if linked and link.wants_stats() else None
     noisy, ranges = noise_forward_all(ps, logits, seed, group_sizes, kind, prm, names, allocs, as_they_are,
                                       None if layouts is None else layouts.noisy, stats)
     if not torch.is_grad_enabled():

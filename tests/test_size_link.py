@@ -337,6 +337,66 @@ def test_the_size_terms_of_the_forward_are_used_while_they_hold(monkeypatch):
     assert float(quantizer.model_size().detach()) == float(after.detach())
 
 
+@pytest.mark.parametrize("group_size", [1, 8])
+def test_the_forward_gives_size_terms_only_while_model_size_reads_them(monkeypatch, group_size):
+    """A training loop without model_size() stops paying for the size terms
+    from its second forward (the binding gets no size_stats); the forward
+    after the first model_size() that finds none computes them again; and
+    model_size() gives the same value and gradients either way."""
+    model, quantizer, opt = _setup(group_size=group_size)
+    asked, sized = [], []
+    real_forward, real_size = ops._C.noise_forward_multi, ops.size_bits_all
+
+    def forward_multi(*args):
+        asked.append(args[-1] is not None)
+        return real_forward(*args)
+
+    monkeypatch.setattr(ops._C, "noise_forward_multi", forward_multi, raising=False)
+    monkeypatch.setattr(ops, "size_bits_all", lambda *a: sized.append(1) or real_size(*a))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+
+    def step(with_size):
+        opt.zero_grad()
+        loss = model(x).square().sum()
+        if with_size:
+            loss = loss + 1e-2 * quantizer.model_size()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        return loss, grads
+
+    step(False)
+    step(False)
+    assert asked == [True, False], "no model_size(): the second forward skips the size terms"
+    torch.manual_seed(7)
+    loss, grads = step(True)
+    assert asked[-1] is False and sized == [1], "model_size() computed what the forward skipped"
+    step(True)
+    assert asked[-1] is True and sized == [1], "read again: the forward gives them"
+    # the value and gradients of a step whose forward skipped the terms
+    # against the same step with the link off (size kernel apart)
+    twin, twin_q, twin_opt = _setup(group_size=group_size)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    for mine, theirs in zip(quantizer._unique_qparams(), twin_q._unique_qparams()):
+        theirs.logit.data.copy_(mine.logit.data)
+    quantizer._link().read = False  # as after a step without model_size()
+    monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", True)
+    torch.manual_seed(9)
+    opt.zero_grad()
+    out = model(x).square().sum() + 1e-2 * quantizer.model_size()
+    out.backward()
+    assert asked[-1] is False
+    monkeypatch.setattr(ops, "FUSE_SIZE_GRAD", False)
+    torch.manual_seed(9)
+    twin_opt.zero_grad()
+    ref = twin(x).square().sum() + 1e-2 * twin_q.model_size()
+    ref.backward()
+    assert float(out.detach()) == float(ref.detach())
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+
+
 def test_linked_groups_still_update_large_gradients_in_place(monkeypatch):
     """The handle's gradient rides in the same argument tuple as the
     weights': the reference count that the in-place speed path reads must
