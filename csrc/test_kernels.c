@@ -184,13 +184,17 @@ static void test_range(void) {
     for (int s = 0; s < NSIZES; ++s) {
         int64_t n = SIZES[s];
         float *x = xmalloc(n * sizeof(float));
-        /* all finite, with the extrema in the last element (a lane of the
-         * vector body or of the tail), then one NaN alone, one -inf alone,
-         * both and an inf */
+        /* all finite, the largest value last and the smallest next to it
+         * (lanes of the vector body or of the tail), then one NaN alone,
+         * one -inf alone, both and an inf */
         for (int variant = 0; variant < 4; ++variant) {
             for (int64_t i = 0; i < n; ++i)
                 x[i] = frand();
-            x[n - 1] = variant == 0 ? 3.0f : x[n - 1];
+            if (variant == 0) {
+                x[n - 1] = 3.0f;
+                if (n > 1)
+                    x[n - 2] = -3.0f;
+            }
             if (n > 4 && variant == 1)
                 x[n / 2] = NAN;
             if (n > 4 && variant == 2)
