@@ -27,11 +27,17 @@ static void table_free(chunk_table *t) {
     t->job = t->start = t->len = NULL;
 }
 
-static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
+/* The table of jobs cut into chunks of chunk_of[j] values (DQ_CHUNK for
+ * every job when chunk_of is NULL); a job whose chunk_of is 0 is left out. */
+static int table_make_chunked(const int64_t *sizes, const int64_t *chunk_of, int64_t njobs,
+                              chunk_table *t) {
     int64_t total = 0, values = 0;
     for (int64_t j = 0; j < njobs; ++j) {
-        total += dq_num_chunks(sizes[j], DQ_CHUNK);
-        values += sizes[j];
+        const int64_t chunk = chunk_of ? chunk_of[j] : DQ_CHUNK;
+        if (chunk > 0) {
+            total += dq_num_chunks(sizes[j], chunk);
+            values += sizes[j];
+        }
     }
     t->total = total;
     t->values = values;
@@ -41,13 +47,32 @@ static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
     t->start = t->job + total;
     t->len = t->start + total;
     int64_t c = 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        for (int64_t s = 0; s < sizes[j]; s += DQ_CHUNK, ++c) {
+    for (int64_t j = 0; j < njobs; ++j) {
+        const int64_t chunk = chunk_of ? chunk_of[j] : DQ_CHUNK;
+        for (int64_t s = 0; chunk > 0 && s < sizes[j]; s += chunk, ++c) {
             t->job[c] = j;
             t->start[c] = s;
-            t->len[c] = DQ_MIN(DQ_CHUNK, sizes[j] - s);
+            t->len[c] = DQ_MIN(chunk, sizes[j] - s);
         }
+    }
     return DQ_OK;
+}
+
+static int table_make(const int64_t *sizes, int64_t njobs, chunk_table *t) {
+    return table_make_chunked(sizes, NULL, njobs, t);
+}
+
+/* The size statistics of no logits, and a chunk's part added to them: the
+ * drivers add their chunks' parts in chunk order, so they give the same
+ * bits whichever pass computed the parts. */
+static void size_stats_clear(dq_size_stats *o) {
+    o->sum_bits = 0;
+    o->max_bits = -INFINITY;
+}
+
+static void size_stats_add(dq_size_stats *o, const dq_size_stats *part) {
+    o->sum_bits += part->sum_bits;
+    o->max_bits = part->max_bits > o->max_bits ? part->max_bits : o->max_bits;
 }
 
 /* Threads for a pass over `values` values in all: one below a chunk's
@@ -234,18 +259,11 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
     if (apart)
         err = size_apart(prm, jobs, njobs, nthreads);
     for (int64_t j = 0; j < njobs; ++j)
-        if (size_with_noise(&jobs[j])) {
-            jobs[j].size.sum_bits = 0;
-            jobs[j].size.max_bits = -INFINITY;
-        }
-    for (int64_t c = 0; c < t->total; ++c) {
-        dq_noise_job *job = &jobs[t->job[c]];
-        if (size_with_noise(job)) {
-            job->size.sum_bits += size_part[c].sum_bits;
-            const float top = size_part[c].max_bits;
-            job->size.max_bits = top > job->size.max_bits ? top : job->size.max_bits;
-        }
-    }
+        if (size_with_noise(&jobs[j]))
+            size_stats_clear(&jobs[j].size);
+    for (int64_t c = 0; c < t->total; ++c)
+        if (size_with_noise(&jobs[t->job[c]]))
+            size_stats_add(&jobs[t->job[c]].size, &size_part[c]);
     free(size_part);
     /* ties at each end, and the first chunk holding each (as -2 - its
      * start): the backward then updates the extrema without a pass over p */
@@ -292,15 +310,10 @@ int dq_size_forward_multi(const dq_bits_param *prm, const float *const *logits, 
         int64_t j = t.job[c];
         dq_size_forward_fast(prm, logits[j], t.start[c], t.len[c], &part[c]);
     }
-    for (int64_t j = 0; j < njobs; ++j) {
-        out[j].sum_bits = 0;
-        out[j].max_bits = -INFINITY;
-    }
-    for (int64_t c = 0; c < t.total; ++c) {
-        dq_size_stats *o = &out[t.job[c]];
-        o->sum_bits += part[c].sum_bits;
-        o->max_bits = part[c].max_bits > o->max_bits ? part[c].max_bits : o->max_bits;
-    }
+    for (int64_t j = 0; j < njobs; ++j)
+        size_stats_clear(&out[j]);
+    for (int64_t c = 0; c < t.total; ++c)
+        size_stats_add(&out[t.job[c]], &part[c]);
     free(part);
     table_free(&t);
     return DQ_OK;
@@ -422,55 +435,48 @@ static int grad_in_table(const dq_noise_grad_job *job) {
  * chunks, so only the extrema are left to write. */
 static int backward_table(const dq_bits_param *prm, int kind, const dq_noise_grad_job *jobs,
                           int64_t njobs, int nthreads) {
-    int64_t total = 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        if (grad_in_table(&jobs[j])) {
-            const int64_t gs = dq__group_size_of(jobs[j].group_size, jobs[j].n);
-            total += dq_num_chunks(jobs[j].n, dq__grad_chunk(gs));
-        }
-    if (total == 0)
-        return DQ_OK;
-    int64_t *job_of = malloc((size_t)total * 3 * sizeof(int64_t));
-    double *part = malloc((size_t)total * sizeof(double));
-    if (!job_of || !part) {
-        free(job_of);
-        free(part);
+    int64_t *sizes = malloc((size_t)(njobs ? njobs : 1) * 2 * sizeof(int64_t));
+    if (!sizes)
+        return DQ_ERR_NOMEM;
+    int64_t *chunk_of = sizes + njobs;
+    for (int64_t j = 0; j < njobs; ++j) {
+        sizes[j] = jobs[j].n;
+        const int64_t gs = dq__group_size_of(jobs[j].group_size, jobs[j].n);
+        chunk_of[j] = grad_in_table(&jobs[j]) ? dq__grad_chunk(gs) : 0;
+    }
+    chunk_table t;
+    int err = table_make_chunked(sizes, chunk_of, njobs, &t);
+    free(sizes);
+    if (err)
+        return err;
+    double *part = t.total ? malloc((size_t)t.total * sizeof(double)) : NULL;
+    if (t.total && !part) {
+        table_free(&t);
         return DQ_ERR_NOMEM;
     }
-    int64_t *start = job_of + total, *len = start + total, c = 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        if (grad_in_table(&jobs[j])) {
-            const int64_t gs = dq__group_size_of(jobs[j].group_size, jobs[j].n);
-            const int64_t chunk = dq__grad_chunk(gs);
-            for (int64_t s = 0; s < jobs[j].n; s += chunk, ++c) {
-                job_of[c] = j;
-                start[c] = s;
-                len[c] = DQ_MIN(chunk, jobs[j].n - s);
-            }
-        }
     (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (total > 1)
-    for (int64_t k = 0; k < total; ++k) {
-        const dq_noise_grad_job *job = &jobs[job_of[k]];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (t.total > 1)
+    for (int64_t k = 0; k < t.total; ++k) {
+        const dq_noise_grad_job *job = &jobs[t.job[k]];
         const int64_t gs = dq__group_size_of(job->group_size, job->n);
         part[k] = dq_noise_backward_fused(prm, job->grad, job->logit, job->range.max - job->range.min, gs, kind,
-                                          job->seed, start[k], len[k], job->grad_logit,
+                                          job->seed, t.start[k], t.len[k], job->grad_logit,
                                           job->add_size ? &job->size_scale : NULL);
         if (job->grad_p != job->grad)
-            memcpy(job->grad_p + start[k], job->grad + start[k], (size_t)len[k] * sizeof(float));
+            memcpy(job->grad_p + t.start[k], job->grad + t.start[k], (size_t)t.len[k] * sizeof(float));
     }
     for (int64_t j = 0, k = 0; j < njobs; ++j) {
         if (!grad_in_table(&jobs[j]))
             continue;
         double through_scale = 0;
-        for (; k < total && job_of[k] == j; ++k)
+        for (; k < t.total && t.job[k] == j; ++k)
             through_scale += part[k];
         const dq_noise_grad_job *job = &jobs[j];
         dq__add_extrema_grad(job->grad, job->p, job->n, &job->range, through_scale, job->grad_p, 1,
                              nthreads);
     }
-    free(job_of);
     free(part);
+    table_free(&t);
     return DQ_OK;
 }
 
