@@ -297,8 +297,11 @@ DQ_INLINE int64_t dq__groups_per_chunk(int64_t group_size) {
 int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int64_t group_size,
                              int64_t totals[16], int nthreads);
 
-/* The first index of p[from, to) holding value, or -1 (quantize.c). */
+/* The first index of p[from, to) holding value, or -1 (quantize.c): with
+ * AVX-512 a compare mask sixteen values at a time, else
+ * dq__first_index_blocks, the portable version tests also run. */
 int64_t dq__first_index(const float *restrict p, int64_t from, int64_t to, float value);
+int64_t dq__first_index_blocks(const float *restrict p, int64_t from, int64_t to, float value);
 
 /* The noise backward's gradient through the extrema (noise.c). */
 void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n, const dq_range *range,

@@ -186,8 +186,9 @@ static void test_range(void) {
         float *x = xmalloc(n * sizeof(float));
         /* all finite, the largest value last and the smallest next to it
          * (lanes of the vector body or of the tail), then one NaN alone,
-         * one -inf alone, both and an inf */
-        for (int variant = 0; variant < 4; ++variant) {
+         * one -inf alone, both and an inf, then the extrema in the stretch
+         * of sixteen lanes between the body and the tail */
+        for (int variant = 0; variant < 5; ++variant) {
             for (int64_t i = 0; i < n; ++i)
                 x[i] = frand();
             if (variant == 0) {
@@ -202,6 +203,11 @@ static void test_range(void) {
             if (n > 4 && variant == 3) {
                 x[n / 2] = NAN;
                 x[n / 3] = INFINITY;
+            }
+            if (variant == 4 && n % 64 >= 18) {
+                /* past the 64-lane body, in the sixteen-lane stretch */
+                x[n / 64 * 64 + 1] = 3.0f;
+                x[n / 64 * 64 + 17] = -3.0f;
             }
             dq_range a, b, c;
             dq_range_ref(x, 0, n, &a);
@@ -223,15 +229,17 @@ static int64_t naive_first_index(const float *p, int64_t from, int64_t to, float
     return -1;
 }
 
-/* dq__first_index (blocks compared as vectors) against a plain scan, with
- * the value nowhere, at block borders, twice, as -0.0 for 0.0 and NaN; and
- * the first extrema a noise forward reports, which it finds that way. */
+/* dq__first_index (a compare mask sixteen values at a time with AVX-512)
+ * and dq__first_index_blocks (blocks compared as vectors) against a plain
+ * scan, with the value nowhere, at vector and block borders, twice, as
+ * -0.0 for 0.0 and NaN; and the first extrema a noise forward reports,
+ * which it finds that way. */
 static void test_first_index(void) {
-    const int64_t sizes[] = {1, 255, 256, 257, 1000, DQ_CHUNK + 300};
-    for (int s = 0; s < 6; ++s) {
+    const int64_t sizes[] = {1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 255, 256, 257, 1000, DQ_CHUNK + 300};
+    for (int s = 0; s < (int)(sizeof sizes / sizeof sizes[0]); ++s) {
         const int64_t n = sizes[s];
-        const int64_t spots[] = {-1, 0, 255, 256, n / 2, n - 1};
-        for (int k = 0; k < 6; ++k) {
+        const int64_t spots[] = {-1, 0, 15, 16, 17, 255, 256, n / 2, n - 2, n - 1};
+        for (int k = 0; k < (int)(sizeof spots / sizeof spots[0]); ++k) {
             float *p = xmalloc((size_t)n * sizeof(float));
             for (int64_t i = 0; i < n; ++i)
                 p[i] = 0.25f + 0.5f * (frand() + 1.0f) / 2.0f; /* in [0.25, 0.75] */
@@ -245,7 +253,17 @@ static void test_first_index(void) {
             for (int64_t from = 0; from < n; from += n / 3 + 1) {
                 CHECK(dq__first_index(p, from, n, 0.0f) == naive_first_index(p, from, n, 0.0f),
                       "first index of 0 from %lld (n %lld, at %lld)", (long long)from, (long long)n, (long long)at);
-                CHECK(dq__first_index(p, from, n, NAN) == -1, "NaN is never found");
+                CHECK(dq__first_index_blocks(p, from, n, 0.0f) == naive_first_index(p, from, n, 0.0f),
+                      "blocks: first index of 0 from %lld (n %lld, at %lld)", (long long)from, (long long)n,
+                      (long long)at);
+                CHECK(dq__first_index(p, from, n, NAN) == -1 && dq__first_index_blocks(p, from, n, NAN) == -1,
+                      "NaN is never found");
+                /* an end short of the array: lanes past `to` are never read as hits */
+                const int64_t to = n - (n - from) / 2;
+                CHECK(dq__first_index(p, from, to, 0.0f) == naive_first_index(p, from, to, 0.0f) &&
+                          dq__first_index_blocks(p, from, to, 0.0f) == naive_first_index(p, from, to, 0.0f),
+                      "first index of 0 in [%lld, %lld) (n %lld, at %lld)", (long long)from, (long long)to,
+                      (long long)n, (long long)at);
             }
             if (at >= 0) {
                 /* starting on the value, and just past it (the later tie) */
