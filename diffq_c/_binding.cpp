@@ -94,6 +94,44 @@ std::string describe(const DLDataType &t) {
     return std::string(kind) + std::to_string(t.bits);
 }
 
+// A buffer's dimensions: up to kInline of them held in place, more on the
+// heap. A step reads thousands of buffers, and a vector's allocation a
+// buffer (two for a matrix, as it grew) was a tenth of the binding's time.
+class Shape {
+  public:
+    static constexpr int kInline = 6;
+    size_t size() const { return n_; }
+    int64_t operator[](size_t d) const { return n_ <= kInline ? small_[d] : big_[d]; }
+    void clear() {
+        n_ = 0;
+        big_.clear();
+    }
+    void push_back(int64_t v) {
+        if (n_ < kInline) {
+            small_[n_++] = v;
+            return;
+        }
+        if (n_ == kInline)
+            big_.assign(small_, small_ + kInline);
+        big_.push_back(v);
+        ++n_;
+    }
+    bool operator==(const Shape &o) const {
+        if (n_ != o.n_)
+            return false;
+        for (size_t d = 0; d < n_; ++d)
+            if ((*this)[d] != o[d])
+                return false;
+        return true;
+    }
+    bool operator!=(const Shape &o) const { return !(*this == o); }
+
+  private:
+    size_t n_ = 0;
+    int64_t small_[kInline];
+    std::vector<int64_t> big_;
+};
+
 // A validated view of one buffer. The capsule keeps the producer's memory
 // alive while a kernel runs.
 struct Buffer {
@@ -101,7 +139,7 @@ struct Buffer {
     char *data = nullptr;
     int64_t numel = 0;
     int elem_size = 0;
-    std::vector<int64_t> shape;
+    Shape shape;
 };
 
 [[noreturn]] void type_error(const std::string &msg) { throw py::type_error(msg); }
@@ -1232,8 +1270,10 @@ void range_to_row(const dq_range &r, double *row) {
 // receives each one's range (min, max, ties at min and max, non-finite
 // count, first index of min and max), what noise_backward_multi takes.
 // size_stats (float64 [n, 2], or None) receives what size_forward_multi
-// gives for the logits: each one's sum of bits and largest bits.
-void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys, std::vector<int64_t> group_sizes,
+// gives for the logits: each one's sum of bits and largest bits. Returns
+// how many tensors hold non-finite values (then nothing else is written
+// but ranges): the caller's check without a pass over ranges.
+int64_t noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence noisys, std::vector<int64_t> group_sizes,
                          int kind, uint64_t base_seed, std::tuple<int, float, float, float, float> prm_t,
                          py::handle ranges_obj, int nthreads, py::handle size_stats_obj) {
     const size_t n = group_sizes.size();
@@ -1279,12 +1319,15 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
     }
     outputs_disjoint(extents);
     int err;
+    int64_t nonfinite = 0;
     {
         py::gil_scoped_release nogil;
         err = dq_noise_forward_multi(&prm, kind, jobs.data(), (int64_t)n, nthreads);
         double *rows = reinterpret_cast<double *>(ranges.data);
-        for (size_t i = 0; i < n; ++i)
+        for (size_t i = 0; i < n; ++i) {
             range_to_row(jobs[i].range, rows + i * kRangeFields);
+            nonfinite += jobs[i].range.nonfinite > 0;
+        }
         // what size_forward_multi gives (NaN where the forward stopped)
         for (size_t i = 0; i < n && sized; ++i) {
             stats_rows[2 * i] = err == DQ_OK ? jobs[i].size.sum_bits : NAN;
@@ -1293,6 +1336,7 @@ void noise_forward_multi(py::sequence ps, py::sequence logits, py::sequence nois
     }
     if (err == DQ_ERR_NOMEM)
         throw std::bad_alloc();
+    return nonfinite;
 }
 
 // noise_backward of each entry, from what noise_forward_multi gave: entry i

@@ -173,15 +173,16 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
     ranges = torch.empty((len(ps), RANGE_FIELDS), dtype=torch.float64)
     if as_they_are:
         try:
-            _C.noise_forward_multi(ps, logits, noisy, list(group_sizes), kind, seed & _MASK64, tuple(prm),
-                                   ranges, num_threads(), size_stats)
+            nonfinite = _C.noise_forward_multi(ps, logits, noisy, list(group_sizes), kind, seed & _MASK64,
+                                               tuple(prm), ranges, num_threads(), size_stats)
         except (TypeError, ValueError) as exc:
             raise KernelRefused(str(exc), seed) from exc
     else:
-        _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
-                               list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads(),
-                               size_stats)
-    _raise_nonfinite(ranges, names)
+        nonfinite = _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
+                                           list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges,
+                                           num_threads(), size_stats)
+    if nonfinite:
+        _raise_nonfinite(ranges, names)
     return noisy, ranges
 
 
