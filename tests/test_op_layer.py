@@ -188,6 +188,46 @@ def test_gradients_of_small_layers_arrive_by_groups_of_at_most_one_mebibyte():
     assert order.index("3.weight") < order.index("2.weight")
 
 
+def test_the_fast_autograd_entry_is_optional_and_exact(monkeypatch):
+    """The noisy groups enter autograd under Function.apply's Python wrapper
+    (a speed path, ops.FAST_APPLY): taken outside functorch's transforms,
+    and training with it off gives bitwise the same weights, logits and
+    gradients, with and without model_size() in the loss."""
+    from torch._functorch import utils as functorch_utils
+    assert ops._NOISY_GROUP_APPLY is not None
+    real_unwrap, unwrapped = functorch_utils.unwrap_dead_wrappers, []
+
+    def unwrap(args):
+        unwrapped.append(len(args))
+        return real_unwrap(args)
+
+    monkeypatch.setattr(functorch_utils, "unwrap_dead_wrappers", unwrap)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(ops, "FAST_APPLY", fast)
+        unwrapped.clear()
+        torch.manual_seed(0)
+        model = _mlp()
+        quantizer, optimizer = _quantized(model)
+        x = torch.randn(4, 16)
+        grads = []
+        for step in range(4):
+            optimizer.zero_grad()
+            loss = model(x).pow(2).sum()
+            if step % 2:
+                loss = loss + 1e-2 * quantizer.model_size()
+            loss.backward()
+            grads += [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+        # a noisy group has 2 arguments and 2 per parameter; the wrapper
+        # sees none of them on the fast path
+        groups = [n for n in unwrapped if n == 2 + 2 * len(quantizer._qparams)]
+        assert (len(groups) == 0) == fast, unwrapped
+        results.append(([p.detach().clone() for p in model.parameters()], grads))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert torch.equal(a, b)
+
+
 # -------------------------------------------------- multi-tensor = per-tensor
 
 
