@@ -228,6 +228,35 @@ def test_the_fast_autograd_entry_is_optional_and_exact(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_strided_incoming_gradients_give_the_gradients_of_dense_ones():
+    """The groups' backward hands the incoming gradients to the binding as
+    they are: an expanded one (of a sum) or a transposed one is refused
+    before anything is written and the retry copies it, with the gradients
+    a dense incoming gradient of the same values gives."""
+    class Sums(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64))
+            self.v = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, dense):
+            if dense:  # the same values as dense tensors
+                return (self.w * torch.full((64,), 3.0)).sum() + (self.v * torch.arange(64.).view(8, 8).t()).sum()
+            return self.w.sum() * 3.0 + (self.v.t() * torch.arange(64.).view(8, 8)).sum()
+
+    grads = []
+    for dense in (True, False):
+        torch.manual_seed(0)
+        model = Sums()
+        quantizer, _ = _quantized(model)
+        torch.manual_seed(1)
+        model(dense).backward()
+        grads.append([t.grad.clone() for t in model.parameters()])
+    assert len(grads[0]) == 4  # the two weights and their logits
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 # -------------------------------------------------- multi-tensor = per-tensor
 
 
