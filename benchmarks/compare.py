@@ -17,6 +17,7 @@ models of many small tensors that fixed cost is what matters.
 """
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -101,10 +102,24 @@ def output_tensor(out):
 # ---------------------------------------------------------------- timing
 
 
+# a measurement goes on past its `repeats` rounds until this many seconds
+# have passed: a step of the many model takes 10-50 ms, and ten rounds of
+# it gave speed-ups from 9.2x to 11.1x in four runs of one build
+MIN_SECONDS = 3.0
+
+
 def interleaved(cases, repeats):
-    """{name: [ms of each round]}, running the cases round-robin so drifts in
+    """{name: [ms of each round]}, running the cases in turn so drifts in
     machine load hit them all alike. A case that raises gets [NaN] (diffq
-    cannot restore its own group_size=0 states, for one)."""
+    cannot restore its own group_size=0 states, for one).
+
+    Each round runs the cases in another order, through all their orders
+    (so the rounds are `repeats` rounded up to a multiple of their count,
+    and more such cycles while MIN_SECONDS have not passed): a case pays
+    for the memory and caches the one before it left, and on the many
+    model a step right after diffq's took 2 ms more than the same step
+    right before it (RESULTS.md, seventh session). In a fixed order
+    diffq_c always followed diffq. FIXED_ORDER=1 restores that order."""
     samples = {name: [] for name in cases}
     for name, fn in list(cases.items()):
         try:
@@ -113,11 +128,20 @@ def interleaved(cases, repeats):
             print(f"  ({name} fails: {type(exc).__name__}: {str(exc)[:80]})")
             samples[name] = [float("nan")]
             del cases[name]
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    names = list(cases)
+    if os.environ.get("FIXED_ORDER") == "1":
+        orders = [names]
+    else:
+        orders = [list(order) for order in itertools.permutations(names)]
+    rounds = -(-repeats // len(orders)) * len(orders)
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or (r % len(orders) or time.perf_counter() - start < MIN_SECONDS):
+        for name in orders[r % len(orders)]:
             t0 = time.perf_counter()
-            fn()
+            cases[name]()
             samples[name].append((time.perf_counter() - t0) * 1000)
+        r += 1
     return samples
 
 
