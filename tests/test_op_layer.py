@@ -233,6 +233,13 @@ def test_strided_incoming_gradients_give_the_gradients_of_dense_ones():
     they are: an expanded one (of a sum) or a transposed one is refused
     before anything is written and the retry copies it, with the gradients
     a dense incoming gradient of the same values gives."""
+    contiguous = {}
+
+    def record(key):
+        def hook(grad):
+            contiguous[key] = grad.is_contiguous()
+        return hook
+
     class Sums(nn.Module):
         def __init__(self):
             super().__init__()
@@ -240,8 +247,12 @@ def test_strided_incoming_gradients_give_the_gradients_of_dense_ones():
             self.v = nn.Parameter(torch.randn(8, 8))
 
         def forward(self, dense):
+            # the noisy weights here: what reaches them is what the groups' backward gets
+            self.w.register_hook(record((dense, "w")))
+            self.v.register_hook(record((dense, "v")))
             if dense:  # the same values as dense tensors
-                return (self.w * torch.full((64,), 3.0)).sum() + (self.v * torch.arange(64.).view(8, 8).t()).sum()
+                return ((self.w * torch.full((64,), 3.0)).sum()
+                        + (self.v * torch.arange(64.).view(8, 8).t().contiguous()).sum())
             return self.w.sum() * 3.0 + (self.v.t() * torch.arange(64.).view(8, 8)).sum()
 
     grads = []
@@ -252,6 +263,7 @@ def test_strided_incoming_gradients_give_the_gradients_of_dense_ones():
         torch.manual_seed(1)
         model(dense).backward()
         grads.append([t.grad.clone() for t in model.parameters()])
+    assert contiguous == {(True, "w"): True, (True, "v"): True, (False, "w"): False, (False, "v"): False}
     assert len(grads[0]) == 4  # the two weights and their logits
     for a, b in zip(*grads):
         assert torch.equal(a, b)
