@@ -25,6 +25,18 @@ void dq_range_ref(const float *restrict x, int64_t start, int64_t count, dq_rang
     out->nonfinite = bad;
 }
 
+/* v[0, lanes) into the first `lanes` lanes of running minima, maxima and
+ * NaN flags (see dq_range_fast) */
+DQ_INLINE void range_lanes(const float *restrict v, int lanes, float *restrict mn, float *restrict mx,
+                           float *restrict nan) {
+    for (int k = 0; k < lanes; ++k) {
+        const float x = v[k];
+        mn[k] = x < mn[k] ? x : mn[k];
+        mx[k] = x > mx[k] ? x : mx[k];
+        nan[k] = x != x ? 1.0f : nan[k];
+    }
+}
+
 DQ_FAST
 void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_range *out) {
     /* Sixty-four lanes of running extrema and a NaN flag, selects only, so
@@ -44,23 +56,13 @@ void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_ran
     const float *restrict xs = x + start;
     int64_t i = 0;
     for (; i + L <= count; i += L)
-        for (int k = 0; k < L; ++k) {
-            float v = xs[i + k];
-            mn[k] = v < mn[k] ? v : mn[k];
-            mx[k] = v > mx[k] ? v : mx[k];
-            nan[k] = v != v ? 1.0f : nan[k];
-        }
+        range_lanes(xs + i, L, mn, mx, nan);
     /* what is left a vector at a time into the first lanes, then the lanes
      * folded in halves: a tensor of a few hundred values (a model's small
      * biases and norms, hundreds of them) spent most of its range pass in
      * a scalar tail and a 64-step scalar reduction */
     for (; i + S <= count; i += S)
-        for (int k = 0; k < S; ++k) {
-            float v = xs[i + k];
-            mn[k] = v < mn[k] ? v : mn[k];
-            mx[k] = v > mx[k] ? v : mx[k];
-            nan[k] = v != v ? 1.0f : nan[k];
-        }
+        range_lanes(xs + i, S, mn, mx, nan);
     for (int w = L / 2; w >= S; w /= 2)
         for (int k = 0; k < w; ++k) {
             mn[k] = mn[k + w] < mn[k] ? mn[k + w] : mn[k];
