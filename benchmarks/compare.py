@@ -136,7 +136,7 @@ def interleaved(cases, repeats):
     rounds = -(-repeats // len(orders)) * len(orders)
     start = time.perf_counter()
     r = 0
-    while r < rounds or (r % len(orders) or time.perf_counter() - start < MIN_SECONDS):
+    while r < rounds or r % len(orders) or time.perf_counter() - start < MIN_SECONDS:
         for name in orders[r % len(orders)]:
             t0 = time.perf_counter()
             cases[name]()

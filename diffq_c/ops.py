@@ -504,13 +504,13 @@ def _c_apply(fn: type) -> tp.Optional[tp.Callable]:
 # runs; tests hold the two to the same bits.
 FAST_APPLY = True
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_NOISY_GROUP_APPLY = _c_apply(_NoisyGroup)
 
 
 def _apply_noisy_group(config, noisy, ps, logits):
-    if FAST_APPLY and _functorch_active is not None and not _functorch_active():
-        fast = _NOISY_GROUP_APPLY
-        if fast is not None:
-            return fast(config, noisy, *ps, *logits)
+    if (FAST_APPLY and _NOISY_GROUP_APPLY is not None and _functorch_active is not None
+            and not _functorch_active()):
+        return _NOISY_GROUP_APPLY(config, noisy, *ps, *logits)
     return _NoisyGroup.apply(config, noisy, *ps, *logits)
 
 
@@ -534,8 +534,6 @@ def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, alloc
             handles.append(results[-1])
     return out, handles
 
-
-_NOISY_GROUP_APPLY = _c_apply(_NoisyGroup)
 
 
 class SizeLink:
