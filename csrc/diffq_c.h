@@ -165,7 +165,12 @@ int dq_noise_backward_sized(const dq_bits_param *prm, const float *grad, const f
  * computed where the size works on them (the bits mode). With size_scale
  * (else NULL) the backward adds *size_scale * d(bits)/d(logit) to its
  * groups' grad_logit, as dq_size_backward_add_fast would after it. Same
- * bits either way, one pass fewer over the logits. */
+ * bits either way, one pass fewer over the logits.
+ *
+ * The forward counts the chunk's elements equal to mn into *count_min and
+ * those equal to mx into *count_max; with both NULL it counts neither (the
+ * drivers pass NULL for an end where the chunk's own extremum is not the
+ * tensor's: such a chunk holds none of its ties). */
 void dq_noise_forward_fused(const dq_bits_param *prm, const float *restrict p,
                             const float *restrict logit, float scale, int64_t group_size,
                             int kind, uint64_t seed, int64_t start, int64_t count,

@@ -250,8 +250,10 @@ int dq_noise_forward_multi(const dq_bits_param *prm, int kind, dq_noise_job *job
         const int64_t gs = dq__group_size_of(job->group_size, job->n);
         const float mn = job->range.min, mx = job->range.max;
         int64_t cmin = 0, cmax = 0;
+        /* ties only where the chunk's own extremum is the tensor's */
         dq_noise_forward_fused(prm, job->p, job->logit, mx - mn, gs, kind, job->seed, t->start[c],
-                               t->len[c], job->noisy, mn, mx, &cmin, &cmax,
+                               t->len[c], job->noisy, mn, mx, part[c].min == mn ? &cmin : NULL,
+                               part[c].max == mx ? &cmax : NULL,
                                size_with_noise(job) ? &size_part[c] : NULL);
         part[c].count_min = cmin;
         part[c].count_max = cmax;

@@ -344,16 +344,20 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
             for (int64_t j = 0; j < len; ++j)
                 out[j] = ps[j] + ss[j] * z[j];
         }
-        int32_t cmin = 0, cmax = 0;
-        for (int64_t j = 0; j < len; ++j) {
-            cmin += ps[j] == mn;
-            cmax += ps[j] == mx;
+        if (count_min || count_max) {
+            int32_t cmin = 0, cmax = 0;
+            for (int64_t j = 0; j < len; ++j) {
+                cmin += ps[j] == mn;
+                cmax += ps[j] == mx;
+            }
+            nmin += cmin;
+            nmax += cmax;
         }
-        nmin += cmin;
-        nmax += cmax;
     }
-    *count_min = nmin;
-    *count_max = nmax;
+    if (count_min)
+        *count_min = nmin;
+    if (count_max)
+        *count_max = nmax;
     if (size)
         dq__size_acc_finish(&acc, prm, count, size);
 }
@@ -399,18 +403,14 @@ DQ_INLINE __mmask16 lanes_upto(int64_t n) {
  * registers: out = p + z * s with each element's step s taken from the
  * span's group steps by a permute (groups of 2^shift, shift <= 4) or
  * broadcast (a span inside one group). The same operations as the portable
- * loop, so the same bits. Returns 0 (nothing done) where the chunk does not
- * suit: not on a tile, the counters' high word changing inside it. */
-DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float *restrict p,
-                                           const float *restrict logit, float scale,
-                                           int64_t group_size, int kind, uint64_t seed,
-                                           int64_t start, int64_t count, float *restrict noisy,
-                                           float mn, float mx, int64_t *count_min,
-                                           int64_t *count_max, dq_size_stats *size) {
-    tile_gen gen;
-    tile_ahead ahead;
-    if (!chunk_tile_gen(&gen, &ahead, seed, start, count))
-        return 0;
+ * loop, so the same bits. With `ties` it counts the elements equal to mn
+ * and to mx; without, it leaves the counts alone: four of a vector's dozen
+ * operations besides the noise, and most chunks hold neither extremum. */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx512_ties(
+    const dq_bits_param *prm, const float *restrict p, const float *restrict logit, float scale,
+    int64_t group_size, int kind, uint64_t seed, tile_gen gen, tile_ahead ahead, int64_t start,
+    int64_t count, float *restrict noisy, float mn, float mx, int64_t *count_min, int64_t *count_max,
+    dq_size_stats *size, const int ties) {
     const int shift = small_group_shift(group_size);
     dq__size_acc acc;
     dq__size_acc_init(&acc);
@@ -426,9 +426,10 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
         const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
         if (shift < 0 && g1 != g0) {
             /* groups that straddle vectors: the portable span */
-            int64_t cmin, cmax;
+            int64_t cmin = 0, cmax = 0;
             dq_noise_forward_fused_portable(prm, p, logit, scale, group_size, kind, seed, i0, len,
-                                            noisy, mn, mx, &cmin, &cmax, NULL);
+                                            noisy, mn, mx, ties ? &cmin : NULL,
+                                            ties ? &cmax : NULL, NULL);
             nmin += cmin;
             nmax += cmax;
             continue;
@@ -458,6 +459,8 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
                         _mm512_maskz_loadu_ps(lanes_upto(((DQ_MIN(len - j, 16) - 1) >> shift) + 1),
                                               sw + (j >> shift)));
                 _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(pv, _mm512_mul_ps(z[l], sv)));
+                if (!ties)
+                    continue;
                 /* ties counted lane by lane: a masked subtract of -1 each */
                 lane_min = _mm512_mask_sub_epi32(lane_min, _mm512_mask_cmp_ps_mask(m, pv, vmn, _CMP_EQ_OQ),
                                                  lane_min, minus_one);
@@ -466,10 +469,39 @@ DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float
             }
         }
     }
-    *count_min = nmin + _mm512_reduce_add_epi32(lane_min);
-    *count_max = nmax + _mm512_reduce_add_epi32(lane_max);
+    if (ties) {
+        *count_min = nmin + _mm512_reduce_add_epi32(lane_min);
+        *count_max = nmax + _mm512_reduce_add_epi32(lane_max);
+    }
     if (size)
         dq__size_acc_finish(&acc, prm, count, size);
+}
+
+/* forward_avx512_ties, counting the ties where either count is asked for.
+ * Returns 0 (nothing done) where the chunk does not suit: not on a tile,
+ * the counters' high word changing inside it. */
+DQ_AVX512_KERNEL static int forward_avx512(const dq_bits_param *prm, const float *restrict p,
+                                           const float *restrict logit, float scale,
+                                           int64_t group_size, int kind, uint64_t seed,
+                                           int64_t start, int64_t count, float *restrict noisy,
+                                           float mn, float mx, int64_t *count_min,
+                                           int64_t *count_max, dq_size_stats *size) {
+    tile_gen gen;
+    tile_ahead ahead;
+    if (!chunk_tile_gen(&gen, &ahead, seed, start, count))
+        return 0;
+    if (count_min || count_max) {
+        int64_t cmin, cmax;
+        forward_avx512_ties(prm, p, logit, scale, group_size, kind, seed, gen, ahead, start, count,
+                            noisy, mn, mx, &cmin, &cmax, size, 1);
+        if (count_min)
+            *count_min = cmin;
+        if (count_max)
+            *count_max = cmax;
+    } else {
+        forward_avx512_ties(prm, p, logit, scale, group_size, kind, seed, gen, ahead, start, count,
+                            noisy, mn, mx, NULL, NULL, size, 0);
+    }
     return 1;
 }
 #endif
@@ -744,24 +776,41 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
     if (group_size <= 0)
         group_size = n > 0 ? n : 1;
     assert((n / group_size) * group_size == n);
-    dq_range_all(p, n, range, nthreads);
-    if (range->nonfinite)
-        return DQ_ERR_NONFINITE;
+    const int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
+    /* each chunk's extrema: only a chunk whose own extremum is the tensor's
+     * can hold its ties, so the others skip counting them */
+    dq_range *part = malloc((size_t)(chunks ? chunks : 1) * sizeof *part);
+    if (!part)
+        return DQ_ERR_NOMEM;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c)
+        dq_range_fast(p, c * DQ_CHUNK, DQ_MIN(DQ_CHUNK, n - c * DQ_CHUNK), &part[c]);
+    range->min = INFINITY;
+    range->max = -INFINITY;
+    range->nonfinite = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+        range->min = part[c].min < range->min ? part[c].min : range->min;
+        range->max = part[c].max > range->max ? part[c].max : range->max;
+        range->nonfinite += part[c].nonfinite;
+    }
     range->count_min = range->count_max = 0;
     range->first_min = range->first_max = -1;
-    if (n == 0)
-        return 0;
+    if (range->nonfinite || n == 0) {
+        free(part);
+        return range->nonfinite ? DQ_ERR_NONFINITE : 0;
+    }
     const float scale = range->max - range->min;
     const float mn = range->min, mx = range->max;
-    int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
     int64_t nmin = 0, nmax = 0, chunk_min = INT64_MAX, chunk_max = INT64_MAX;
-    (void)nthreads;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1) \
     reduction(+ : nmin, nmax) reduction(min : chunk_min, chunk_max)
     for (int64_t c = 0; c < chunks; ++c) {
-        int64_t start = c * DQ_CHUNK, cmin, cmax;
+        int64_t start = c * DQ_CHUNK, cmin = 0, cmax = 0;
         dq_noise_forward_fused(prm, p, logit, scale, group_size, kind, seed, start,
-                               DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx, &cmin, &cmax, NULL);
+                               DQ_MIN(DQ_CHUNK, n - start), noisy, mn, mx,
+                               part[c].min == mn ? &cmin : NULL, part[c].max == mx ? &cmax : NULL,
+                               NULL);
         nmin += cmin;
         nmax += cmax;
         if (cmin && c < chunk_min)
@@ -769,6 +818,7 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
         if (cmax && c < chunk_max)
             chunk_max = c;
     }
+    free(part);
     range->count_min = nmin;
     range->count_max = nmax;
     /* where the extrema are: one chunk searched for each, so the backward

@@ -513,6 +513,22 @@ static void test_fused_simd_matches_portable(void) {
                               a1 >= 1 && b1 >= 1,
                           "fused forward simd vs portable gs %lld len %lld start %lld kind %d",
                           (long long)gs, (long long)len, (long long)start, kind);
+                    /* without counts, or with one of them: the same noisy
+                     * values, the asked count, on both levels */
+                    for (int level = 0; level <= 2; level += 2) {
+                        dq_noise_simd(level);
+                        int64_t only_max = -1;
+                        memset(o2, 0, n * 4);
+                        dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o2, -2.0f,
+                                               p[n - 1], NULL, NULL, NULL);
+                        int same = memcmp(o1 + start, o2 + start, len * 4) == 0;
+                        memset(o2, 0, n * 4);
+                        dq_noise_forward_fused(&prm, p, logit, 1.5f, gs, kind, 11, start, len, o2, -2.0f,
+                                               p[n - 1], NULL, &only_max, NULL);
+                        CHECK(same && memcmp(o1 + start, o2 + start, len * 4) == 0 && only_max == b1,
+                              "fused forward without counts, level %d gs %lld len %lld start %lld kind %d",
+                              level, (long long)gs, (long long)len, (long long)start, kind);
+                    }
                     CHECK(memcmp(l1 + start / gs, l2 + start / gs, len / gs * 4) == 0 && t1 == t2,
                           "fused backward simd vs portable gs %lld len %lld start %lld kind %d: %.17g %.17g",
                           (long long)gs, (long long)len, (long long)start, kind, t1, t2);
@@ -587,6 +603,70 @@ static void test_fused_madd_agrees(void) {
         for (int k = 0; k < 4; ++k)
             free(out[f][k]);
     free(logit);
+}
+
+/* The drivers count ties only in the chunks whose own extremum is the
+ * tensor's: the counts and first indices against a naive count, with ties
+ * spread over chunks that are not the first, at chunk edges, on both signs
+ * of zero, and in a constant tensor (every chunk holds both extrema); the
+ * single-tensor and multi-tensor drivers, one and two threads. */
+static void test_tie_counts_across_chunks(void) {
+    dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
+    const int64_t n = 4 * DQ_CHUNK + 40; /* whole groups of 8 */
+    float *p = xmalloc(n * 4), *logit = xmalloc(n * 4), *noisy = xmalloc(n * 4),
+          *noisy2 = xmalloc(n * 4);
+    for (int layout = 0; layout < 4; ++layout) {
+        for (int64_t i = 0; i < n; ++i) {
+            p[i] = layout == 3 ? 0.5f : frand();
+            logit[i] = frand();
+        }
+        if (layout == 0) {
+            /* minima in chunks 1, 3 and 4, none in 0 or 2; maxima at the
+             * very first element and the last element of chunk 2 */
+            p[DQ_CHUNK + 5] = p[4 * DQ_CHUNK - 1] = p[n - 1] = -2.0f;
+            p[0] = p[3 * DQ_CHUNK - 1] = 2.0f;
+        } else if (layout == 1) {
+            /* one minimum, in the last chunk; maxima on both sides of the
+             * edge between chunks 1 and 2 */
+            p[n - 2] = -3.0f;
+            p[2 * DQ_CHUNK - 1] = p[2 * DQ_CHUNK] = 3.0f;
+        } else if (layout == 2) {
+            /* the minimum is zero, as +0.0 in chunk 2 and -0.0 in chunk 0 */
+            for (int64_t i = 0; i < n; ++i)
+                p[i] = fabsf(p[i]) + 0.25f;
+            p[7] = -0.0f;
+            p[2 * DQ_CHUNK + 9] = 0.0f;
+        }
+        int64_t want_min = 0, want_max = 0;
+        float mn = p[0], mx = p[0];
+        for (int64_t i = 0; i < n; ++i) {
+            mn = p[i] < mn ? p[i] : mn;
+            mx = p[i] > mx ? p[i] : mx;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            want_min += p[i] == mn;
+            want_max += p[i] == mx;
+        }
+        for (int threads = 1; threads <= 2; ++threads) {
+            dq_range r;
+            CHECK(dq_noise_forward(&prm, p, n, logit, 8, DQ_NOISE_GAUSSIAN, 3, noisy, &r, threads) == DQ_OK,
+                  "forward");
+            CHECK(r.count_min == want_min && r.count_max == want_max &&
+                      r.first_min == naive_first_index(p, 0, n, mn) &&
+                      r.first_max == naive_first_index(p, 0, n, mx),
+                  "ties layout %d threads %d: counts %lld %lld (want %lld %lld), first %lld %lld", layout,
+                  threads, (long long)r.count_min, (long long)r.count_max, (long long)want_min,
+                  (long long)want_max, (long long)r.first_min, (long long)r.first_max);
+            dq_noise_job job = {.p = p, .n = n, .logit = logit, .group_size = 8, .seed = 3, .noisy = noisy2};
+            CHECK(dq_noise_forward_multi(&prm, DQ_NOISE_GAUSSIAN, &job, 1, threads) == DQ_OK &&
+                      job.range.count_min == want_min && job.range.count_max == want_max &&
+                      job.range.first_min == r.first_min && job.range.first_max == r.first_max &&
+                      memcmp(noisy, noisy2, n * 4) == 0,
+                  "multi ties layout %d threads %d: counts %lld %lld", layout, threads,
+                  (long long)job.range.count_min, (long long)job.range.count_max);
+        }
+    }
+    free(p), free(logit), free(noisy), free(noisy2);
 }
 
 /* The noise forward says where the first min and max are; the in-place
@@ -1102,6 +1182,7 @@ int main(void) {
     test_bitpack();
     test_noise_forward_backward();
     test_extrema_shortcut();
+    test_tie_counts_across_chunks();
     test_size();
     test_size_odd_sizes_and_nan();
     test_grouped_packing_and_requantize();
