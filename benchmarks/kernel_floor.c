@@ -77,6 +77,10 @@ int main(int argc, char **argv) {
     dq_size_stats stats;
     for (int threads = 1; threads <= 2; ++threads) {
         BEST("copy (memcpy in 16 slices)", copy_slices(out, p, n, threads));
+        /* what a noise forward moves with no arithmetic: p read for its
+         * range, then read again and the noisy weights written */
+        BEST("range + copy (forward's traffic)",
+             (dq_range_all(p, n, &range, threads), copy_slices(out, p, n, threads)));
         BEST("uniform noise", dq_noise_fill(DQ_NOISE_UNIFORM, 42, n, out, threads));
         BEST("gaussian noise", dq_noise_fill(DQ_NOISE_GAUSSIAN, 42, n, out, threads));
         BEST("noise forward, group_size 1", dq_noise_forward(&prm, p, n, logit, 1, 1, 42, out, &range, threads));
