@@ -442,6 +442,11 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
             tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
+            /* groups of 4 to 16: the tile's steps in one register */
+            __m512 tile_steps = one_step;
+            if (shift >= 2)
+                tile_steps = _mm512_maskz_loadu_ps(
+                    lanes_upto(((DQ_MIN(len - t * TILE, TILE) - 1) >> shift) + 1), sw + ((t * TILE) >> shift));
             for (int l = 0; l < 4; ++l) {
                 const int64_t j = t * TILE + l * LANES;
                 if (j >= len)
@@ -453,6 +458,9 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
                     sv = one_step;
                 else if (shift == 0)
                     sv = _mm512_maskz_loadu_ps(m, sw + j);
+                else if (shift >= 2)
+                    sv = _mm512_permutexvar_ps(
+                        _mm512_add_epi32(group_lane, _mm512_set1_epi32(l * (LANES >> shift))), tile_steps);
                 else
                     sv = _mm512_permutexvar_ps(
                         group_lane,

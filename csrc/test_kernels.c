@@ -476,11 +476,11 @@ static void test_fused_simd_matches_portable(void) {
     dq_bits_param prm = {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0};
     /* 320: spans inside one group (vector path) after spans across two
      * (portable), so the vector path's hash-ahead stream restarts */
-    const int64_t group_sizes[] = {1, 8, 2, 16, 3, 24, 4096, 320};
+    const int64_t group_sizes[] = {1, 8, 2, 4, 16, 3, 24, 4096, 320};
     const int64_t lengths[] = {8, 24, 64, 72, 256, 264, 1000, 4096, 4104, 3 * 4096 + 8 * 13, 7 * 320};
     const int64_t starts[] = {0, 64, 4096, 24, 8};
     int checked = 0;
-    for (int gi = 0; gi < 8; ++gi)
+    for (int gi = 0; gi < 9; ++gi)
         for (int li = 0; li < 11; ++li)
             for (int si = 0; si < 5; ++si)
                 for (int kind = 0; kind < 2; ++kind) {
