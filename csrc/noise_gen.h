@@ -223,8 +223,9 @@ DQ_AVX512_INLINE __m512 tile_gen_word_noise(const tile_gen *g, int kind, __m512i
 }
 
 /* Tiles taken in counter order with the next tile's hash issued before
- * this tile's polynomials. The hash is a chain of nine dependent
- * multiplies, about 100 cycles: issued right before its own polynomials,
+ * this tile's polynomials. The hash is a chain of dependent multiplies
+ * (nine when this was measured, seven since tile_gen_words folds the first
+ * two), about 100 cycles: issued right before its own polynomials,
  * their uops fill the scheduler waiting on it and stall the front end;
  * issued a tile ahead, it runs under the tile before (one thread, in L2:
  * gaussian fill 16% faster, noise forward at group_size 8 18%; two
