@@ -303,6 +303,24 @@ int64_t *dq__width_positions(const uint8_t *restrict bits, int64_t ngroups, int6
 int64_t dq__first_index(const float *restrict p, int64_t from, int64_t to, float value);
 int64_t dq__first_index_blocks(const float *restrict p, int64_t from, int64_t to, float value);
 
+/* A range over no values yet (no ties counted, first indices unknown),
+ * and a chunk's extrema and non-finite count added to one: drivers add
+ * their chunks' ranges in chunk order, so an extremum held as -0.0 in one
+ * chunk and +0.0 in another is the first chunk's whichever thread ran it. */
+DQ_INLINE void dq__range_clear(dq_range *r) {
+    r->min = INFINITY;
+    r->max = -INFINITY;
+    r->count_min = r->count_max = 0;
+    r->first_min = r->first_max = -1;
+    r->nonfinite = 0;
+}
+
+DQ_INLINE void dq__range_add(dq_range *r, const dq_range *part) {
+    r->min = part->min < r->min ? part->min : r->min;
+    r->max = part->max > r->max ? part->max : r->max;
+    r->nonfinite += part->nonfinite;
+}
+
 /* The noise backward's gradient through the extrema (noise.c). */
 void dq__add_extrema_grad(const float *grad, const float *restrict p, int64_t n, const dq_range *range,
                           double through_scale, float *grad_p, int only_extrema, int nthreads);

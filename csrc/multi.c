@@ -102,19 +102,10 @@ static void ranges_of(const chunk_table *t, const float *const *ps, int64_t njob
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (t->total > 1)
     for (int64_t c = 0; c < t->total; ++c)
         dq_range_fast(ps[t->job[c]], t->start[c], t->len[c], &part[c]);
-    for (int64_t j = 0; j < njobs; ++j) {
-        out[j].min = INFINITY;
-        out[j].max = -INFINITY;
-        out[j].count_min = out[j].count_max = 0;
-        out[j].first_min = out[j].first_max = -1;
-        out[j].nonfinite = 0;
-    }
-    for (int64_t c = 0; c < t->total; ++c) {
-        dq_range *r = &out[t->job[c]];
-        r->min = part[c].min < r->min ? part[c].min : r->min;
-        r->max = part[c].max > r->max ? part[c].max : r->max;
-        r->nonfinite += part[c].nonfinite;
-    }
+    for (int64_t j = 0; j < njobs; ++j)
+        dq__range_clear(&out[j]);
+    for (int64_t c = 0; c < t->total; ++c)
+        dq__range_add(&out[t->job[c]], &part[c]);
 }
 
 /* Scratch of a multi-tensor pass: the chunk table, a range per chunk and

@@ -794,16 +794,9 @@ int dq_noise_forward(const dq_bits_param *prm, const float *restrict p, int64_t 
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c)
         dq_range_fast(p, c * DQ_CHUNK, DQ_MIN(DQ_CHUNK, n - c * DQ_CHUNK), &part[c]);
-    range->min = INFINITY;
-    range->max = -INFINITY;
-    range->nonfinite = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-        range->min = part[c].min < range->min ? part[c].min : range->min;
-        range->max = part[c].max > range->max ? part[c].max : range->max;
-        range->nonfinite += part[c].nonfinite;
-    }
-    range->count_min = range->count_max = 0;
-    range->first_min = range->first_max = -1;
+    dq__range_clear(range);
+    for (int64_t c = 0; c < chunks; ++c)
+        dq__range_add(range, &part[c]);
     if (range->nonfinite || n == 0) {
         free(part);
         return range->nonfinite ? DQ_ERR_NONFINITE : 0;

@@ -167,8 +167,9 @@ DQ_AVX512_INLINE void tile_gen_init(tile_gen *g, uint32_t kz, uint32_t kw, uint3
     g->lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     g->lane_step = _mm512_add_epi32(_mm512_mullo_epi32(g->lane, _mm512_set1_epi32((int)PCG_MUL)),
                                     _mm512_set1_epi32((int)PCG_INC));
-    g->y0w0 = (hi * PCG_MUL + PCG_INC) * kw;
-    g->y0 = _mm512_set1_epi32((int)(hi * PCG_MUL + PCG_INC));
+    const uint32_t y0 = hi * PCG_MUL + PCG_INC;
+    g->y0w0 = y0 * kw;
+    g->y0 = _mm512_set1_epi32((int)y0);
     g->z0 = _mm512_set1_epi32((int)kz);
     g->w0 = _mm512_set1_epi32((int)kw);
     for (int k = 0; k <= GAUSS_DEGREE; ++k) {

@@ -171,16 +171,14 @@ def noise_forward_all(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.T
     else:
         noisy = [(allocs[i] if allocs else _empty_f32)(p.shape) for i, p in enumerate(ps)]
     ranges = torch.empty((len(ps), RANGE_FIELDS), dtype=torch.float64)
+    rest = (noisy, list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges, num_threads(), size_stats)
     if as_they_are:
         try:
-            nonfinite = _C.noise_forward_multi(ps, logits, noisy, list(group_sizes), kind, seed & _MASK64,
-                                               tuple(prm), ranges, num_threads(), size_stats)
+            nonfinite = _C.noise_forward_multi(ps, logits, *rest)
         except (TypeError, ValueError) as exc:
             raise KernelRefused(str(exc), seed) from exc
     else:
-        nonfinite = _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], noisy,
-                                           list(group_sizes), kind, seed & _MASK64, tuple(prm), ranges,
-                                           num_threads(), size_stats)
+        nonfinite = _C.noise_forward_multi([_dense(p) for p in ps], [_dense(l) for l in logits], *rest)
     if nonfinite:
         _raise_nonfinite(ranges, names)
     return noisy, ranges
@@ -533,7 +531,6 @@ def _noisy_groups(ps, logits, noisy, seed, ranges, group_sizes, kind, prm, alloc
             out.extend(results[:-1])
             handles.append(results[-1])
     return out, handles
-
 
 
 class SizeLink:
