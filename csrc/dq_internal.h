@@ -49,6 +49,26 @@ static inline int dq__avx512_level(void) {
 
 #define DQ_MIN(a, b) ((a) < (b) ? (a) : (b))
 
+/* The noise loops ask for the cache lines of the values DQ_PREFETCH_AHEAD
+ * after the tile or span they compute (8 KiB of float32). The hardware prefetcher
+ * alone kept one thread's noise forward out of cache at twice its time in
+ * L2: a tile's hundred vector operations leave its loads few chances to
+ * start early (RESULTS.md, ninth session). */
+#define DQ_PREFETCH_AHEAD 2048
+
+/* A hint for the lines of x[i .. i + len), those before `end` only (no
+ * address outside the buffer is formed). It changes no value. */
+DQ_INLINE void dq__prefetch(const float *x, int64_t i, int64_t len, int64_t end) {
+    for (int64_t k = i; k < i + len && k < end; k += 16)
+        __builtin_prefetch(x + k, 0, 3);
+}
+
+/* The same for lines about to be written. */
+DQ_INLINE void dq__prefetch_w(float *x, int64_t i, int64_t len, int64_t end) {
+    for (int64_t k = i; k < i + len && k < end; k += 16)
+        __builtin_prefetch(x + k, 1, 3);
+}
+
 DQ_INLINE uint32_t dq_float_bits(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);

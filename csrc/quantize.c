@@ -55,8 +55,10 @@ void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_ran
     }
     const float *restrict xs = x + start;
     int64_t i = 0;
-    for (; i + L <= count; i += L)
+    for (; i + L <= count; i += L) {
+        dq__prefetch(x, start + i + DQ_PREFETCH_AHEAD, L, start + count);
         range_lanes(xs + i, L, mn, mx, nan);
+    }
     /* what is left a vector at a time into the first lanes, then the lanes
      * folded in halves: a tensor of a few hundred values (a model's small
      * biases and norms, hundreds of them) spent most of its range pass in
