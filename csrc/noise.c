@@ -328,6 +328,8 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
         dq__prefetch(p, i0 + DQ_PREFETCH_AHEAD, len, start + count);
         dq__prefetch_w(noisy, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+        if (group_size == 1)
+            dq__prefetch(logit, i0 + DQ_PREFETCH_AHEAD, len, start + count);
         dq_noise_fill_fast(kind, seed, i0, len, z);
         int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
         const float *restrict ss =
@@ -445,6 +447,8 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
             __m512 z[4];
             dq__prefetch(p, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
             dq__prefetch_w(noisy, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
+            if (shift == 0)
+                dq__prefetch(logit, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
             tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             /* groups of 4 to 16: the tile's steps in one register */
             __m512 tile_steps = one_step;
