@@ -49,11 +49,13 @@ static inline int dq__avx512_level(void) {
 
 #define DQ_MIN(a, b) ((a) < (b) ? (a) : (b))
 
-/* The noise loops ask for the cache lines of the values DQ_PREFETCH_AHEAD
- * after the tile or span they compute (8 KiB of float32). The hardware prefetcher
- * alone kept one thread's noise forward out of cache at twice its time in
- * L2: a tile's hundred vector operations leave its loads few chances to
- * start early (RESULTS.md, ninth session). */
+/* The streaming loops (the noise forward and backward, the range pass, the
+ * eval path's requantize) ask for the cache lines of the values
+ * DQ_PREFETCH_AHEAD after the tile or span they compute (8 KiB of float32).
+ * With the hardware prefetcher alone, one thread's noise forward out of
+ * cache took twice its time in L2: its loads are few and far apart among
+ * a tile's hundred vector operations. 1024 to 4096 values measured alike
+ * (RESULTS.md, ninth session). */
 #define DQ_PREFETCH_AHEAD 2048
 
 /* A hint for the lines of x[i .. i + len), those before `end` only (no
