@@ -58,16 +58,18 @@ static inline int dq__avx512_level(void) {
  * (RESULTS.md, ninth session). */
 #define DQ_PREFETCH_AHEAD 2048
 
-/* A hint for the lines of x[i .. i + len), those before `end` only (no
- * address outside the buffer is formed). It changes no value. */
+/* A hint for the lines of x[i .. i + len) shifted DQ_PREFETCH_AHEAD
+ * values on, those before `end` only (no address outside the buffer is
+ * formed): called with the tile or span about to be computed. It changes
+ * no value. */
 DQ_INLINE void dq__prefetch(const float *x, int64_t i, int64_t len, int64_t end) {
-    for (int64_t k = i; k < i + len && k < end; k += 16)
+    for (int64_t k = i + DQ_PREFETCH_AHEAD; k < i + DQ_PREFETCH_AHEAD + len && k < end; k += 16)
         __builtin_prefetch(x + k, 0, 3);
 }
 
 /* The same for lines about to be written. */
 DQ_INLINE void dq__prefetch_w(float *x, int64_t i, int64_t len, int64_t end) {
-    for (int64_t k = i; k < i + len && k < end; k += 16)
+    for (int64_t k = i + DQ_PREFETCH_AHEAD; k < i + DQ_PREFETCH_AHEAD + len && k < end; k += 16)
         __builtin_prefetch(x + k, 1, 3);
 }
 

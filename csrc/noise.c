@@ -326,10 +326,10 @@ static void dq_noise_forward_fused_portable(const dq_bits_param *prm, const floa
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t i0 = start + off;
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
-        dq__prefetch(p, i0 + DQ_PREFETCH_AHEAD, len, start + count);
-        dq__prefetch_w(noisy, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+        dq__prefetch(p, i0, len, start + count);
+        dq__prefetch_w(noisy, i0, len, start + count);
         if (group_size == 1)
-            dq__prefetch(logit, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+            dq__prefetch(logit, i0, len, start + count);
         dq_noise_fill_fast(kind, seed, i0, len, z);
         int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
         const float *restrict ss =
@@ -445,10 +445,10 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
         float *restrict out = noisy + i0;
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            dq__prefetch(p, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
-            dq__prefetch_w(noisy, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
+            dq__prefetch(p, i0 + t * TILE, TILE, start + count);
+            dq__prefetch_w(noisy, i0 + t * TILE, TILE, start + count);
             if (shift == 0)
-                dq__prefetch(logit, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
+                dq__prefetch(logit, i0 + t * TILE, TILE, start + count);
             tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             /* groups of 4 to 16: the tile's steps in one register */
             __m512 tile_steps = one_step;
@@ -559,10 +559,10 @@ static double dq_noise_backward_fused_portable(const dq_bits_param *prm, const f
     for (int64_t off = 0; off < count; off += SPAN) {
         int64_t i0 = start + off;
         int64_t len = DQ_MIN((int64_t)SPAN, count - off);
-        dq__prefetch(grad, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+        dq__prefetch(grad, i0, len, start + count);
         if (group_size == 1) {
-            dq__prefetch(logit, i0 + DQ_PREFETCH_AHEAD, len, start + count);
-            dq__prefetch_w(grad_logit, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+            dq__prefetch(logit, i0, len, start + count);
+            dq__prefetch_w(grad_logit, i0, len, start + count);
         }
         dq_noise_fill_fast(kind, seed, i0, len, z);
         const float *restrict gs = grad + i0;
@@ -691,9 +691,9 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
             int64_t j = 0;
             for (int64_t t = 0; t * TILE < len; ++t) {
                 __m512 z[4];
-                dq__prefetch(grad, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
-                dq__prefetch(logit, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
-                dq__prefetch_w(grad_logit, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
+                dq__prefetch(grad, i0 + t * TILE, TILE, start + count);
+                dq__prefetch(logit, i0 + t * TILE, TILE, start + count);
+                dq__prefetch_w(grad_logit, i0 + t * TILE, TILE, start + count);
                 tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
@@ -734,7 +734,7 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
         }
         for (int64_t t = 0; t * TILE < len; ++t) {
             __m512 z[4];
-            dq__prefetch(grad, i0 + t * TILE + DQ_PREFETCH_AHEAD, TILE, start + count);
+            dq__prefetch(grad, i0 + t * TILE, TILE, start + count);
             tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             const int64_t j0 = t * TILE, groups = DQ_MIN((int64_t)8, (len - j0) / 8);
             __m512d d[8];

@@ -56,7 +56,7 @@ void dq_range_fast(const float *restrict x, int64_t start, int64_t count, dq_ran
     const float *restrict xs = x + start;
     int64_t i = 0;
     for (; i + L <= count; i += L) {
-        dq__prefetch(x, start + i + DQ_PREFETCH_AHEAD, L, start + count);
+        dq__prefetch(x, start + i, L, start + count);
         range_lanes(xs + i, L, mn, mx, nan);
     }
     /* what is left a vector at a time into the first lanes, then the lanes
@@ -509,8 +509,8 @@ void dq_requantize_fast(const float *p, int64_t group_size, const uint8_t *restr
     float step[SPAN], top[SPAN], value[SPAN];
     for (int64_t i0 = start; i0 < start + count; i0 += SPAN) {
         int64_t len = DQ_MIN((int64_t)SPAN, start + count - i0);
-        dq__prefetch(p, i0 + DQ_PREFETCH_AHEAD, len, start + count);
-        dq__prefetch_w(out, i0 + DQ_PREFETCH_AHEAD, len, start + count);
+        dq__prefetch(p, i0, len, start + count);
+        dq__prefetch_w(out, i0, len, start + count);
         dq__span_widths(group_size, bits, i0, len, step, top);
         if (range == 0.0f) {
             for (int64_t k = 0; k < len; ++k)
