@@ -137,16 +137,24 @@ DQ_INLINE float dq_madd_double(float a, float b, float c) {
  * shifted by 23 add i to the polynomial's exponent (126 or 127: the result
  * stays normal for i in [-125, 126]). Against a float-to-int conversion and
  * a multiply by 2^i: 20% off the steps at group_size 1 on AVX-512. */
+#define DQ__ROUND_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define DQ__LOG2E 1.44269504088896341f
+/* the polynomial's coefficients, highest degree first */
+#define DQ__EXP2_C5 1.3276471291e-3f
+#define DQ__EXP2_C4 9.6755409613e-3f
+#define DQ__EXP2_C3 5.5507130921e-2f
+#define DQ__EXP2_C2 2.4022120237e-1f
+#define DQ__EXP2_C1 6.9314694405e-1f
+#define DQ__EXP2_C0 1.0000001192e+0f
 DQ_INLINE float dq__exp2_core(float x, const int fused) {
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23 */
-    const float shifted = x + round_magic;
-    const float f = x - (shifted - round_magic);
-    float p = 1.3276471291e-3f;
-    p = dq_madd(p, f, 9.6755409613e-3f, fused);
-    p = dq_madd(p, f, 5.5507130921e-2f, fused);
-    p = dq_madd(p, f, 2.4022120237e-1f, fused);
-    p = dq_madd(p, f, 6.9314694405e-1f, fused);
-    p = dq_madd(p, f, 1.0000001192e+0f, fused);
+    const float shifted = x + DQ__ROUND_MAGIC;
+    const float f = x - (shifted - DQ__ROUND_MAGIC);
+    float p = DQ__EXP2_C5;
+    p = dq_madd(p, f, DQ__EXP2_C4, fused);
+    p = dq_madd(p, f, DQ__EXP2_C3, fused);
+    p = dq_madd(p, f, DQ__EXP2_C2, fused);
+    p = dq_madd(p, f, DQ__EXP2_C1, fused);
+    p = dq_madd(p, f, DQ__EXP2_C0, fused);
     return dq_bits_float(dq_float_bits(p) + (dq_float_bits(shifted) << 23));
 }
 
@@ -167,7 +175,7 @@ DQ_INLINE float dq_fast_exp2f(float x, const int fused) {
 }
 
 DQ_INLINE float dq_fast_sigmoid(float x, const int fused) {
-    return 1.0f / (1.0f + dq_fast_exp2f(-x * 1.44269504088896341f, fused));
+    return 1.0f / (1.0f + dq_fast_exp2f(-x * DQ__LOG2E, fused));
 }
 
 /* ---- the size penalty's sum and max, shared by dq_size_forward_fast and

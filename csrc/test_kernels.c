@@ -543,6 +543,78 @@ static void test_fused_simd_matches_portable(void) {
  * magnitudes of the gaussian's polynomial: the plain-C gaussian's bits are
  * the FMA paths'. Then, to show the check can fail, a multiply-add whose
  * double sum lands on a float midpoint. */
+/* On AVX-512 the steps come from steps_avx512 (noise.c), with the noise
+ * capped below it from the C's steps_loops: the same bits, through the
+ * fused forward and backward at group_size 1, with and without the size's
+ * sum and gradient, on logits that reach every branch of the C (NaN,
+ * infinities, the sigmoid's clamp, subnormal sigmoids) and on bit ranges
+ * that give infinite steps (min_bits 0) or leave the steps to the C
+ * (unbounded bits, the noise mode, no FMA). NaN compared by its bits too,
+ * but for the backward's sum. */
+static void test_steps_avx512_match_c(void) {
+    if (dq_noise_simd(-1) < 2) {
+        printf("steps: no AVX-512 here\n");
+        return;
+    }
+    const float special[] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 87.0f, -87.0f, 90.5f,
+                             -90.5f, 200.0f, -200.0f, 1e30f, -1e30f, 1e-40f, 17.25f, -33.0f};
+    const dq_bits_param prms[] = {
+        {DQ_PARAM_BITS, 2.0f, 15.0f, 0, 0},    {DQ_PARAM_BITS, 0.0f, 8.0f, 0, 0},
+        {DQ_PARAM_BITS, 1.0f, 100.0f, 0, 0},   {DQ_PARAM_BITS, -100.0f, 3.0f, 0, 0},
+        {DQ_PARAM_BITS, 2.0f, 140.0f, 0, 0},   {DQ_PARAM_NOISE, 2.0f, 15.0f, -10.0f, -1.0f},
+    };
+    const int64_t lengths[] = {1, 7, 16, 17, 64, 255, 256, 257, 1000, 4103};
+    int checked = 0;
+    for (int pi = 0; pi < 6; ++pi)
+        for (int li = 0; li < 10; ++li)
+            for (int fma = 0; fma <= 1; ++fma)
+                for (int with_size = 0; with_size <= 1; ++with_size) {
+                    const dq_bits_param *prm = &prms[pi];
+                    const int64_t len = lengths[li], start = 64, n = start + len;
+                    float *p = xmalloc(n * 4), *logit = xmalloc(n * 4), *grad = xmalloc(n * 4);
+                    float *o[2], *gl[2];
+                    dq_size_stats st[2];
+                    double through[2];
+                    int64_t cmin[2], cmax[2];
+                    for (int64_t i = 0; i < n; ++i) {
+                        p[i] = frand();
+                        grad[i] = frand();
+                        logit[i] = i % 3 ? 12.0f * frand() : special[i % 17];
+                    }
+                    const float size_scale = 0.125f;
+                    dq_fused_madd(fma);
+                    for (int k = 0; k < 2; ++k) {
+                        o[k] = xmalloc(n * 4), gl[k] = xmalloc(n * 4);
+                        memset(&st[k], 0, sizeof st[k]);
+                        dq_noise_simd(k ? 0 : 2);
+                        dq_noise_forward_fused(prm, p, logit, 1.5f, 1, DQ_NOISE_GAUSSIAN, 5, start, len,
+                                               o[k], -1.0f, 1.0f, &cmin[k], &cmax[k],
+                                               with_size && prm->mode == DQ_PARAM_BITS ? &st[k] : NULL);
+                        through[k] = dq_noise_backward_fused(prm, grad, logit, 1.5f, 1, DQ_NOISE_GAUSSIAN,
+                                                             5, start, len, gl[k],
+                                                             with_size ? &size_scale : NULL);
+                    }
+                    CHECK(memcmp(o[0] + start, o[1] + start, len * 4) == 0 && cmin[0] == cmin[1] &&
+                              cmax[0] == cmax[1] && memcmp(&st[0], &st[1], sizeof st[0]) == 0,
+                          "AVX-512 steps, forward: prm %d len %lld fma %d size %d", pi,
+                          (long long)len, fma, with_size);
+                    /* the sum over NaN terms: NaN in both, its sign from the order of the
+                     * adds, which differs between the two paths' last partial rows */
+                    CHECK(memcmp(gl[0] + start, gl[1] + start, len * 4) == 0 &&
+                              (memcmp(&through[0], &through[1], sizeof through[0]) == 0 ||
+                               (isnan(through[0]) && isnan(through[1]))),
+                          "AVX-512 steps, backward: prm %d len %lld fma %d size %d: %.17g %.17g", pi,
+                          (long long)len, fma, with_size, through[0], through[1]);
+                    ++checked;
+                    for (int k = 0; k < 2; ++k)
+                        free(o[k]), free(gl[k]);
+                    free(p), free(logit), free(grad);
+                }
+    dq_noise_simd(-1);
+    dq_fused_madd(-1);
+    printf("steps: AVX-512 and C agree in %d cases\n", checked);
+}
+
 static void test_madd_double_is_fma_for_the_gaussian(void) {
     int64_t bad = 0;
     for (uint32_t v = 0; v < (1u << 23); ++v) {
@@ -1178,6 +1250,7 @@ int main(void) {
     test_noise_fill();
     test_noise_spec_accuracy();
     test_fused_simd_matches_portable();
+    test_steps_avx512_match_c();
     test_madd_double_is_fma_for_the_gaussian();
     test_fused_madd_agrees();
     test_noise_hash_definition();
