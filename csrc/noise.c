@@ -118,9 +118,10 @@ DQ_INLINE int bits_bounded(const dq_bits_param *prm) {
  * vectors at a time. A step is a chain of two exp2 and two divisions,
  * ~130 cycles long: vector by vector, as the compiler writes the C loop,
  * the scheduler fills with uops that wait on it; four chains side by side
- * keep the divider and the FMA ports busy: 15% off the steps (0.60 -> 0.51
- * ns a value on one thread, in L1), 5-15% off the forward and backward at
- * group_size 1. Two differences in form only:
+ * keep the divider and the FMA ports busy: 15% off the steps alone (0.60 ->
+ * 0.51 ns a value on one thread, in L1), 2-7% off the forward and backward
+ * at group_size 1, where the noise shares the ports. Two differences in
+ * form only:
  * - the exponent goes in by a scalef of the rounded integer, equal to the
  *   C's integer add wherever the result is normal: always, after the
  *   sigmoid's clamp to [-125, 126] and with bits within +-100;
