@@ -161,9 +161,11 @@ DQ_AVX512_KERNEL static void steps_avx512(const dq_bits_param *prm, const float 
         for (int k = 0; k < STEPS_WAY; ++k) {
             const int64_t left = start + count - i - 16 * k;
             m[k] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+            /* past the end no address is formed: zeros, nothing stored */
+            const __m512 x = m[k] ? _mm512_maskz_loadu_ps(m[k], logit + i + 16 * k) : _mm512_setzero_ps();
             /* -x * log2(e), the sign flipped as the C's negation does */
-            const __m512 minus_x = _mm512_castsi512_ps(_mm512_xor_si512(
-                _mm512_castps_si512(_mm512_maskz_loadu_ps(m[k], logit + i + 16 * k)), _mm512_set1_epi32(INT32_MIN)));
+            const __m512 minus_x =
+                _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
             a[k] = _mm512_mul_ps(minus_x, _mm512_set1_ps(DQ__LOG2E));
             a[k] = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-125.0f), a[k]));
         }
@@ -175,7 +177,7 @@ DQ_AVX512_KERNEL static void steps_avx512(const dq_bits_param *prm, const float 
         exp2_core16(a);
         for (int k = 0; k < STEPS_WAY; ++k)
             s[k] = _mm512_div_ps(one, _mm512_sub_ps(a[k], one));
-        for (int k = 0; k < STEPS_WAY; ++k) {
+        for (int k = 0; k < STEPS_WAY && m[k]; ++k) {
             if (step)
                 _mm512_mask_storeu_ps(step + i + 16 * k, m[k], s[k]);
             if (sig)
