@@ -119,8 +119,10 @@ DQ_INLINE int bits_bounded(const dq_bits_param *prm) {
  * ~130 cycles long: vector by vector, as the compiler writes the C loop,
  * the scheduler fills with uops that wait on it; four chains side by side
  * keep the divider and the FMA ports busy: 15% off the steps alone (0.60 ->
- * 0.51 ns a value on one thread, in L1), 2-7% off the forward and backward
- * at group_size 1, where the noise shares the ports. Two differences in
+ * 0.51 ns a value on one thread, in L1). Four vectors are a tile, so at
+ * group_size 1 the AVX-512 tile loops compute each tile's steps in
+ * registers (steps4), with no span buffer to fill, scale and read back:
+ * with that, 5-8% off the forward and backward there. Two differences in
  * form only:
  * - the exponent goes in by a scalef of the rounded integer, equal to the
  *   C's integer add wherever the result is normal: always, after the
@@ -131,6 +133,7 @@ DQ_INLINE int bits_bounded(const dq_bits_param *prm) {
  * Replacing the divisions by a reciprocal estimate and a Newton step was
  * measured too: no faster, and other bits. */
 enum { STEPS_WAY = 4 };
+_Static_assert(STEPS_WAY * 16 == TILE, "steps4 computes one tile's steps");
 
 DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void exp2_core16(__m512 x[STEPS_WAY]) {
     const __m512 magic = _mm512_set1_ps(DQ__ROUND_MAGIC);
@@ -149,47 +152,70 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void exp2_core16(_
         x[k] = _mm512_scalef_ps(p[k], whole[k]);
 }
 
+/* The masks of four vectors of sixteen from `left` values on. */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void masks4(int64_t left, __mmask16 m[STEPS_WAY]) {
+    for (int k = 0; k < STEPS_WAY; ++k, left -= 16)
+        m[k] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+/* The steps s and sigmoids t of the logits at x under masks m (zeros past
+ * them, no address formed there). */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void steps4(
+    const float *x, const __mmask16 m[STEPS_WAY], __m512 lo, __m512 hi, __m512 t[STEPS_WAY],
+    __m512 s[STEPS_WAY]) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 a[STEPS_WAY];
+    for (int k = 0; k < STEPS_WAY; ++k) {
+        const __m512 v = m[k] ? _mm512_maskz_loadu_ps(m[k], x + 16 * k) : _mm512_setzero_ps();
+        /* -x * log2(e), the sign flipped as the C's negation does */
+        const __m512 minus_x =
+            _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+        a[k] = _mm512_mul_ps(minus_x, _mm512_set1_ps(DQ__LOG2E));
+        a[k] = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-125.0f), a[k]));
+    }
+    exp2_core16(a);
+    for (int k = 0; k < STEPS_WAY; ++k)
+        t[k] = _mm512_div_ps(one, _mm512_add_ps(one, a[k]));
+    for (int k = 0; k < STEPS_WAY; ++k)
+        a[k] = _mm512_add_ps(_mm512_mul_ps(hi, t[k]), _mm512_mul_ps(_mm512_sub_ps(one, t[k]), lo));
+    exp2_core16(a);
+    for (int k = 0; k < STEPS_WAY; ++k)
+        s[k] = _mm512_div_ps(one, _mm512_sub_ps(a[k], one));
+}
+
+/* dstep_of of steps s and sigmoids t, in its order */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) __m512 dstep16(__m512 s, __m512 t, __m512 span) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 slope = _mm512_mul_ps(span, _mm512_mul_ps(t, _mm512_sub_ps(one, t)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-LN2), s), _mm512_add_ps(one, s)), slope);
+}
+
 /* steps_loops(bounded, fused) over [start, start + count) */
 DQ_AVX512_KERNEL static void steps_avx512(const dq_bits_param *prm, const float *restrict logit,
                                           int64_t start, int64_t count, float *restrict step,
                                           float *restrict dstep, float *restrict sig) {
-    const __m512 one = _mm512_set1_ps(1.0f), lo = _mm512_set1_ps(prm->min_bits),
-                 hi = _mm512_set1_ps(prm->max_bits), span = _mm512_set1_ps(prm->max_bits - prm->min_bits);
+    const __m512 lo = _mm512_set1_ps(prm->min_bits), hi = _mm512_set1_ps(prm->max_bits),
+                 span = _mm512_set1_ps(prm->max_bits - prm->min_bits);
     for (int64_t i = start; i < start + count; i += STEPS_WAY * 16) {
         __mmask16 m[STEPS_WAY];
-        __m512 a[STEPS_WAY], t[STEPS_WAY], s[STEPS_WAY];
-        for (int k = 0; k < STEPS_WAY; ++k) {
-            const int64_t left = start + count - i - 16 * k;
-            m[k] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-            /* past the end no address is formed: zeros, nothing stored */
-            const __m512 x = m[k] ? _mm512_maskz_loadu_ps(m[k], logit + i + 16 * k) : _mm512_setzero_ps();
-            /* -x * log2(e), the sign flipped as the C's negation does */
-            const __m512 minus_x =
-                _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
-            a[k] = _mm512_mul_ps(minus_x, _mm512_set1_ps(DQ__LOG2E));
-            a[k] = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-125.0f), a[k]));
-        }
-        exp2_core16(a);
-        for (int k = 0; k < STEPS_WAY; ++k)
-            t[k] = _mm512_div_ps(one, _mm512_add_ps(one, a[k]));
-        for (int k = 0; k < STEPS_WAY; ++k)
-            a[k] = _mm512_add_ps(_mm512_mul_ps(hi, t[k]), _mm512_mul_ps(_mm512_sub_ps(one, t[k]), lo));
-        exp2_core16(a);
-        for (int k = 0; k < STEPS_WAY; ++k)
-            s[k] = _mm512_div_ps(one, _mm512_sub_ps(a[k], one));
+        __m512 t[STEPS_WAY], s[STEPS_WAY];
+        masks4(start + count - i, m);
+        steps4(logit + i, m, lo, hi, t, s);
         for (int k = 0; k < STEPS_WAY && m[k]; ++k) {
             if (step)
                 _mm512_mask_storeu_ps(step + i + 16 * k, m[k], s[k]);
             if (sig)
                 _mm512_mask_storeu_ps(sig + i + 16 * k, m[k], t[k]);
-            if (dstep) {
-                /* dstep_of's order */
-                const __m512 slope = _mm512_mul_ps(span, _mm512_mul_ps(t[k], _mm512_sub_ps(one, t[k])));
-                const __m512 d = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-LN2), s[k]), _mm512_add_ps(one, s[k]));
-                _mm512_mask_storeu_ps(dstep + i + 16 * k, m[k], _mm512_mul_ps(d, slope));
-            }
+            if (dstep)
+                _mm512_mask_storeu_ps(dstep + i + 16 * k, m[k], dstep16(s[k], t[k], span));
         }
     }
+}
+
+/* Where steps_bits_mode takes steps_avx512, given the noise's AVX-512 path:
+ * the tile loops then compute a tile's steps themselves (steps4). */
+static int steps_avx512_apply(const dq_bits_param *prm) {
+    return prm->mode == DQ_PARAM_BITS && bits_bounded(prm) && dq__fused();
 }
 #endif
 
@@ -503,8 +529,10 @@ DQ_INLINE __mmask16 lanes_upto(int64_t n) {
 /* The forward of a chunk starting on a tile, tile by tile with the noise in
  * registers: out = p + z * s with each element's step s taken from the
  * span's group steps by a permute (groups of 2^shift, shift <= 4) or
- * broadcast (a span inside one group). The same operations as the portable
- * loop, so the same bits. With `ties` it counts the elements equal to mn
+ * broadcast (a span inside one group), or at group_size 1 computed from
+ * the tile's logits (steps4, where steps_bits_mode would take
+ * steps_avx512). The same operations as the portable loop, so the same
+ * bits. With `ties` it counts the elements equal to mn
  * and to mx; without, it leaves the counts alone: four of a vector's dozen
  * operations besides the noise, and most chunks hold neither extremum. */
 DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx512_ties(
@@ -522,6 +550,10 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
     int64_t nmin = 0, nmax = 0;
     __m512i lane_min = _mm512_setzero_si512(), lane_max = _mm512_setzero_si512();
     const __m512i minus_one = _mm512_set1_epi32(-1);
+    /* group_size 1: each tile's steps in registers, no span buffer */
+    const int tile_steps_here = shift == 0 && steps_avx512_apply(prm);
+    const __m512 vlo = _mm512_set1_ps(prm->min_bits), vhi = _mm512_set1_ps(prm->max_bits);
+    const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, g1 = (i0 + len - 1) / group_size;
@@ -535,9 +567,13 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
             nmax += cmax;
             continue;
         }
-        const float *restrict sw =
-            forward_span_steps(prm, logit, scale, &win, g0, g1, len, ss, size ? &acc : NULL);
-        const __m512 one_step = _mm512_set1_ps(sw[0]);
+        const float *restrict sw = ss;
+        float *restrict sig = NULL;
+        if (!tile_steps_here)
+            sw = forward_span_steps(prm, logit, scale, &win, g0, g1, len, ss, size ? &acc : NULL);
+        else if (size)
+            sig = dq__size_acc_next(&acc);
+        const __m512 one_step = tile_steps_here ? _mm512_setzero_ps() : _mm512_set1_ps(sw[0]);
         const float *restrict ps = p + i0;
         float *restrict out = noisy + i0;
         for (int64_t t = 0; t * TILE < len; ++t) {
@@ -546,6 +582,17 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
             dq__prefetch_w(noisy, i0 + t * TILE, TILE, start + count);
             if (shift == 0)
                 dq__prefetch(logit, i0 + t * TILE, TILE, start + count);
+            __m512 own_steps[STEPS_WAY];
+            if (tile_steps_here) {
+                __mmask16 m4[STEPS_WAY];
+                __m512 tt[STEPS_WAY];
+                masks4(len - t * TILE, m4);
+                steps4(logit + i0 + t * TILE, m4, vlo, vhi, tt, own_steps);
+                for (int k = 0; k < STEPS_WAY; ++k)
+                    own_steps[k] = _mm512_mul_ps(vscale, own_steps[k]);
+                for (int k = 0; k < STEPS_WAY && sig && m4[k]; ++k)
+                    _mm512_mask_storeu_ps(sig + t * TILE + 16 * k, m4[k], tt[k]);
+            }
             tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
             /* groups of 4 to 16: the tile's steps in one register */
             __m512 tile_steps = one_step;
@@ -562,7 +609,7 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
                 if (shift < 0)
                     sv = one_step;
                 else if (shift == 0)
-                    sv = _mm512_maskz_loadu_ps(m, sw + j);
+                    sv = tile_steps_here ? own_steps[l] : _mm512_maskz_loadu_ps(m, sw + j);
                 else if (shift >= 2)
                     sv = _mm512_permutexvar_ps(
                         _mm512_add_epi32(group_lane, _mm512_set1_epi32(l * (LANES >> shift))), tile_steps);
@@ -581,6 +628,8 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void forward_avx51
                                                  lane_max, minus_one);
             }
         }
+        if (tile_steps_here && size)
+            dq__size_acc_commit(&acc, len);
     }
     if (ties) {
         *count_min = nmin + _mm512_reduce_add_epi32(lane_min);
@@ -747,8 +796,9 @@ DQ_AVX512_KERNEL static inline __m512d tile_group_sums8(const __m512d d[8]) {
     return _mm512_add_pd(_mm512_permutex2var_pd(b0, first, b1), _mm512_permutex2var_pd(b0, second, b1));
 }
 
-/* The backward of a chunk at group_size 1 or 8 with the noise in registers:
- * the portable loop's sums in its order, so the same bits. Returns 0
+/* The backward of a chunk at group_size 1 or 8 with the noise in registers
+ * (at group_size 1 the steps too, as in the forward): the portable loop's
+ * sums in its order, so the same bits. Returns 0
  * (nothing done) where the chunk does not suit. */
 DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const float *restrict grad,
                                             const float *restrict logit, float scale,
@@ -767,12 +817,15 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
     const __m512 vsize = _mm512_set1_ps(size_scale ? *size_scale : 0.0f);
     float st_win[SPAN + 1], ds_win[SPAN + 1], sig_win[SPAN + 1];
     step_window win = {0, 0, (start + count) / group_size};
+    /* group_size 1: each tile's steps in registers, no span buffers */
+    const int tile_steps_here = group_size == 1 && steps_avx512_apply(prm);
+    const __m512 vlo = _mm512_set1_ps(prm->min_bits), vhi = _mm512_set1_ps(prm->max_bits);
     double through_scale = 0;
     __m512d lanes = _mm512_setzero_pd();
     for (int64_t off = 0; off < count; off += SPAN) {
         const int64_t i0 = start + off, len = DQ_MIN((int64_t)SPAN, count - off);
         const int64_t g0 = i0 / group_size, ng = len / group_size;
-        if (step_window_moves(&win, g0, g0 + ng)) {
+        if (!tile_steps_here && step_window_moves(&win, g0, g0 + ng)) {
             if (size_scale)
                 logit_to_step_sig(prm, logit + win.first, 0, win.count, st_win, ds_win, sig_win);
             else
@@ -791,19 +844,28 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                 dq__prefetch(grad, i0 + t * TILE, TILE, start + count);
                 dq__prefetch(logit, i0 + t * TILE, TILE, start + count);
                 dq__prefetch_w(grad_logit, i0 + t * TILE, TILE, start + count);
+                __m512 own_t[STEPS_WAY], own_s[STEPS_WAY];
+                if (tile_steps_here) {
+                    __mmask16 m4[STEPS_WAY];
+                    masks4(len - t * TILE, m4);
+                    steps4(logit + i0 + t * TILE, m4, vlo, vhi, own_t, own_s);
+                }
                 tile_ahead_noise(&gen, &ahead, kind, tile_counter_lo(i0 + t * TILE), z);
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
                     const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
-                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(vscale, dot), _mm512_maskz_loadu_ps(m, ds + j));
+                    const __m512 step = tile_steps_here ? own_s[l] : _mm512_maskz_loadu_ps(m, st + j);
+                    const __m512 dstep =
+                        tile_steps_here ? dstep16(own_s[l], own_t[l], vspan) : _mm512_maskz_loadu_ps(m, ds + j);
+                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(vscale, dot), dstep);
                     if (size_scale) {
                         /* + dq_size_backward_add_fast's term, in its order */
-                        const __m512 t = _mm512_maskz_loadu_ps(m, sig + j);
+                        const __m512 t = tile_steps_here ? own_t[l] : _mm512_maskz_loadu_ps(m, sig + j);
                         const __m512 tt = _mm512_mul_ps(t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
                         g = _mm512_add_ps(g, _mm512_mul_ps(_mm512_mul_ps(vspan, tt), vsize));
                     }
                     _mm512_mask_storeu_ps(gl + j, m, g);
-                    const __m512 th = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, st + j), dot);
+                    const __m512 th = _mm512_mul_ps(step, dot);
                     if (len - j >= LANES) {
                         acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(th)));
                         acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_extractf32x8_ps(th, 1)));
