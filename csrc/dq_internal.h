@@ -174,8 +174,10 @@ DQ_INLINE float dq_fast_exp2f(float x, const int fused) {
     return in == in ? y : in;
 }
 
+/* x * -log2(e): one multiply, the value of -x * log2(e) but for a NaN's
+ * sign (the AVX-512 steps, noise.c, do the same) */
 DQ_INLINE float dq_fast_sigmoid(float x, const int fused) {
-    return 1.0f / (1.0f + dq_fast_exp2f(-x * DQ__LOG2E, fused));
+    return 1.0f / (1.0f + dq_fast_exp2f(x * -DQ__LOG2E, fused));
 }
 
 /* ---- the size penalty's sum and max, shared by dq_size_forward_fast and

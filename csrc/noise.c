@@ -53,12 +53,18 @@ DQ_INLINE float exp2_of_bits(float bits, const int bounded, const int fused) {
 }
 
 /* t = sigmoid(logit) into *t_out, and the step 1 / (2^bits - 1) of
- * bits = hi * t + (1 - t) * lo */
+ * bits = lo + (hi - lo) t: one multiply-add where the bits are bounded (hi - lo
+ * is then exact and finite), hi t + (1 - t) lo elsewhere. The multiply-add
+ * is three operations fewer a vector (with the sigmoid's single multiply,
+ * 10% off the steps, tenth session); it moved the bits by up to one unit
+ * of their last place, the step by up to 6.6e-7 relative, which nothing
+ * specifies. */
 DQ_INLINE float step_of_logit(float logit, float lo, float hi, float *t_out, const int bounded,
                               const int fused) {
     const float t = dq_fast_sigmoid(logit, fused);
     *t_out = t;
-    return 1.0f / (exp2_of_bits(hi * t + (1.0f - t) * lo, bounded, fused) - 1.0f);
+    const float bits = bounded ? dq_madd(hi - lo, t, lo, fused) : hi * t + (1.0f - t) * lo;
+    return 1.0f / (exp2_of_bits(bits, bounded, fused) - 1.0f);
 }
 
 /* d(step)/d(logit) from the step and t */
@@ -167,17 +173,15 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void steps4(
     __m512 a[STEPS_WAY];
     for (int k = 0; k < STEPS_WAY; ++k) {
         const __m512 v = m[k] ? _mm512_maskz_loadu_ps(m[k], x + 16 * k) : _mm512_setzero_ps();
-        /* -x * log2(e), the sign flipped as the C's negation does */
-        const __m512 minus_x =
-            _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
-        a[k] = _mm512_mul_ps(minus_x, _mm512_set1_ps(DQ__LOG2E));
+        a[k] = _mm512_mul_ps(v, _mm512_set1_ps(-DQ__LOG2E));
         a[k] = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-125.0f), a[k]));
     }
     exp2_core16(a);
     for (int k = 0; k < STEPS_WAY; ++k)
         t[k] = _mm512_div_ps(one, _mm512_add_ps(one, a[k]));
+    const __m512 span = _mm512_sub_ps(hi, lo);
     for (int k = 0; k < STEPS_WAY; ++k)
-        a[k] = _mm512_add_ps(_mm512_mul_ps(hi, t[k]), _mm512_mul_ps(_mm512_sub_ps(one, t[k]), lo));
+        a[k] = _mm512_fmadd_ps(span, t[k], lo);
     exp2_core16(a);
     for (int k = 0; k < STEPS_WAY; ++k)
         s[k] = _mm512_div_ps(one, _mm512_sub_ps(a[k], one));
