@@ -62,7 +62,7 @@ DQ_INLINE void size_grad_bits_mode(const dq_bits_param *prm, const float *restri
     const float span = prm->max_bits - prm->min_bits;
     for (int64_t i = start; i < start + count; ++i) {
         float t = dq_fast_sigmoid(logit[i], fused);
-        float term = (span * (t * (1.0f - t))) * scale;
+        float term = (span * dq__sigmoid_slope(t, fused)) * scale;
         grad[i] = add ? grad[i] + term : term;
     }
 }
