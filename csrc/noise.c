@@ -161,10 +161,15 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void exp2_core16(_
         x[k] = _mm512_scalef_ps(p[k], whole[k]);
 }
 
+/* Lanes [0, n) of a 16-lane mask. */
+DQ_INLINE __mmask16 lanes_upto(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
 /* The masks of four vectors of sixteen from `left` values on. */
 DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void masks4(int64_t left, __mmask16 m[STEPS_WAY]) {
-    for (int k = 0; k < STEPS_WAY; ++k, left -= 16)
-        m[k] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+    for (int k = 0; k < STEPS_WAY; ++k)
+        m[k] = lanes_upto(left - 16 * k);
 }
 
 /* The steps s and sigmoids t of the logits at x under masks m (zeros past
@@ -190,11 +195,16 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) void steps4(
         s[k] = _mm512_div_ps(one, _mm512_sub_ps(a[k], one));
 }
 
-/* dstep_of (fused) of steps s and sigmoids t, in its order; ln2_span is
- * -ln2 (hi - lo) */
-DQ_AVX512_KERNEL static inline __attribute__((always_inline)) __m512 dstep16(__m512 s, __m512 t,
+/* dq__sigmoid_slope (fused) of sixteen sigmoids: t - t t */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) __m512 slope16(__m512 t) {
+    return _mm512_fnmadd_ps(t, t, t);
+}
+
+/* dstep_of (fused) of steps s and their sigmoids' slope16 tt, in its
+ * order; ln2_span is -ln2 (hi - lo) */
+DQ_AVX512_KERNEL static inline __attribute__((always_inline)) __m512 dstep16(__m512 s, __m512 tt,
                                                                              __m512 ln2_span) {
-    return _mm512_mul_ps(_mm512_mul_ps(ln2_span, _mm512_fmadd_ps(s, s, s)), _mm512_fnmadd_ps(t, t, t));
+    return _mm512_mul_ps(_mm512_mul_ps(ln2_span, _mm512_fmadd_ps(s, s, s)), tt);
 }
 
 /* steps_loops(bounded, fused) over [start, start + count) */
@@ -214,7 +224,7 @@ DQ_AVX512_KERNEL static void steps_avx512(const dq_bits_param *prm, const float 
             if (sig)
                 _mm512_mask_storeu_ps(sig + i + 16 * k, m[k], t[k]);
             if (dstep)
-                _mm512_mask_storeu_ps(dstep + i + 16 * k, m[k], dstep16(s[k], t[k], ln2_span));
+                _mm512_mask_storeu_ps(dstep + i + 16 * k, m[k], dstep16(s[k], slope16(t[k]), ln2_span));
         }
     }
 }
@@ -232,7 +242,7 @@ DQ_INLINE void steps_bits_mode(const dq_bits_param *prm, const float *restrict l
 #if DQ_X86_AVX512
     /* with the noise's AVX-512 paths: dq_noise_simd caps both, so tests
      * compare the two steps through the fused kernels */
-    if (fused && bits_bounded(prm) && dq__noise_avx512()) {
+    if (fused && dq__noise_avx512() && steps_avx512_apply(prm)) {
         steps_avx512(prm, logit, start, count, step, dstep, sig);
         return;
     }
@@ -527,11 +537,6 @@ DQ_AVX512_KERNEL static inline __attribute__((always_inline)) int chunk_tile_gen
 
 /* The low word of the first counter of the tile holding element i. */
 DQ_INLINE uint32_t tile_counter_lo(int64_t i) { return (uint32_t)((uint64_t)i / TILE * LANES); }
-
-/* Lanes [0, n) of a 16-lane mask. */
-DQ_INLINE __mmask16 lanes_upto(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
 
 /* The forward of a chunk starting on a tile, tile by tile with the noise in
  * registers: out = p + z * s with each element's step s taken from the
@@ -864,17 +869,24 @@ DQ_AVX512_KERNEL static int backward_avx512(const dq_bits_param *prm, const floa
                 for (int l = 0; l < 4 && j < len; ++l, j += LANES) {
                     const __mmask16 m = lanes_upto(len - j);
                     const __m512 dot = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gs + j), z[l]);
-                    const __m512 step = tile_steps_here ? own_s[l] : _mm512_maskz_loadu_ps(m, st + j);
-                    const __m512 dstep =
-                        tile_steps_here ? dstep16(own_s[l], own_t[l], ln2_span) : _mm512_maskz_loadu_ps(m, ds + j);
-                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(vscale, dot), dstep);
-                    if (size_scale) {
-                        /* + dq_size_backward_add_fast's term, in its order */
-                        const __m512 t = tile_steps_here ? own_t[l] : _mm512_maskz_loadu_ps(m, sig + j);
-                        const __m512 tt = fused ? _mm512_fnmadd_ps(t, t, t)
-                                                : _mm512_mul_ps(t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
-                        g = _mm512_add_ps(g, _mm512_mul_ps(_mm512_mul_ps(vspan, tt), vsize));
+                    /* the step, d(step) and, for the size term, t (1 - t) */
+                    __m512 step, dstep, tt = _mm512_setzero_ps();
+                    if (tile_steps_here) {
+                        step = own_s[l];
+                        tt = slope16(own_t[l]);
+                        dstep = dstep16(step, tt, ln2_span);
+                    } else {
+                        step = _mm512_maskz_loadu_ps(m, st + j);
+                        dstep = _mm512_maskz_loadu_ps(m, ds + j);
+                        if (size_scale) {
+                            const __m512 t = _mm512_maskz_loadu_ps(m, sig + j);
+                            tt = fused ? slope16(t) : _mm512_mul_ps(t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
+                        }
                     }
+                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(vscale, dot), dstep);
+                    /* + dq_size_backward_add_fast's term, in its order */
+                    if (size_scale)
+                        g = _mm512_add_ps(g, _mm512_mul_ps(_mm512_mul_ps(vspan, tt), vsize));
                     _mm512_mask_storeu_ps(gl + j, m, g);
                     const __m512 th = _mm512_mul_ps(step, dot);
                     if (len - j >= LANES) {

@@ -539,10 +539,6 @@ static void test_fused_simd_matches_portable(void) {
     printf("fused kernels: AVX-512 and portable agree in %d cases\n", checked);
 }
 
-/* dq_madd_double against fmaf (libm's, correctly rounded) over all 2^23
- * magnitudes of the gaussian's polynomial: the plain-C gaussian's bits are
- * the FMA paths'. Then, to show the check can fail, a multiply-add whose
- * double sum lands on a float midpoint. */
 /* On AVX-512 the steps come from steps_avx512 (noise.c), with the noise
  * capped below it from the C's steps_loops: the same bits, through the
  * fused forward and backward at group_size 1, with and without the size's
@@ -615,6 +611,10 @@ static void test_steps_avx512_match_c(void) {
     printf("steps: AVX-512 and C agree in %d cases\n", checked);
 }
 
+/* dq_madd_double against fmaf (libm's, correctly rounded) over all 2^23
+ * magnitudes of the gaussian's polynomial: the plain-C gaussian's bits are
+ * the FMA paths'. Then, to show the check can fail, a multiply-add whose
+ * double sum lands on a float midpoint. */
 static void test_madd_double_is_fma_for_the_gaussian(void) {
     int64_t bad = 0;
     for (uint32_t v = 0; v < (1u << 23); ++v) {
