@@ -689,17 +689,62 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
 _FREE_GRAD_REFS = 7
 
 
+def _storage_holders(t: torch.Tensor) -> int:
+    """How many references t's storage has, counted as _owned_by_autograd
+    counts them (the temporary storage object included). Private torch."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _base_holders(view: torch.Tensor) -> tp.Tuple[int, int]:
+    """The references to view's base, C++ and Python, counted the same way
+    here and at import (the look at the base included). Private torch."""
+    base = view._base
+    return base._use_count(), sys.getrefcount(base)
+
+
+def _alone_counts() -> tp.Optional[tp.Tuple[int, int, tp.Tuple[int, int]]]:
+    """(storage holders of a tensor nobody else sees, of a view of a base
+    nobody else sees, that base's holders), as this torch counts them; None
+    where it does not offer the counts."""
+    try:
+        alone = torch.empty(4)
+        view = torch.empty(8)[2:6]
+        return _storage_holders(alone), _storage_holders(view), _base_holders(view)
+    except Exception:  # noqa: BLE001 - no counts: never update in place
+        return None
+
+
+_ALONE = _alone_counts()
+
+
 def _owned_by_autograd(grad: torch.Tensor) -> bool:
     """Whether `grad` is a dense buffer that only the autograd engine holds,
     so writing into it cannot be seen elsewhere: a contiguous float32 CPU
     tensor spanning all its storage (not a slice or an expanded scalar), not
-    part of a double-backward graph, and with no Python reference besides
-    this call's (a hook that kept it would add one)."""
-    return (grad.device.type == "cpu" and grad.dtype == torch.float32
+    part of a double-backward graph, with no Python reference besides this
+    call's (a hook that kept it would add one), and nothing else holding its
+    memory: no alias or view of it kept (a hook that kept grad.detach() or
+    grad.view(-1)), nothing else holding its base where it is itself a view
+    (linear's weight gradient is a transpose of the matmul's result). The
+    last two are the conditions torch's own input buffer checks before it
+    accumulates in place, read through private counts (Tensor._use_count,
+    torch._C._storage_Use_Count) measured against a tensor alone at import;
+    without them, never in place."""
+    if not (_ALONE is not None and grad.is_cpu and grad.dtype == torch.float32
             and grad.is_contiguous() and grad.storage_offset() == 0
             and grad.untyped_storage().nbytes() == grad.numel() * 4
             and not grad.requires_grad
-            and sys.getrefcount(grad) <= _FREE_GRAD_REFS)
+            and sys.getrefcount(grad) <= _FREE_GRAD_REFS):
+        return False
+    alone, viewed, base_holders = _ALONE
+    try:
+        if grad._use_count() != 1:
+            return False
+        if grad._is_view():
+            return _base_holders(grad) == base_holders and _storage_holders(grad) == viewed
+        return _storage_holders(grad) == alone
+    except Exception:  # noqa: BLE001 - a torch without the counts: not in place
+        return False
 
 
 def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):

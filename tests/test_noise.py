@@ -180,27 +180,33 @@ def test_cpu_float64_and_fallback_path_match_formula():
     assert layer.weight_diffq.grad is not None and layer.weight.grad is not None
 
 
-def _linear_through_noise(p, logit, x, keep=None):
+# what a gradient hook keeps of the gradient it sees
+_KEEPS = {"itself": lambda g: g, "alias": lambda g: g.detach(), "view": lambda g: g.view(-1)}
+
+
+def _linear_through_noise(p, logit, x, keep=None, how="itself"):
     prm = ops.BitsParam.make("bits", 2, 15)
     noisy = ops.noisy_weight(p, logit, 8, "gaussian", prm, 21)
     if keep is not None:
-        noisy.register_hook(lambda g: keep.append(g))
+        noisy.register_hook(lambda g: keep.append(_KEEPS[how](g)))
     torch.nn.functional.linear(x, noisy).pow(2).sum().backward()
     return noisy
 
 
-@pytest.mark.parametrize("keep_in_hook", [False, True])
+@pytest.mark.parametrize("keep_in_hook", [None, "itself", "alias", "view"])
 def test_backward_updating_the_incoming_gradient_in_place_is_exact_and_invisible(keep_in_hook):
     """The backward writes the extrema correction into the incoming gradient
     when nothing else holds it (saves a weight-sized copy). The result must
-    equal autograd of the formula, and a hook that kept the gradient must
-    still see the unmodified one."""
+    equal autograd of the formula, and a hook that kept the gradient, an
+    alias of it (detach) or a view of it must still see the unmodified one
+    (the alias and the view, which add no Python reference to the gradient,
+    saw the correction before the storage counts were checked)."""
     gen = torch.Generator().manual_seed(5)
     p = with_ties(512 * 256, gen).view(512, 256).requires_grad_()  # in place from 65536 values
     logit = (torch.rand(512 * 256 // 8, generator=gen) * 4 - 2).requires_grad_()
     x = torch.randn(7, 256, generator=gen)
     kept = [] if keep_in_hook else None
-    noisy = _linear_through_noise(p, logit, x, kept)
+    noisy = _linear_through_noise(p, logit, x, kept, keep_in_hook)
     p_ref = p.detach().clone().requires_grad_()
     logit_ref = logit.detach().clone().requires_grad_()
     prm = ops.BitsParam.make("bits", 2, 15)
@@ -213,8 +219,8 @@ def test_backward_updating_the_incoming_gradient_in_place_is_exact_and_invisible
     torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-5, atol=1e-7 * max(1.0, scale))
     if keep_in_hook:
         upstream = 2 * torch.nn.functional.linear(x, noisy.detach()).t() @ x
-        torch.testing.assert_close(kept[0], upstream, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(kept[0], p.grad)  # the extrema terms are not in the kept one
+        torch.testing.assert_close(kept[0].view_as(upstream), upstream, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(kept[0].view_as(p.grad), p.grad)  # the extrema terms are not in the kept one
 
 
 def test_in_place_gradient_update_is_optional_and_exact(monkeypatch):
@@ -239,6 +245,32 @@ def test_in_place_gradient_update_is_optional_and_exact(monkeypatch):
         grads.append((p.grad.clone(), logit.grad.clone()))
         assert (p.grad.data_ptr() == seen[owned]) == owned
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_in_place_needs_memory_nobody_else_holds(monkeypatch):
+    """_owned_by_autograd says yes to a tensor alone (and to a view whose
+    base nothing else holds, as linear's weight gradient is), no where an
+    alias or a view of it exists or its base is held, and no at all where
+    this torch does not give the private counts it reads."""
+    # (the calls outside the asserts: pytest's rewriting of an assert keeps
+    # what its expression made, and that would hold the bases)
+    owned = ops._owned_by_autograd
+    alone, viewed = owned(torch.empty(64, 64)), owned(torch.empty(64, 64).t().t())
+    assert alone and viewed
+    held = torch.empty(64, 64)
+    alias = held.detach()
+    with_alias = owned(held)
+    del alias
+    assert not with_alias and owned(held)
+    view = held.view(-1)
+    with_view = owned(held)
+    del view
+    base = torch.empty(64, 64)
+    base_held = owned(base.t().t())  # its base is `base`, held here
+    assert not with_view and not base_held
+    monkeypatch.setattr(ops, "_ALONE", None)
+    without_counts = owned(torch.empty(64, 64))
+    assert not without_counts
 
 
 # ------------------------------------------- the generator's specification
