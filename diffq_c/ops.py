@@ -242,8 +242,15 @@ class SharedLayout:
         # a tensor with an allocator of its own (kept memory) keeps it
         shareable = None if allocs is None else tuple(a is _empty_f32 for a in allocs)
         self.layout = _make_layout(self.shapes, SHARED_VECTOR_MAX, shareable)
+        # vectors all in the shared buffer (the logits' gradients of small
+        # parameters): one split makes them in their order, ~0.55 us each
+        # against ~0.75 for blocks, their reordering and their Python list
+        self.sizes = ([s[0] for s in self.shapes]
+                      if not self.layout.own and all(len(s) == 1 for s in self.shapes) else None)
 
     def allocate(self) -> tp.List[torch.Tensor]:
+        if self.sizes is not None:
+            return list(torch.empty(self.layout.total, dtype=torch.float32).split_with_sizes(self.sizes))
         return _views_of(self.layout, self.shapes, torch.float32, self.allocs)[0]
 
 
