@@ -1,0 +1,42 @@
+"""benchmarks/per_tensor_floor.py's FloorQuantizer must do the work it
+claims to stand for and nothing more: the plain model's numbers, every logit
+a gradient and an optimizer step, the weights back in place after each
+forward."""
+import importlib.util
+import pathlib
+
+import torch
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "per_tensor_floor.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("per_tensor_floor", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_quantizer_is_the_plain_step_plus_per_tensor_work():
+    floor_mod = _load()
+    compare = floor_mod.compare
+    torch.manual_seed(0)
+    plain = compare.Setup(None, "many", 8)
+    floor = floor_mod._Floor("many", 8, plain.model)
+    floor.x = plain.x
+    weights = [p for p in floor.model.parameters() if not any(p is l for l in floor.quantizer.logits)]
+    assert len(floor.quantizer.logits) == len(weights) == 200
+    logits_before = [l.detach().clone() for l in floor.quantizer.logits]
+    for setup in (plain, floor):
+        setup.model.train()
+        setup.opt.zero_grad()
+        compare.output_tensor(setup.model(setup.x)).sum().backward()
+    # the forward saw the weights themselves: the same gradients as the plain model
+    for p, q in zip(plain.model.parameters(), weights):
+        assert torch.equal(p.grad, q.grad)
+    assert all(l.grad is not None and l.grad.shape == l.shape for l in floor.quantizer.logits)
+    # the real parameters are back in their modules after the forward
+    for module, name, param, _ in floor.quantizer.sites:
+        assert module._parameters[name] is param
+    floor.opt.step()
+    assert any(not torch.equal(a, l) for a, l in zip(logits_before, floor.quantizer.logits))
