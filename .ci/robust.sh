@@ -18,6 +18,12 @@ fi
 
 echo "robust.sh: C tests under ASan and UBSan"
 make -C "$ROOT/csrc" asan ubsan
+if grep -q avx512f /proc/cpuinfo 2>/dev/null; then
+    echo "robust.sh: the same built for x86-64-v4 (the FMA and AVX-512 paths)"
+    make -C "$ROOT/csrc" asan-avx512 ubsan-avx512
+else
+    echo "robust.sh: no AVX-512 here: the x86-64-v4 sanitizer builds skipped"
+fi
 
 echo "robust.sh: fuzz_unpack, ${FUZZ_TIME:-30} s"
 FUZZ_TIME="${FUZZ_TIME:-30}" "$ROOT/fuzz/run.sh"

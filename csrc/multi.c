@@ -176,7 +176,9 @@ static int size_without_noise(const dq_noise_job *job) { return job->with_size &
 /* The size of every job with_size that the noise forward does not give. */
 static int size_apart(const dq_bits_param *prm, dq_noise_job *jobs, int64_t njobs, int nthreads) {
     const float **logits = malloc((size_t)njobs * sizeof(float *));
-    int64_t *ns = malloc((size_t)njobs * sizeof(int64_t));
+    /* calloc: at -O1 under UBSan GCC cannot bound the entries read to the m
+     * written and warns of uninitialized ones */
+    int64_t *ns = calloc((size_t)(njobs ? njobs : 1), sizeof(int64_t));
     dq_size_stats *out = malloc((size_t)njobs * sizeof(dq_size_stats));
     int64_t m = 0;
     int err = logits && ns && out ? DQ_OK : DQ_ERR_NOMEM;
