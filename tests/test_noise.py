@@ -273,6 +273,24 @@ def test_in_place_needs_memory_nobody_else_holds(monkeypatch):
     assert not without_counts
 
 
+def test_free_reference_count_is_measured_at_import_without_touching_torch_rng():
+    """The count of references _owned_by_autograd accepts is measured at
+    import through _NoisyGroup's own backward (the interpreter decides how
+    many a call holds): there is one, and the measurement drew nothing from
+    torch's generator. A measurement run again gives the same count."""
+    import subprocess
+    import sys
+    assert ops._FREE_GRAD_REFS is not None and ops._REF_PROBE is None
+    assert ops._calibrate_free_grad_refs() == ops._FREE_GRAD_REFS
+    code = ("import torch; torch.manual_seed(3); import diffq_c.ops as o; "
+            "print(o._FREE_GRAD_REFS, torch.rand(4).tolist())")
+    after_import = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    refs, drawn = after_import.stdout.split(" ", 1)
+    assert int(refs) == ops._FREE_GRAD_REFS
+    torch.manual_seed(3)
+    assert drawn.strip() == str(torch.rand(4).tolist())
+
+
 # ------------------------------------------- the generator's specification
 # A second implementation in numpy of what csrc/rng.c specifies: pcg4d of
 # (counter, key) with the key from splitmix64, the tile mapping, and the
