@@ -16,12 +16,18 @@ model's work:
 
 FloorQuantizer does just that and nothing else: one autograd node for all
 parameters, the noisy weights a copy of the weights (one torch.cat into one
-buffer, handed out a block of equal shapes at a time), the weights'
-gradients the incoming ones as they are, the logits' uninitialized views of
-one buffer, no noise, no size penalty. Its overhead is a floor for the per-tensor part of a step. The
-script times the plain model, the floor, diffq_c and diffq side by side
+buffer, handed out a block of equal shapes at a time), the logits' gradients
+zeros in views of one buffer, no noise, no size penalty. The weights'
+gradients are either the incoming ones as they are ("identity": what a
+quantizer whose noisy weight has the identity for derivative in p could
+return), or zeros in views of one buffer ("fresh"). diffq's formula needs the
+second: its derivative in p is the identity but at each tensor's extrema,
+so the incoming gradient must be written into, and on small tensors proving
+that nothing else holds it costs more (~2.5 us) than a fresh view (~0.7).
+Either overhead is a floor for the per-tensor part of a step. The script
+times the plain model, both floors, diffq_c and diffq side by side
 (interleaved, medians of differences, as compare.py does) and reports each
-overhead and its ratio to the floor's.
+overhead and the ratios to the fresh floor's.
 
     python benchmarks/per_tensor_floor.py --models many conv --group-sizes 8 1
 """
@@ -67,9 +73,10 @@ class _Blocks:
 
 
 class _AllNoisy(torch.autograd.Function):
-    """Outputs: a copy of every weight (one torch.cat into one buffer). Gradient:
-    the incoming one for each weight (the noise's derivative in p is the
-    identity), an uninitialized one for each logit."""
+    """Outputs: a copy of every weight (one torch.cat into one buffer).
+    Gradients: for each weight the incoming one, or zeros in a view of one
+    buffer (floor.fresh_grads); zeros for each logit (zeros rather than
+    uninitialized memory, whose denormals or NaNs could slow the optimizer)."""
 
     @staticmethod
     def forward(ctx, floor, *tensors):
@@ -80,13 +87,16 @@ class _AllNoisy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         floor = ctx.floor
-        return (None, *grads, *floor.logit_grads.views(torch.empty(floor.logit_grads.total)))
+        if floor.fresh_grads:
+            grads = floor.weights.views(torch.zeros(floor.weights.total))
+        return (None, *grads, *floor.logit_grads.views(torch.zeros(floor.logit_grads.total)))
 
 
 class FloorQuantizer:
     """diffq's API shape at its cheapest: see the module's docstring."""
 
-    def __init__(self, model, group_size, min_size):
+    def __init__(self, model, group_size, min_size, fresh_grads=False):
+        self.fresh_grads = fresh_grads
         reference = diffq_c.DiffQuantizer(model, group_size=group_size, min_size=min_size)
         # the same parameters and logits (registered on the modules) as diffq_c's
         self.sites = [(qp.module, qp.name, qp.param, qp.logit) for qp in reference._qparams
@@ -123,11 +133,12 @@ class FloorQuantizer:
 class _Floor:
     """compare.Setup's face for FloorQuantizer (what interleaved() calls)."""
 
-    def __init__(self, model_name, group_size, base_model):
+    def __init__(self, model_name, group_size, base_model, fresh_grads=False):
         self.model, self.make_input = compare.make_model(model_name)
         self.model.load_state_dict(base_model.state_dict())
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-        self.quantizer = FloorQuantizer(self.model, group_size, compare.MIN_SIZE.get(model_name, 0.01))
+        self.quantizer = FloorQuantizer(self.model, group_size, compare.MIN_SIZE.get(model_name, 0.01),
+                                        fresh_grads)
         self.quantizer.setup_optimizer(self.opt)
         self.x = self.make_input()
 
@@ -143,23 +154,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, diffq {diffq.__version__}, "
           f"diffq_c {diffq_c.__version__}")
-    print("| model | group_size | plain step ms | floor over | diffq_c over | diffq over "
-          "| diffq_c / floor | diffq / diffq_c | diffq / floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | group_size | plain step ms | identity floor over | fresh floor over | diffq_c over "
+          "| diffq over | diffq_c / fresh floor | diffq / diffq_c | diffq / fresh floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for group_size in args.group_sizes:
             torch.manual_seed(0)
             plain = compare.Setup(None, model_name, group_size)
             floor = _Floor(model_name, group_size, plain.model)
+            fresh = _Floor(model_name, group_size, plain.model, fresh_grads=True)
             ours = compare.Setup(diffq_c, model_name, group_size, plain.model)
             theirs = compare.Setup(diffq, model_name, group_size, plain.model)
-            samples = compare.interleaved({"plain": plain.step, "floor": floor.step, "diffq_c": ours.step,
-                                           "diffq": theirs.step}, args.repeats)
+            samples = compare.interleaved({"plain": plain.step, "floor": floor.step, "fresh": fresh.step,
+                                           "diffq_c": ours.step, "diffq": theirs.step}, args.repeats)
             over = compare.overheads(samples, "plain")
             plain_ms = compare.medians(samples)["plain"]
-            print(f"| {model_name} | {group_size} | {plain_ms:.2f} | {over['floor']:.2f} | "
-                  f"{over['diffq_c']:.2f} | {over['diffq']:.2f} | {over['diffq_c'] / over['floor']:.2f} | "
-                  f"{over['diffq'] / over['diffq_c']:.1f}x | {over['diffq'] / over['floor']:.1f}x |")
+            print(f"| {model_name} | {group_size} | {plain_ms:.2f} | {over['floor']:.2f} | {over['fresh']:.2f} | "
+                  f"{over['diffq_c']:.2f} | {over['diffq']:.2f} | {over['diffq_c'] / over['fresh']:.2f} | "
+                  f"{over['diffq'] / over['diffq_c']:.1f}x | {over['diffq'] / over['fresh']:.1f}x |")
             sys.stdout.flush()
 
 

@@ -38,5 +38,14 @@ def test_floor_quantizer_is_the_plain_step_plus_per_tensor_work():
     # the real parameters are back in their modules after the forward
     for module, name, param, _ in floor.quantizer.sites:
         assert module._parameters[name] is param
+    assert all(l.grad.abs().sum() == 0 for l in floor.quantizer.logits)
+    # Adam's step over zero gradients (and no weight decay in the group)
+    # leaves the logits where they were: the work is done, the values kept
     floor.opt.step()
-    assert any(not torch.equal(a, l) for a, l in zip(logits_before, floor.quantizer.logits))
+    assert all(torch.equal(a, l) for a, l in zip(logits_before, floor.quantizer.logits))
+    # the fresh floor hands the weights zero gradients of their shapes instead
+    fresh = floor_mod._Floor("many", 8, plain.model, fresh_grads=True)
+    fresh.x = plain.x
+    fresh.step()
+    fresh_weights = [p for p in fresh.model.parameters() if not any(p is l for l in fresh.quantizer.logits)]
+    assert all(p.grad is not None and p.grad.shape == p.shape and not p.grad.any() for p in fresh_weights)
