@@ -1428,7 +1428,9 @@ def _calibrate_free_grad_refs() -> tp.Optional[int]:
     nobody else holds: one training step of a small parameter through
     _NoisyGroup's backward, whose gradient comes fresh from a multiply. No
     draw from torch's generator (an explicit seed), no OpenMP team (one
-    chunk of values)."""
+    chunk of values), float32 CPU tensors whatever torch's defaults (a
+    float64 or CUDA default would send the step down the torch path and
+    leave nothing measured)."""
     global _REF_PROBE
     if _C is None:
         return None
@@ -1436,8 +1438,9 @@ def _calibrate_free_grad_refs() -> tp.Optional[int]:
     _REF_PROBE = seen
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            p = torch.linspace(-1.0, 1.0, IN_PLACE_MIN).requires_grad_()
-            logit = torch.zeros(IN_PLACE_MIN // 8, requires_grad=True)
+            where = dict(dtype=torch.float32, device="cpu")
+            p = torch.linspace(-1.0, 1.0, IN_PLACE_MIN, **where).requires_grad_()
+            logit = torch.zeros(IN_PLACE_MIN // 8, **where, requires_grad=True)
             noisy = noisy_weight(p, logit, 8, "gaussian", BitsParam.make("bits", 2, 8), 0)
             (noisy * 2.0).sum().backward()
     except Exception:  # noqa: BLE001 - no measurement: never in place

@@ -277,7 +277,10 @@ def test_free_reference_count_is_measured_at_import_without_touching_torch_rng()
     """The count of references _owned_by_autograd accepts is measured at
     import through _NoisyGroup's own backward (the interpreter decides how
     many a call holds): there is one, and the measurement drew nothing from
-    torch's generator. A measurement run again gives the same count."""
+    torch's generator. A measurement run again gives the same count, and so
+    does an import under a float64 default dtype, no_grad and inference
+    mode (a float64 default once sent the measuring step down the torch
+    path, which left nothing measured and nothing updated in place)."""
     import subprocess
     import sys
     assert ops._FREE_GRAD_REFS is not None and ops._REF_PROBE is None
@@ -289,6 +292,14 @@ def test_free_reference_count_is_measured_at_import_without_touching_torch_rng()
     assert int(refs) == ops._FREE_GRAD_REFS
     torch.manual_seed(3)
     assert drawn.strip() == str(torch.rand(4).tolist())
+    # measured the same under defaults that would send a default tensor
+    # elsewhere, under no_grad and in inference mode
+    code = ("import torch; torch.set_default_dtype(torch.float64)\n"
+            "with torch.no_grad(), torch.inference_mode():\n"
+            "    import diffq_c.ops as o\n"
+            "print(o._FREE_GRAD_REFS)")
+    under = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(under.stdout) == ops._FREE_GRAD_REFS
 
 
 # ------------------------------------------- the generator's specification
