@@ -718,11 +718,13 @@ def _base_holders(view: torch.Tensor) -> tp.Tuple[int, int]:
 def _alone_counts() -> tp.Optional[tp.Tuple[int, int, tp.Tuple[int, int]]]:
     """(storage holders of a tensor nobody else sees, of a view of a base
     nobody else sees, that base's holders), as this torch counts them; None
-    where it does not offer the counts."""
+    where it does not offer the counts. Ordinary CPU tensors whatever the
+    import runs under (in inference mode a view has no base)."""
     try:
-        alone = torch.empty(4)
-        view = torch.empty(8)[2:6]
-        return _storage_holders(alone), _storage_holders(view), _base_holders(view)
+        with torch.inference_mode(False):
+            alone = torch.empty(4, device="cpu")
+            view = torch.empty(8, device="cpu")[2:6]
+            return _storage_holders(alone), _storage_holders(view), _base_holders(view)
     except Exception:  # noqa: BLE001 - no counts: never update in place
         return None
 

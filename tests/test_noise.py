@@ -279,8 +279,10 @@ def test_free_reference_count_is_measured_at_import_without_touching_torch_rng()
     many a call holds): there is one, and the measurement drew nothing from
     torch's generator. A measurement run again gives the same count, and so
     does an import under a float64 default dtype, no_grad and inference
-    mode (a float64 default once sent the measuring step down the torch
-    path, which left nothing measured and nothing updated in place)."""
+    mode, as do the storage counts of a tensor alone (a float64 default once
+    sent the measuring step down the torch path, and inference mode gave a
+    view no base: either left nothing measured and nothing updated in
+    place)."""
     import subprocess
     import sys
     assert ops._FREE_GRAD_REFS is not None and ops._REF_PROBE is None
@@ -297,9 +299,9 @@ def test_free_reference_count_is_measured_at_import_without_touching_torch_rng()
     code = ("import torch; torch.set_default_dtype(torch.float64)\n"
             "with torch.no_grad(), torch.inference_mode():\n"
             "    import diffq_c.ops as o\n"
-            "print(o._FREE_GRAD_REFS)")
+            "print(o._FREE_GRAD_REFS, o._ALONE)")
     under = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(under.stdout) == ops._FREE_GRAD_REFS
+    assert under.stdout.strip() == f"{ops._FREE_GRAD_REFS} {ops._ALONE}"
 
 
 # ------------------------------------------- the generator's specification
