@@ -13,13 +13,19 @@ once so that the resident set is live memory (LIVE_MEMORY_MALLOC).
                                                       # and the step of both under torch.compile
 
 Each row also gives the time per quantized parameter (us/qparam): on
-models of many small tensors that fixed cost is what matters.
+models of many small tensors that fixed cost is what matters. Each
+speed-up comes with a 90% bootstrap interval over the rounds (see
+ratio_interval), and each case ends with diffq_c's noise forward over a
+clone of the parameters, the issue's other target, with its interval: on
+this shared machine a ratio moves by 10% from run to run, and the interval
+says whether a figure near a target is above or below it.
 """
 import argparse
 import copy
 import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -149,11 +155,41 @@ def medians(samples):
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def differences(samples, base):
+    """Each case's time minus `base`'s, round by round."""
+    return {name: [a - b for a, b in zip(v, samples[base])] for name, v in samples.items() if name != base}
+
+
 def overheads(samples, base):
     """Median over rounds of each case's time minus `base`'s in the same
     round: a load burst then moves both terms of a difference, not one."""
-    return {name: statistics.median([a - b for a, b in zip(v, samples[base])])
-            for name, v in samples.items() if name != base}
+    return medians(differences(samples, base))
+
+
+# the bootstrap's draws and its generator's seed: the same samples give
+# the same interval
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+
+
+def ratio_interval(num, den, level=0.9, draws=BOOTSTRAP_DRAWS):
+    """(low, high): the central `level` interval of median(num) / median(den)
+    when the rounds are drawn again with replacement, the two lists
+    together (num[i] and den[i] come from round i, and a load burst moves
+    both). (nan, nan) where the lists are not paired rounds (a failed case
+    has one NaN) or hold a NaN."""
+    n = len(num)
+    if n != len(den) or n < 2 or any(x != x for x in list(num) + list(den)):
+        return float("nan"), float("nan")
+    rng = random.Random(BOOTSTRAP_SEED)
+    ratios = []
+    for _ in range(draws):
+        rounds = [rng.randrange(n) for _ in range(n)]
+        bottom = statistics.median([den[i] for i in rounds])
+        ratios.append(statistics.median([num[i] for i in rounds]) / bottom if bottom else float("inf"))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (draws - 1))], ratios[int(round((1 - tail) * (draws - 1)))]
 
 
 class Setup:
@@ -226,7 +262,18 @@ class Setup:
         return self.quantizer.get_quantized_state(packed=True)
 
 
+def _row(samples, base=None):
+    """(diffq's figure, diffq_c's, the 90% interval of diffq / diffq_c) of
+    interleaved samples: medians of the times, or with `base` of the
+    differences to base's times in the same rounds."""
+    values = samples if base is None else differences(samples, base)
+    return (statistics.median(values["diffq"]), statistics.median(values["diffq_c"]),
+            ratio_interval(values["diffq"], values["diffq_c"]))
+
+
 def time_case(model_name, group_size, repeats, compile_step=False):
+    """(rows, plain step ms, parameters, the largest one's values, quantized
+    parameters, diffq_c's noise forward / clone with its interval)."""
     torch.manual_seed(0)
     plain = Setup(None, model_name, group_size)
     theirs = Setup(diffq, model_name, group_size, plain.model)
@@ -236,40 +283,36 @@ def time_case(model_name, group_size, repeats, compile_step=False):
     rows = {}
     # twice the repeats: an overhead is a difference of two noisy times
     steps = interleaved({"plain": plain.step, "diffq": theirs.step, "diffq_c": ours.step}, 2 * repeats)
-    step_over = overheads(steps, "plain")
-    rows["train step overhead"] = (step_over["diffq"], step_over["diffq_c"])
+    rows["train step overhead"] = _row(steps, "plain")
     full = interleaved({"plain": plain.full_step, "diffq": theirs.full_step, "diffq_c": ours.full_step},
                        2 * repeats)
-    full_over = overheads(full, "plain")
-    rows["step with model_size, over"] = (full_over["diffq"], full_over["diffq_c"])
+    rows["step with model_size, over"] = _row(full, "plain")
     if compile_step:
         compiled = interleaved({"plain": plain.compiled_step, "diffq": theirs.compiled_step,
                                 "diffq_c": ours.compiled_step}, 2 * repeats)
-        compiled_over = overheads(compiled, "plain")
-        rows["compiled step, over"] = (compiled_over["diffq"], compiled_over["diffq_c"])
-    noise = medians(interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
-                                 "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]},
-                                repeats))
-    rows["noise forward"] = (noise["diffq"], noise["diffq_c"])
-    rows["  (clone of all params)"] = (noise["clone"], noise["clone"])
+        rows["compiled step, over"] = _row(compiled, "plain")
+    noise = interleaved({"diffq": theirs.noise_forward, "diffq_c": ours.noise_forward,
+                         "clone": lambda: [p.detach().clone() for p in plain.model.parameters()]}, repeats)
+    rows["noise forward"] = _row(noise)
+    clone = statistics.median(noise["clone"])
+    rows["  (clone of all params)"] = (clone, clone, None)
+    over_clone = (statistics.median(noise["diffq_c"]) / clone, ratio_interval(noise["diffq_c"], noise["clone"]))
     evals = interleaved({"plain": plain.eval_forward, "diffq": theirs.eval_forward,
                          "diffq_c": ours.eval_forward}, 2 * repeats)
-    eval_times, eval_over = medians(evals), overheads(evals, "plain")
-    rows["eval forward"] = (eval_times["diffq"], eval_times["diffq_c"])
-    rows["  (over plain eval)"] = (eval_over["diffq"], eval_over["diffq_c"])
+    rows["eval forward"] = _row(evals)
+    rows["  (over plain eval)"] = _row(evals, "plain")
     fresh = interleaved({"plain": plain.eval_forward, "diffq": theirs.fresh_eval_forward,
                          "diffq_c": ours.fresh_eval_forward}, 2 * repeats)
-    fresh_over = overheads(fresh, "plain")
-    rows["eval after a change, over"] = (fresh_over["diffq"], fresh_over["diffq_c"])
-    sizes = medians(interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size}, repeats))
-    rows["model_size fwd+bwd"] = (sizes["diffq"], sizes["diffq_c"])
-    gets = medians(interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state}, repeats))
-    rows["get_quantized_state"] = (gets["diffq"], gets["diffq_c"])
-    restores = medians(interleaved({
+    rows["eval after a change, over"] = _row(fresh, "plain")
+    rows["model_size fwd+bwd"] = _row(interleaved({"diffq": theirs.model_size, "diffq_c": ours.model_size},
+                                                  repeats))
+    rows["get_quantized_state"] = _row(interleaved({"diffq": theirs.get_state, "diffq_c": ours.get_state},
+                                                   repeats))
+    rows["restore_quantized_state"] = _row(interleaved({
         "diffq": lambda: theirs.quantizer.restore_quantized_state(state_theirs),
         "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats))
-    rows["restore_quantized_state"] = (restores["diffq"], restores["diffq_c"])
-    return rows, medians(steps)["plain"], count_params(plain.model), weight.numel(), ours.qparams()
+    return (rows, medians(steps)["plain"], count_params(plain.model), weight.numel(), ours.qparams(),
+            over_clone)
 
 
 # ---------------------------------------------------------------- memory
@@ -344,23 +387,27 @@ def main(argv=None):
           f"diffq_c {diffq_c.__version__}")
     for model_name in args.models:
         for group_size in args.group_sizes:
-            rows, plain_step, nparams, biggest, qparams = time_case(model_name, group_size, args.repeats,
-                                                                    args.compile)
+            rows, plain_step, nparams, biggest, qparams, over_clone = time_case(
+                model_name, group_size, args.repeats, args.compile)
             print(f"\n## {model_name} ({nparams / 1e6:.1f}M params, {qparams} quantized), "
                   f"group_size={group_size}, plain train step {plain_step:.1f} ms")
             print(f"| {'measure':<26} | {'diffq ms':>10} | {'diffq_c ms':>10} | {'speed-up':>8} "
-                  f"| {'diffq us/qp':>11} | {'diffq_c us/qp':>13} |")
-            print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 15}|")
-            for name, (a, b) in rows.items():
-                ratio = f"{a / b:.1f}x" if b > 0 and a == a and "clone" not in name else ""
-                print(f"| {name:<26} | {a:>10.2f} | {b:>10.2f} | {ratio:>8} "
+                  f"| {'90% interval':>13} | {'diffq us/qp':>11} | {'diffq_c us/qp':>13} |")
+            print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 15}|{'-' * 13}|{'-' * 15}|")
+            for name, (a, b, interval) in rows.items():
+                shown = interval is not None and b > 0 and a == a
+                ratio = f"{a / b:.1f}x" if shown else ""
+                span = f"{interval[0]:.1f}-{interval[1]:.1f}x" if shown and interval[0] == interval[0] else ""
+                print(f"| {name:<26} | {a:>10.2f} | {b:>10.2f} | {ratio:>8} | {span:>13} "
                       f"| {a * 1000 / qparams:>11.1f} | {b * 1000 / qparams:>13.1f} |")
+            ratio, (low, high) = over_clone
+            print(f"diffq_c noise forward / clone: {ratio:.2f} (90% interval {low:.2f}-{high:.2f})")
             if args.memory:
                 peaks = peak_memory(model_name, group_size)
                 weight_bytes = nparams * 4
                 print(f"| {'extra peak memory / params':<26} | "
                       f"{(peaks['diffq'] - peaks['plain']) / weight_bytes:>9.2f}x | "
-                      f"{(peaks['diffq_c'] - peaks['plain']) / weight_bytes:>9.2f}x | {'':>8} |")
+                      f"{(peaks['diffq_c'] - peaks['plain']) / weight_bytes:>9.2f}x | {'':>8} | {'':>13} |")
     sys.stdout.flush()
 
 

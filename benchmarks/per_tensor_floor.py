@@ -27,7 +27,8 @@ that nothing else holds it costs more (~2.5 us) than a fresh view (~0.7).
 Either overhead is a floor for the per-tensor part of a step. The script
 times the plain model, both floors, diffq_c and diffq side by side
 (interleaved, medians of differences, as compare.py does) and reports each
-overhead and the ratios to the fresh floor's.
+overhead and the ratios to the fresh floor's, diffq_c's two with their 90%
+bootstrap intervals over the rounds (compare.ratio_interval).
 
     python benchmarks/per_tensor_floor.py --models many conv --group-sizes 8 1
 """
@@ -167,11 +168,15 @@ def main(argv=None):
             theirs = compare.Setup(diffq, model_name, group_size, plain.model)
             samples = compare.interleaved({"plain": plain.step, "floor": floor.step, "fresh": fresh.step,
                                            "diffq_c": ours.step, "diffq": theirs.step}, args.repeats)
-            over = compare.overheads(samples, "plain")
+            diffs = compare.differences(samples, "plain")
+            over = compare.medians(diffs)
             plain_ms = compare.medians(samples)["plain"]
+            to_floor = compare.ratio_interval(diffs["diffq_c"], diffs["fresh"])
+            speed_up = compare.ratio_interval(diffs["diffq"], diffs["diffq_c"])
             print(f"| {model_name} | {group_size} | {plain_ms:.2f} | {over['floor']:.2f} | {over['fresh']:.2f} | "
-                  f"{over['diffq_c']:.2f} | {over['diffq']:.2f} | {over['diffq_c'] / over['fresh']:.2f} | "
-                  f"{over['diffq'] / over['diffq_c']:.1f}x | {over['diffq'] / over['fresh']:.1f}x |")
+                  f"{over['diffq_c']:.2f} | {over['diffq']:.2f} | {over['diffq_c'] / over['fresh']:.2f} "
+                  f"({to_floor[0]:.2f}-{to_floor[1]:.2f}) | {over['diffq'] / over['diffq_c']:.1f}x "
+                  f"({speed_up[0]:.1f}-{speed_up[1]:.1f}x) | {over['diffq'] / over['fresh']:.1f}x |")
             sys.stdout.flush()
 
 

@@ -1,4 +1,6 @@
 import copy
+import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -29,3 +31,12 @@ def randomize_logits(ours, theirs, low=-4.0, high=3.0, generator=None):
             if a.other is None:
                 a.logit.uniform_(low, high, generator=generator)
                 b.logit.copy_(a.logit)
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,23 +2,13 @@
 claims to stand for and nothing more: the plain model's numbers, every logit
 a gradient and an optimizer step, the weights back in place after each
 forward."""
-import importlib.util
-import pathlib
-
 import torch
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "per_tensor_floor.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("per_tensor_floor", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_floor_quantizer_is_the_plain_step_plus_per_tensor_work():
-    floor_mod = _load()
+    floor_mod = load_benchmark("per_tensor_floor")
     compare = floor_mod.compare
     torch.manual_seed(0)
     plain = compare.Setup(None, "many", 8)
