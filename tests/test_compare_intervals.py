@@ -43,11 +43,11 @@ def test_interval_holds_the_point_and_narrows_with_rounds():
     assert widths[1] < widths[0] / 2
 
 
-def test_no_interval_for_failed_or_unpaired_cases():
+def test_no_interval_for_failed_unpaired_or_lost_cases():
     compare = load_benchmark("compare")
     nan = float("nan")
     for num, den in (([nan], [1.0, 2.0]), ([1.0, nan, 3.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [1.0, 2.0, 3.0]),
-                     ([1.0], [2.0])):
+                     ([1.0], [2.0]), ([5.0, 6.0, 7.0], [0.1, -0.2, 0.0])):
         assert all(math.isnan(v) for v in compare.ratio_interval(num, den))
 
 
