@@ -495,6 +495,8 @@ class BaseQuantizer:
         self._scratch.enabled = bool(value)
         if not value:
             self._scratch.clear()
+            # the training plan keeps the last noisy weights' small tensors
+            self.__dict__.pop("_plan", None)
 
     # --------------------------------------------------------------- sizes
 

@@ -309,7 +309,8 @@ class DiffQuantizer(BaseQuantizer):
         and size weights, and where each noisy weight goes. Remade when a
         setting changes, and by _pre_forward_train when the binding refuses
         it (a parameter changed device, dtype or layout since)."""
-        key = (self.group_size, self.extra_bits, self.noise, self._bits_param, self._scratch.keep_bytes)
+        key = (self.group_size, self.extra_bits, self.noise, self._bits_param, self._scratch.keep_bytes,
+               self._scratch.enabled)
         plan = getattr(self, "_plan", None)
         if plan is None or plan.key != key or plan.torch_qps:
             # while some parameters take the torch path, look again each time
@@ -702,7 +703,8 @@ class _TrainPlan(tp.NamedTuple):
                    [n for n, k in zip(quantizer._owner_names(), on_kernels) if k],
                    [quantizer.group_size] * len(kernel_qps), allocs,
                    None if torch_qps else quantizer._size_terms()[0], sites,
-                   all(t.is_contiguous() for t in ps + logits), ops.TrainLayouts.make(ps, logits, allocs))
+                   all(t.is_contiguous() for t in ps + logits),
+                   ops.TrainLayouts.make(ps, logits, allocs, reuse=quantizer._scratch.enabled))
 
     def noisy_weights(self, quantizer: "DiffQuantizer", link: ops.SizeLink,
                       seed: tp.Optional[int] = None) -> tp.List[torch.Tensor]:

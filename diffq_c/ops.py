@@ -227,18 +227,50 @@ def _vectors(numels: tp.Sequence[int], allocs: tp.Optional[tp.Sequence[Alloc]] =
             for i, (n, k) in enumerate(zip(numels, shared))]
 
 
+# SharedLayout(reuse=True) hands out the views of its last allocation
+# again when nothing but the layout holds them or their memory: a view
+# costs ~0.8 us to make, the look ~0.15. A speed path (private counts:
+# Tensor._use_count, torch._C._storage_Use_Count): off, or without the
+# counts, every allocation is fresh; tests hold the two to the same bits.
+REUSE_VIEWS = True
+
+
+def _hold_counts(views: tp.Sequence[torch.Tensor]) -> tp.Optional[tuple]:
+    """What holds `views` (views of one buffer, in a list the caller keeps):
+    their buffer's storage holders and each one's Python references and
+    C++ uses, counted the same way each call; None without the counts."""
+    try:
+        return _storage_holders(views[0]), [(sys.getrefcount(v), v._use_count()) for v in views]
+    except Exception:  # noqa: BLE001 - no counts: never reuse
+        return None
+
+
 class SharedLayout:
     """Uninitialized float32 tensors of fixed shapes, laid out once (see
     _make_layout): the small ones (under SHARED_VECTOR_MAX values, allocated by
     torch.empty) views of one buffer, made a block of equal shapes at a
     time (here a tensor of its own costs ~1.8 us, a view out of a block
     ~0.6), the others from allocs[i] (kept memory for the large ones) or
-    torch.empty."""
+    torch.empty.
+
+    With `reuse` (the noisy weights of a training forward), the views of
+    the shared buffer are kept and handed out again by the next allocate()
+    under the same grad mode when nothing else holds them or their memory:
+    no Python reference (a hook that kept a noisy weight), no C++ one (a
+    graph not yet run backward saved it), no other view of the buffer (a
+    graph that saved a transpose of one). Then the counts are those
+    measured when they were made; any other count, a fresh allocation. The
+    grad modes keep apart so that a forward under no_grad never hands out
+    a tensor that carries an earlier training forward's autograd history."""
 
     def __init__(self, shapes: tp.Sequence[tp.Sequence[int]],
-                 allocs: tp.Optional[tp.Sequence[Alloc]] = None) -> None:
+                 allocs: tp.Optional[tp.Sequence[Alloc]] = None, reuse: bool = False) -> None:
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.allocs = allocs
+        self.reuse = reuse
+        # per grad mode: (the shared views in tensor order, None for the
+        # others; those views alone; their counts then)
+        self._kept: tp.Dict[bool, tp.Tuple[list, list, tuple]] = {}
         # a tensor with an allocator of its own (kept memory) keeps it
         shareable = None if allocs is None else tuple(a is _empty_f32 for a in allocs)
         self.layout = _make_layout(self.shapes, SHARED_VECTOR_MAX, shareable)
@@ -249,6 +281,35 @@ class SharedLayout:
                       if not self.layout.own and all(len(s) == 1 for s in self.shapes) else None)
 
     def allocate(self) -> tp.List[torch.Tensor]:
+        if not (self.reuse and REUSE_VIEWS and self.layout.total):
+            return self._fresh()
+        mode = torch.is_grad_enabled()
+        kept = self._kept.get(mode)
+        if kept is not None and _hold_counts(kept[1]) == kept[2]:
+            tensors = list(kept[0])
+            _own_tensors(self.layout, self.shapes, torch.float32, self.allocs, tensors)
+            return tensors
+        tensors = self._fresh()
+        own = [tensors[i] for i in self.layout.own]
+        slots = [t if j >= 0 else None for t, j in zip(tensors, self.layout.where)]
+        views = [t for t in slots if t is not None]
+        del tensors  # counted as the next call will count them: held by the layout alone
+        counts = _hold_counts(views)
+        if counts is None:
+            self._kept.pop(mode, None)
+        else:
+            self._kept[mode] = (slots, views, counts)
+        tensors = list(slots)
+        for i, t in zip(self.layout.own, own):
+            tensors[i] = t
+        return tensors
+
+    def __getstate__(self):
+        # a copy starts with nothing kept (what is kept carries autograd
+        # history, which neither deepcopy nor pickle takes)
+        return dict(self.__dict__, _kept={})
+
+    def _fresh(self) -> tp.List[torch.Tensor]:
         if self.sizes is not None:
             return list(torch.empty(self.layout.total, dtype=torch.float32).split_with_sizes(self.sizes))
         return _views_of(self.layout, self.shapes, torch.float32, self.allocs)[0]
@@ -306,11 +367,15 @@ def _views_of(layout: _Layout, shapes: tp.Sequence[tp.Sequence[int]], dtype: tor
         for part, (count, shape, _) in zip(shared.split([n for _, _, n in layout.blocks]), layout.blocks):
             views.extend(part.view((count,) + shape).unbind(0))
     tensors = [views[j] if j >= 0 else None for j in layout.where]
-    buffers = [shared]
+    _own_tensors(layout, shapes, dtype, allocs, tensors)
+    return tensors, [shared] + [tensors[i] for i in layout.own]
+
+
+def _own_tensors(layout: _Layout, shapes, dtype: torch.dtype, allocs, tensors: tp.List) -> None:
+    """The tensors of their own of `layout` into `tensors`, from allocs[i]
+    (float32 only) or torch.empty."""
     for i in layout.own:
         tensors[i] = allocs[i](shapes[i]) if allocs else torch.empty(shapes[i], dtype=dtype)
-        buffers.append(tensors[i])
-    return tensors, buffers
 
 
 def grad_groups(numels: tp.Sequence[int], cap_bytes: int = GRAD_GROUP_BYTES) -> tp.List[tp.Tuple[int, int]]:
@@ -640,9 +705,13 @@ class TrainLayouts(tp.NamedTuple):
 
     @classmethod
     def make(cls, ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tensor],
-             allocs: tp.Optional[tp.Sequence[Alloc]]) -> "TrainLayouts":
+             allocs: tp.Optional[tp.Sequence[Alloc]], reuse: bool = False) -> "TrainLayouts":
+        """`reuse`: the noisy weights' small tensors handed out again from
+        step to step (SharedLayout). Not the gradients: autograd takes a
+        gradient over as the parameter's .grad only when nothing else
+        holds it, and a layout that kept it would make it copy."""
         groups = grad_groups([p.numel() for p in ps])
-        return cls(SharedLayout([p.shape for p in ps], allocs), groups,
+        return cls(SharedLayout([p.shape for p in ps], allocs, reuse=reuse), groups,
                    [GroupFast.make(ps[a:b], logits[a:b], a, allocs[a:b] if allocs else None)
                     for a, b in groups])
 

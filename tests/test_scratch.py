@@ -142,13 +142,17 @@ def test_training_with_kept_memory_matches_fresh_memory(group_size):
         assert torch.equal(pa, pb)
 
 
-def test_retained_graph_keeps_its_noisy_weights():
+@pytest.mark.parametrize("keep_bytes", [0, scratch.KEEP_BYTES])
+def test_retained_graph_keeps_its_noisy_weights(keep_bytes):
     """A graph kept with retain_graph holds its noisy weights: a forward in
     between must not write over them, so a second backward of the first
-    graph gives the first gradients again."""
+    graph gives the first gradients again. With keep_bytes 0 every noisy
+    weight is kept memory; with the default these small ones are views of
+    one buffer that the training plan hands out again (ops.SharedLayout),
+    and linear's graph holds only a transpose of each."""
     torch.manual_seed(0)
     model = _net()
-    q = _quantizer(model, 0)
+    q = _quantizer(model, keep_bytes)
     x = torch.randn(4, 64)
     out = model(x).sum()
     out.backward(retain_graph=True)
