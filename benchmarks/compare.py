@@ -308,11 +308,11 @@ def time_case(model_name, group_size, repeats, compile_step=False):
                          "clone": lambda: [p.clone() for p in params],
                          "copy": lambda: [k.copy_(p) for k, p in zip(kept, params)]}, repeats)
     rows["noise forward"] = _row(noise)
+    middle = medians(noise)
     for name, what in (("clone", "  (clone of all params)"), ("copy", "  (copy into kept memory)")):
-        base = statistics.median(noise[name])
-        rows[what] = (base, base, None)
-    over_clone = {name: (statistics.median(noise["diffq_c"]) / statistics.median(noise[name]),
-                         ratio_interval(noise["diffq_c"], noise[name])) for name in ("clone", "copy")}
+        rows[what] = (middle[name], middle[name], None)
+    over_baselines = {name: (middle["diffq_c"] / middle[name], ratio_interval(noise["diffq_c"], noise[name]))
+                      for name in ("clone", "copy")}
     evals = interleaved({"plain": plain.eval_forward, "diffq": theirs.eval_forward,
                          "diffq_c": ours.eval_forward}, 2 * repeats)
     rows["eval forward"] = _row(evals)
@@ -328,7 +328,7 @@ def time_case(model_name, group_size, repeats, compile_step=False):
         "diffq": lambda: theirs.quantizer.restore_quantized_state(state_theirs),
         "diffq_c": lambda: ours.quantizer.restore_quantized_state(state_ours)}, repeats))
     return (rows, medians(steps)["plain"], count_params(plain.model), weight.numel(), ours.qparams(),
-            over_clone)
+            over_baselines)
 
 
 # ---------------------------------------------------------------- memory
@@ -403,7 +403,7 @@ def main(argv=None):
           f"diffq_c {diffq_c.__version__}")
     for model_name in args.models:
         for group_size in args.group_sizes:
-            rows, plain_step, nparams, biggest, qparams, over_clone = time_case(
+            rows, plain_step, nparams, biggest, qparams, over_baselines = time_case(
                 model_name, group_size, args.repeats, args.compile)
             print(f"\n## {model_name} ({nparams / 1e6:.1f}M params, {qparams} quantized), "
                   f"group_size={group_size}, plain train step {plain_step:.1f} ms")
@@ -418,7 +418,7 @@ def main(argv=None):
                       f"| {a * 1000 / qparams:>11.1f} | {b * 1000 / qparams:>13.1f} |")
             print("diffq_c noise forward / " + ", / ".join(
                 f"{name}: {ratio:.2f} (90% interval {low:.2f}-{high:.2f})"
-                for name, (ratio, (low, high)) in over_clone.items()))
+                for name, (ratio, (low, high)) in over_baselines.items()))
             if args.memory:
                 peaks = peak_memory(model_name, group_size)
                 weight_bytes = nparams * 4
