@@ -365,18 +365,29 @@ int64_t dq_lsq_forward_fast(const float *restrict x, float scale, int bits, int6
 int64_t dq_lsq_forward(const float *restrict x, int64_t n, float scale, int bits,
                        float *restrict q, int16_t *restrict index, int nthreads);
 
-/* Backward of q for an upstream gradient `grad`. grad_x[i] = grad[i] where
- * low <= c <= high, else 0 (grad_x may be NULL). Returns, summed in double,
- * grad[i] * (round(c) - c) inside that range and grad[i] * bound outside:
- * the gradient of sum(grad * q) with respect to s. */
+/* Which bounds of the clamp count as inside for the gradient (a bitmask).
+ * torch changed this: its clamp's backward passes the gradient on both
+ * bounds up to 2.13 (both bits) and on neither from 2.14 (0; pytorch issue
+ * 184574). The Python layer asks the installed torch (diffq_c/lsq.py), so
+ * that the gradients are those of torch's autograd of diffq's formula. */
+#define DQ_LSQ_LOW_INSIDE 1
+#define DQ_LSQ_HIGH_INSIDE 2
+
+/* Backward of q for an upstream gradient `grad`. grad_x[i] = grad[i] where c
+ * is inside [low, high] (strictly, or on a bound that `bounds` takes in),
+ * else 0 (grad_x may be NULL). Returns, summed in double, grad[i] * (round(c)
+ * - c) inside and grad[i] * bound outside: the gradient of sum(grad * q) with
+ * respect to s. */
 double dq_lsq_backward_ref(const float *restrict x, const float *restrict grad, float scale,
-                           int bits, int64_t start, int64_t count, float *restrict grad_x);
+                           int bits, int bounds, int64_t start, int64_t count,
+                           float *restrict grad_x);
 double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad, float scale,
-                            int bits, int64_t start, int64_t count, float *restrict grad_x);
+                            int bits, int bounds, int64_t start, int64_t count,
+                            float *restrict grad_x);
 /* The driver returns the gradient for the raw scale: grad_scale times the
  * sum over all n elements (chunk sums added in chunk order). */
 float dq_lsq_backward(const float *restrict x, const float *restrict grad, int64_t n, float scale,
-                      int bits, float grad_scale, float *restrict grad_x, int nthreads);
+                      int bits, int bounds, float grad_scale, float *restrict grad_x, int nthreads);
 
 /* ------------------------------------------------------------- validate.c */
 

@@ -85,16 +85,25 @@ int64_t dq_lsq_forward(const float *restrict x, int64_t n, float scale, int bits
     return nan_count;
 }
 
+/* Whether c counts as inside [low, high] for the gradient: strictly inside
+ * always; on a bound where `bounds` says so (DQ_LSQ_LOW_INSIDE,
+ * DQ_LSQ_HIGH_INSIDE). NaN is outside. */
+DQ_INLINE int lsq_inside(float c, float low, float high, const int bounds) {
+    return (c > low || ((bounds & DQ_LSQ_LOW_INSIDE) && c == low)) &&
+           (c < high || ((bounds & DQ_LSQ_HIGH_INSIDE) && c == high));
+}
+
 double dq_lsq_backward_ref(const float *restrict x, const float *restrict grad, float scale,
-                           int bits, int64_t start, int64_t count, float *restrict grad_x) {
+                           int bits, int bounds, int64_t start, int64_t count,
+                           float *restrict grad_x) {
     assert(bits >= 1 && bits <= 15);
+    assert((bounds & ~(DQ_LSQ_LOW_INSIDE | DQ_LSQ_HIGH_INSIDE)) == 0);
     const float low = lsq_low(bits), high = lsq_high(bits);
     double acc = 0.0;
     for (int64_t i = start; i < start + count; ++i) {
         float c = x[i] / scale;
         float clamped = lsq_clamp(c, low, high);
-        /* torch's clamp passes the gradient on the bounds too (inclusive) */
-        int inside = c >= low && c <= high;
+        int inside = lsq_inside(c, low, high, bounds);
         /* d(index * s)/ds through c = x / s: round(c) - c inside (exact in
          * float32), the bound itself outside, NaN for NaN c */
         float term = inside ? rintf(clamped) - c : rintf(clamped);
@@ -105,10 +114,11 @@ double dq_lsq_backward_ref(const float *restrict x, const float *restrict grad, 
     return acc;
 }
 
-DQ_FAST
-double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad, float scale,
-                            int bits, int64_t start, int64_t count, float *restrict grad_x) {
-    assert(bits >= 1 && bits <= 15);
+/* dq_lsq_backward_fast's body for one value of `bounds`, so that each
+ * instance's loops vectorize without a test on it per element. */
+DQ_INLINE double lsq_backward_loops(const float *restrict x, const float *restrict grad,
+                                    float scale, int bits, const int bounds, int64_t start,
+                                    int64_t count, float *restrict grad_x) {
     const float low = lsq_low(bits), high = lsq_high(bits);
     /* Eight lanes of double partial sums in a fixed order: the result does
      * not depend on the ISA clone, only on (start, count). */
@@ -121,25 +131,41 @@ double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad,
         for (int k = 0; k < 8; ++k) {
             float c = xs[i + k] / scale;
             float clamped = lsq_clamp(c, low, high);
-            int inside = c >= low && c <= high;
+            int inside = lsq_inside(c, low, high, bounds);
             float term = rintf(clamped) - (inside ? c : 0.0f);
             lanes[k] += (double)gs[i + k] * (double)term;
         }
     }
-    double acc = dq_lsq_backward_ref(x, grad, scale, bits, start + i, count - i, NULL);
+    double acc = dq_lsq_backward_ref(x, grad, scale, bits, bounds, start + i, count - i, NULL);
     for (int k = 0; k < 8; ++k)
         acc += lanes[k];
     if (gx) {
         for (int64_t j = 0; j < count; ++j) {
             float c = xs[j] / scale;
-            gx[j] = (c >= low && c <= high) ? gs[j] : 0.0f;
+            gx[j] = lsq_inside(c, low, high, bounds) ? gs[j] : 0.0f;
         }
     }
     return acc;
 }
 
+DQ_FAST
+double dq_lsq_backward_fast(const float *restrict x, const float *restrict grad, float scale,
+                            int bits, int bounds, int64_t start, int64_t count,
+                            float *restrict grad_x) {
+    assert(bits >= 1 && bits <= 15);
+    switch (bounds) {
+    case DQ_LSQ_LOW_INSIDE | DQ_LSQ_HIGH_INSIDE:
+        return lsq_backward_loops(x, grad, scale, bits, DQ_LSQ_LOW_INSIDE | DQ_LSQ_HIGH_INSIDE,
+                                  start, count, grad_x);
+    case 0:
+        return lsq_backward_loops(x, grad, scale, bits, 0, start, count, grad_x);
+    default: /* one bound inside: no torch has it, so no instance of its own */
+        return lsq_backward_loops(x, grad, scale, bits, bounds, start, count, grad_x);
+    }
+}
+
 float dq_lsq_backward(const float *restrict x, const float *restrict grad, int64_t n, float scale,
-                      int bits, float grad_scale, float *restrict grad_x, int nthreads) {
+                      int bits, int bounds, float grad_scale, float *restrict grad_x, int nthreads) {
     enum { BATCH = 64 };
     int64_t chunks = dq_num_chunks(n, DQ_CHUNK);
     double parts[BATCH];
@@ -151,7 +177,7 @@ float dq_lsq_backward(const float *restrict x, const float *restrict grad, int64
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (m > 1)
         for (int64_t c = 0; c < m; ++c) {
             int64_t start = (base + c) * DQ_CHUNK;
-            parts[c] = dq_lsq_backward_fast(x, grad, scale, bits, start,
+            parts[c] = dq_lsq_backward_fast(x, grad, scale, bits, bounds, start,
                                             DQ_MIN(DQ_CHUNK, n - start), grad_x);
         }
         for (int64_t c = 0; c < m; ++c)

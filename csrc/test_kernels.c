@@ -916,6 +916,9 @@ static void test_size(void) {
 
 /* ---------------------------------------------------------------- lsq.c */
 
+/* torch <= 2.13's clamp: the gradient passes on both bounds */
+#define BOTH_INSIDE (DQ_LSQ_LOW_INSIDE | DQ_LSQ_HIGH_INSIDE)
+
 static void test_lsq_known_answer(void) {
     /* s = 0.5, bits = 2: levels -2..1. c = x / s is exact for these values;
      * the halves round to even and out-of-range values clamp first. */
@@ -933,16 +936,49 @@ static void test_lsq_known_answer(void) {
         CHECK(nans == 1 && isnan(q[8]), "lsq forward NaN count %lld (fast %d)", (long long)nans, fast);
         CHECK(memcmp(q, want_q, sizeof want_q) == 0 && memcmp(index, want_index, sizeof want_index) == 0,
               "lsq forward known answer (fast %d)", fast);
-        /* c = 1 sits on the upper bound: inside, gradient passes, term 0 */
-        double acc = fast ? dq_lsq_backward_fast(x, ones, 0.5f, 2, 0, 8, gx)
-                          : dq_lsq_backward_ref(x, ones, 0.5f, 2, 0, 8, gx);
+        /* c = 1 sits on the upper bound: inside (torch <= 2.13's clamp),
+         * gradient passes, term 0 */
+        double acc = fast ? dq_lsq_backward_fast(x, ones, 0.5f, 2, BOTH_INSIDE, 0, 8, gx)
+                          : dq_lsq_backward_ref(x, ones, 0.5f, 2, BOTH_INSIDE, 0, 8, gx);
         /* terms: -2, -0.5, 0.5, -0.5, 1 - 0.6f, 1, 0, 1 */
         double want = -2 - 0.5 + 0.5 - 0.5 + (1.0 - (double)(0.3f / 0.5f)) + 1 + 0 + 1;
         CHECK(fabs(acc - want) < 1e-12, "lsq backward sum %.17g, want %.17g (fast %d)", acc, want, fast);
         CHECK(memcmp(gx, want_gx, sizeof want_gx) == 0, "lsq backward grad_x (fast %d)", fast);
     }
     /* a NaN level makes the scale gradient NaN, as torch's autograd does */
-    CHECK(isnan(dq_lsq_backward_ref(x, ones, 0.5f, 2, 0, 9, NULL)), "lsq backward NaN");
+    CHECK(isnan(dq_lsq_backward_ref(x, ones, 0.5f, 2, BOTH_INSIDE, 0, 9, NULL)), "lsq backward NaN");
+    CHECK(isnan(dq_lsq_backward_ref(x, ones, 0.5f, 2, 0, 0, 9, NULL)), "lsq backward NaN, bounds outside");
+}
+
+/* Each choice of bounds, on c = -2 (the low bound), 1 (the high bound),
+ * -2.5 (clamped) and 0.5 (inside): s = 0.5, bits = 2. On a bound taken in,
+ * the gradient passes and the scale's term is round(c) - c = 0; on one left
+ * out, no gradient and the term is the bound. */
+static void test_lsq_bounds(void) {
+    const float x[] = {-1.0f, 0.5f, -1.25f, 0.25f}, ones[] = {1, 1, 1, 1};
+    const struct {
+        int bounds;
+        float gx[4];
+        double sum;
+    } want[] = {
+        {BOTH_INSIDE, {1, 1, 0, 1}, 0 + 0 - 2 - 0.5},
+        {0, {0, 0, 0, 1}, -2 + 1 - 2 - 0.5},
+        {DQ_LSQ_LOW_INSIDE, {1, 0, 0, 1}, 0 + 1 - 2 - 0.5},
+        {DQ_LSQ_HIGH_INSIDE, {0, 1, 0, 1}, -2 + 0 - 2 - 0.5},
+    };
+    for (int w = 0; w < 4; ++w)
+        for (int fast = 0; fast < 2; ++fast) {
+            float gx[4];
+            double acc = fast ? dq_lsq_backward_fast(x, ones, 0.5f, 2, want[w].bounds, 0, 4, gx)
+                              : dq_lsq_backward_ref(x, ones, 0.5f, 2, want[w].bounds, 0, 4, gx);
+            CHECK(acc == want[w].sum && memcmp(gx, want[w].gx, sizeof gx) == 0,
+                  "lsq bounds %d (fast %d): sum %g, want %g", want[w].bounds, fast, acc, want[w].sum);
+        }
+    /* the driver too, any thread count */
+    float gx[4];
+    float total = dq_lsq_backward(x, ones, 4, 0.5f, 2, 0, 0.25f, gx, 2);
+    CHECK(total == (float)(0.25 * want[1].sum) && memcmp(gx, want[1].gx, sizeof gx) == 0,
+          "lsq bounds driver: %g", total);
 }
 
 static void test_lsq_fast_and_threads(void) {
@@ -975,14 +1011,24 @@ static void test_lsq_fast_and_threads(void) {
             for (int64_t i = 0; i < n && ok; ++i)
                 ok = i1[i] >= -(1 << (bits - 1)) && i1[i] < (1 << (bits - 1)) && q1[i] == (float)i1[i] * scale;
             CHECK(ok, "lsq index range / q = index * s, bits %d", bits);
-            double r1 = dq_lsq_backward_ref(x, g, scale, bits, 0, n, gx1);
-            double r2 = dq_lsq_backward_fast(x, g, scale, bits, 0, n, gx2);
-            double mag = 0;
-            for (int64_t i = 0; i < n; ++i)
-                mag += fabs((double)g[i]) * (1 << (bits - 1));
-            CHECK(fabs(r1 - r2) <= 1e-12 * (mag + 1), "lsq backward fast sum bits %d n %lld: %g vs %g", bits,
-                  (long long)n, r1, r2);
-            CHECK(memcmp(gx1, gx2, n * 4) == 0, "lsq backward fast grad_x bits %d n %lld", bits, (long long)n);
+            /* exact bounds in the backward: c = low and c = high */
+            if (n > 6) {
+                x[5] = -(float)(1 << (bits - 1)) * scale;
+                x[6] = (float)((1 << (bits - 1)) - 1) * scale;
+            }
+            const int bound_choices[] = {BOTH_INSIDE, 0, DQ_LSQ_HIGH_INSIDE};
+            for (int bc = 0; bc < 3; ++bc) {
+                int bounds = bound_choices[bc];
+                double r1 = dq_lsq_backward_ref(x, g, scale, bits, bounds, 0, n, gx1);
+                double r2 = dq_lsq_backward_fast(x, g, scale, bits, bounds, 0, n, gx2);
+                double mag = 0;
+                for (int64_t i = 0; i < n; ++i)
+                    mag += fabs((double)g[i]) * (1 << (bits - 1));
+                CHECK(fabs(r1 - r2) <= 1e-12 * (mag + 1), "lsq backward fast sum bits %d n %lld bounds %d: %g vs %g",
+                      bits, (long long)n, bounds, r1, r2);
+                CHECK(memcmp(gx1, gx2, n * 4) == 0, "lsq backward fast grad_x bits %d n %lld bounds %d", bits,
+                      (long long)n, bounds);
+            }
             free(x), free(g), free(q1), free(q2), free(gx1), free(gx2), free(i1), free(i2), free(i3);
         }
     /* the drivers give the same bits for any thread count */
@@ -998,10 +1044,11 @@ static void test_lsq_fast_and_threads(void) {
     int64_t a = dq_lsq_forward(x, n, scale, 8, q1, i1, 1);
     int64_t b = dq_lsq_forward(x, n, scale, 8, q2, i2, 2);
     CHECK(a == 0 && b == 0 && memcmp(q1, q2, n * 4) == 0 && memcmp(i1, i2, n * 2) == 0, "lsq forward threads");
-    float s1 = dq_lsq_backward(x, g, n, scale, 8, gscale, gx1, 1);
-    float s2 = dq_lsq_backward(x, g, n, scale, 8, gscale, gx2, 2);
+    x[3] = 127.0f * scale; /* on the high bound */
+    float s1 = dq_lsq_backward(x, g, n, scale, 8, 0, gscale, gx1, 1);
+    float s2 = dq_lsq_backward(x, g, n, scale, 8, 0, gscale, gx2, 2);
     CHECK(s1 == s2 && memcmp(gx1, gx2, n * 4) == 0, "lsq backward threads");
-    double ref = dq_lsq_backward_ref(x, g, scale, 8, 0, n, NULL) * gscale;
+    double ref = dq_lsq_backward_ref(x, g, scale, 8, 0, 0, n, NULL) * gscale;
     CHECK(fabs(s1 - ref) <= 1e-6 * fabs(ref) + 1e-9, "lsq backward driver %g vs ref %g", s1, ref);
     free(x), free(g), free(q1), free(q2), free(gx1), free(gx2), free(i1), free(i2);
     /* the effective scale stays within one ulp of the scale */
@@ -1270,6 +1317,7 @@ int main(void) {
     test_pack_widths();
     test_quantize_pack();
     test_lsq_known_answer();
+    test_lsq_bounds();
     test_lsq_fast_and_threads();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

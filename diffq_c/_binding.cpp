@@ -1184,11 +1184,16 @@ int64_t lsq_forward(py::handle x_obj, float scale, int bits, py::object q_obj, p
 }
 
 // grad_x is optional (None); returns the gradient for the raw scale.
-float lsq_backward(py::handle x_obj, py::handle grad_obj, float scale, int bits, float grad_scale,
-                   py::object grad_x_obj, int nthreads, bool reference) {
+// `bounds`: which clamp bounds pass the gradient (DQ_LSQ_*_INSIDE), no default:
+// it is the installed torch's convention, which the caller asks torch for.
+float lsq_backward(py::handle x_obj, py::handle grad_obj, float scale, int bits, int bounds,
+                   float grad_scale, py::object grad_x_obj, int nthreads, bool reference) {
     Buffer x = view(x_obj, "x", DType::f32);
     Buffer grad = view(grad_obj, "grad", DType::f32, x.numel);
     lsq_bits(bits);
+    if (bounds & ~(DQ_LSQ_LOW_INSIDE | DQ_LSQ_HIGH_INSIDE))
+        throw py::value_error("bounds must combine LSQ_LOW_INSIDE and LSQ_HIGH_INSIDE, got " +
+                              std::to_string(bounds));
     threads(nthreads);
     Buffer grad_x;
     float *gxp = nullptr;
@@ -1202,8 +1207,8 @@ float lsq_backward(py::handle x_obj, py::handle grad_obj, float scale, int bits,
     const float *gp = reinterpret_cast<const float *>(grad.data);
     py::gil_scoped_release nogil;
     if (reference)
-        return (float)((double)grad_scale * dq_lsq_backward_ref(xp, gp, scale, bits, 0, x.numel, gxp));
-    return dq_lsq_backward(xp, gp, x.numel, scale, bits, grad_scale, gxp, nthreads);
+        return (float)((double)grad_scale * dq_lsq_backward_ref(xp, gp, scale, bits, bounds, 0, x.numel, gxp));
+    return dq_lsq_backward(xp, gp, x.numel, scale, bits, bounds, grad_scale, gxp, nthreads);
 }
 
 
@@ -1876,6 +1881,8 @@ PYBIND11_MODULE(_C, m) {
     m.attr("PACK_LINE") = DQ_PACK_LINE;
     m.attr("PACK_BLOCK") = DQ_PACK_BLOCK;
     m.attr("CHUNK") = DQ_CHUNK;
+    m.attr("LSQ_LOW_INSIDE") = DQ_LSQ_LOW_INSIDE;
+    m.attr("LSQ_HIGH_INSIDE") = DQ_LSQ_HIGH_INSIDE;
 #ifdef _OPENMP
     m.attr("OPENMP") = true;
 #else
@@ -1946,6 +1953,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("lsq_forward", &lsq_forward, py::arg("x"), py::arg("scale"), py::arg("bits"), py::arg("q") = py::none(),
           py::arg("index") = py::none(), py::arg("nthreads") = 1, py::arg("reference") = false);
     m.def("lsq_backward", &lsq_backward, py::arg("x"), py::arg("grad"), py::arg("scale"), py::arg("bits"),
-          py::arg("grad_scale"), py::arg("grad_x") = py::none(), py::arg("nthreads") = 1,
+          py::arg("bounds"), py::arg("grad_scale"), py::arg("grad_x") = py::none(), py::arg("nthreads") = 1,
           py::arg("reference") = false);
 }

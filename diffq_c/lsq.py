@@ -18,6 +18,33 @@ from .base import BaseQuantizer
 from .utils import QuantizerConfigError, capture_init, simple_repr
 
 
+def _probe_clamp_bounds() -> int:
+    """Which bounds of torch.clamp pass the gradient, as the kernels' bitmask
+    (ops._C.LSQ_LOW_INSIDE, LSQ_HIGH_INSIDE). torch changed it: both up to
+    2.13, neither from 2.14 (pytorch issue 184574). diffq's LSQ is torch
+    autograd through clamp, so its gradients for a weight exactly on a bound
+    follow the installed torch; asking torch keeps ours equal to them on
+    every version. Public autograd on two values, once."""
+    with torch.inference_mode(False), torch.enable_grad():
+        # on the CPU whatever a `with torch.device(...)` around the caller says
+        x = torch.tensor([-1.0, 1.0], device="cpu", requires_grad=True)
+        (grad,) = torch.autograd.grad(x.clamp(-1.0, 1.0).sum(), x)
+    low, high = (float(v) for v in grad.tolist())
+    return (ops._C.LSQ_LOW_INSIDE if low else 0) | (ops._C.LSQ_HIGH_INSIDE if high else 0)
+
+
+_CLAMP_BOUNDS: tp.Optional[int] = None
+
+
+def clamp_bounds() -> int:
+    """_probe_clamp_bounds(), asked on first use (not at import: an import
+    inside a dispatch mode or a trace would see that mode's tensors)."""
+    global _CLAMP_BOUNDS
+    if _CLAMP_BOUNDS is None:
+        _CLAMP_BOUNDS = _probe_clamp_bounds()
+    return _CLAMP_BOUNDS
+
+
 def _index_range(bits: int) -> tp.Tuple[int, int]:
     return -2 ** (bits - 1), 2 ** (bits - 1) - 1
 
@@ -42,6 +69,7 @@ class _LSQValues(torch.autograd.Function):
         ops._C.lsq_forward(ops._flat(x), effective, bits, q=out.view(-1), nthreads=ops.num_threads())
         ctx.save_for_backward(x)
         ctx.config = (effective, bits, grad_scale, scale.shape)
+        ctx.bounds = clamp_bounds()
         return out
 
     @staticmethod
@@ -50,7 +78,7 @@ class _LSQValues(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         effective, bits, grad_scale, scale_shape = ctx.config
         grad_x = torch.empty(x.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_s = ops._C.lsq_backward(ops._flat(x), ops._flat(grad), effective, bits, grad_scale,
+        grad_s = ops._C.lsq_backward(ops._flat(x), ops._flat(grad), effective, bits, ctx.bounds, grad_scale,
                                      grad_x=None if grad_x is None else grad_x.view(-1),
                                      nthreads=ops.num_threads())
         grad_s = torch.full(scale_shape, grad_s, dtype=torch.float32) \

@@ -211,11 +211,12 @@ SPECS: tp.Dict[str, Spec] = {
         bad_scalars=(({"bits": 0}, ValueError), ({"bits": 16}, ValueError),
                      ({"nthreads": 0}, ValueError))),
     "lsq_backward": Spec(
-        make=lambda: dict(x=_f32(N), grad=_f32(N, 0.5, 1.5), scale=0.1, bits=4, grad_scale=0.01,
+        make=lambda: dict(x=_f32(N), grad=_f32(N, 0.5, 1.5), scale=0.1, bits=4, bounds=0, grad_scale=0.01,
                           grad_x=_out(N, torch.float32), nthreads=1),
         tensors=("x", "grad", "grad_x"), outputs=("grad_x",), any_size=("x",),
         overlaps=(("grad_x", "x"), ("grad_x", "grad")),
         bad_scalars=(({"bits": 0}, ValueError), ({"bits": 16}, ValueError),
+                     ({"bounds": 4}, ValueError), ({"bounds": -1}, ValueError),
                      ({"nthreads": 0}, ValueError))),
     "split_by_width": Spec(
         make=lambda: dict(levels=_levels(N), bits=_widths(),

@@ -161,6 +161,87 @@ def test_gradients_match_torch_autograd_float32(bits):
             1e-5 * abs(float(ref_scale.grad)) + torch_error
 
 
+BOTH_INSIDE = _C.LSQ_LOW_INSIDE | _C.LSQ_HIGH_INSIDE
+
+
+def test_clamp_bounds_are_the_installed_torchs():
+    """torch's clamp passed the gradient on its bounds up to 2.13 and stopped
+    in 2.14 (pytorch issue 184574); diffq's LSQ gradients change with it, and
+    ours follow whichever torch is installed."""
+    x = torch.tensor([-3.0, 2.0], requires_grad=True)
+    x.clamp(-3.0, 2.0).sum().backward()
+    want = (_C.LSQ_LOW_INSIDE if x.grad[0] else 0) | (_C.LSQ_HIGH_INSIDE if x.grad[1] else 0)
+    assert ours_lsq.clamp_bounds() == want
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version <= (2, 13):
+        assert want == BOTH_INSIDE
+    elif version == (2, 14):
+        assert want == 0
+    # the probe is the same under contexts a caller may be in
+    with torch.inference_mode():
+        assert ours_lsq._probe_clamp_bounds() == want
+    with torch.device("meta"):
+        assert ours_lsq._probe_clamp_bounds() == want
+    with torch.no_grad():
+        assert ours_lsq._probe_clamp_bounds() == want
+
+
+def _clamp_with_bounds(c, low, high, bounds):
+    """clamp(c, low, high) whose gradient passes strictly inside and on the
+    bounds that `bounds` takes in: either convention in torch autograd,
+    whatever the installed torch's own clamp does."""
+    keep = (c >= low if bounds & _C.LSQ_LOW_INSIDE else c > low) & \
+        (c <= high if bounds & _C.LSQ_HIGH_INSIDE else c < high)
+    return torch.where(keep, c, c.detach().clamp(low, high))
+
+
+def _on_bounds_inputs(n, bits, seed):
+    """lsq_inputs with a tenth of the weights exactly on the clamp's bounds
+    (c = x / effective scale equal to low or high in float32), half each."""
+    x, scale = lsq_inputs(n, bits, seed)
+    low, high = ours_lsq._index_range(bits)
+    effective = _C.lsq_effective_scale(float(scale), ours_lsq._grad_scale(n, bits))
+    candidates = torch.tensor([low, high], dtype=torch.float32) * effective
+    exact = (candidates / torch.tensor(effective)) == torch.tensor([low, high], dtype=torch.float32)
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(2, n // 10)]
+    x[picks[0::2]] = candidates[0]
+    x[picks[1::2]] = candidates[1]
+    return x, scale, bool(exact[0]), bool(exact[1])
+
+
+@pytest.mark.parametrize("bounds", [0, BOTH_INSIDE, _C.LSQ_HIGH_INSIDE])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_each_bounds_convention_matches_autograd(monkeypatch, bits, bounds):
+    """Both torch conventions (and a mixed one), whichever torch runs the
+    tests: the kernels against autograd of diffq's formula with a clamp of
+    that convention, on weights exactly on the bounds."""
+    monkeypatch.setattr(ours_lsq, "_CLAMP_BOUNDS", bounds)
+    on_low = on_high = False
+    for n, seed in ((9, 13), (5000, 14), (70001, 15)):
+        x, scale, low_exact, high_exact = _on_bounds_inputs(n, bits, seed)
+        on_low, on_high = on_low or low_exact, on_high or high_exact
+        upstream = torch.randn(n, generator=torch.Generator().manual_seed(seed + 100))
+        low, high = ours_lsq._index_range(bits)
+        grad_scale = ours_lsq._grad_scale(n, bits)
+        ref_x, ref_scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        scaled = ref_scale * grad_scale
+        effective = (ref_scale - scaled).detach() + scaled
+        c = _clamp_with_bounds(ref_x / effective, low, high, bounds)
+        index = c + (c.round() - c).detach()
+        (index * effective * upstream).sum().backward()
+
+        ours_x, ours_scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        (ours_lsq.quantized_values(ours_x, ours_scale, bits) * upstream).sum().backward()
+        assert torch.equal(ours_x.grad == 0, ref_x.grad == 0)
+        torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=0)
+        torch_error = 4 * 2 ** -23 * grad_scale * float(
+            (upstream.abs() * (index.detach().abs() + c.detach().abs())).sum())
+        assert abs(float(ours_scale.grad) - float(ref_scale.grad)) <= \
+            1e-5 * abs(float(ref_scale.grad)) + torch_error
+    # the weights did sit on both bounds, so the convention was exercised
+    assert on_low and on_high
+
+
 @pytest.mark.parametrize("bits", [2, 5, 8, 15])
 def test_scale_gradient_matches_float64_autograd(bits):
     """Where x / s is exact in float32 (s a power of two, x on a fine grid),
@@ -215,7 +296,7 @@ def test_binding_validates_buffers():
     with pytest.raises(TypeError):
         _C.lsq_forward(x, 0.1, 8, index=torch.empty(10, dtype=torch.int32))
     with pytest.raises(ValueError):
-        _C.lsq_backward(x, torch.randn(10), 0.1, 8, 0.1, grad_x=x)
+        _C.lsq_backward(x, torch.randn(10), 0.1, 8, 0, 0.1, grad_x=x)
     with pytest.raises(ValueError):
         _C.lsq_forward(torch.randn(4, 4).t(), 0.1, 8, q=torch.empty(16))  # not contiguous
 
@@ -229,10 +310,11 @@ def test_reference_and_fast_kernels_agree_through_binding():
     _C.lsq_forward(x, float(scale), 8, q=q_ref, index=i_ref, reference=True)
     assert torch.equal(q_fast, q_ref) and torch.equal(i_fast, i_ref)
     g_fast, g_ref = torch.empty(70001), torch.empty(70001)
-    s_fast = _C.lsq_backward(x, upstream, float(scale), 8, 0.01, grad_x=g_fast, nthreads=2)
-    s_ref = _C.lsq_backward(x, upstream, float(scale), 8, 0.01, grad_x=g_ref, reference=True)
-    assert torch.equal(g_fast, g_ref)
-    assert s_fast == pytest.approx(s_ref, rel=1e-6)
+    for bounds in (0, _C.LSQ_LOW_INSIDE | _C.LSQ_HIGH_INSIDE, _C.LSQ_HIGH_INSIDE):
+        s_fast = _C.lsq_backward(x, upstream, float(scale), 8, bounds, 0.01, grad_x=g_fast, nthreads=2)
+        s_ref = _C.lsq_backward(x, upstream, float(scale), 8, bounds, 0.01, grad_x=g_ref, reference=True)
+        assert torch.equal(g_fast, g_ref)
+        assert s_fast == pytest.approx(s_ref, rel=1e-6)
 
 
 # ---------------------------------------------------------------- training
