@@ -571,7 +571,9 @@ def _c_apply(fn: type) -> tp.Optional[tp.Callable]:
 # transforms it finds none (the quantizer hands over its own parameters),
 # so the entry point under it does the same. A speed path (not public
 # torch): with FAST_APPLY off, or inside a transform, the public apply
-# runs; tests hold the two to the same bits.
+# runs; tests hold the two to the same bits. torch 2.14 moved the wrapper's
+# work into that entry (Function.apply is _FunctionBase.apply there), so the
+# two paths are one call there.
 FAST_APPLY = True
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _NOISY_GROUP_APPLY = _c_apply(_NoisyGroup)
