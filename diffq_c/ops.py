@@ -769,8 +769,12 @@ def noisy_weights(ps: tp.Sequence[torch.Tensor], logits: tp.Sequence[torch.Tenso
 # through that same call; None, and nothing updated in place, where the
 # measurement fails.
 _FREE_GRAD_REFS: tp.Optional[int] = None
-# while measuring: where _owned_by_autograd puts the count it sees
-_REF_PROBE: tp.Optional[tp.List[int]] = None
+# The same gradient's C++ use count (Tensor._use_count) there: 1 where the
+# engine hands the gradient over (torch 2.13), 2 where it keeps its own
+# reference through the call (torch 2.4). Measured with the references.
+_FREE_GRAD_USES: tp.Optional[int] = None
+# while measuring: where _owned_by_autograd puts the counts it sees
+_REF_PROBE: tp.Optional[tp.List[tp.Tuple[int, int]]] = None
 
 
 def _storage_holders(t: torch.Tensor) -> int:
@@ -817,9 +821,9 @@ def _owned_by_autograd(grad: torch.Tensor) -> bool:
     torch._C._storage_Use_Count) measured against a tensor alone at import;
     without them, never in place."""
     if _REF_PROBE is not None:
-        _REF_PROBE.append(sys.getrefcount(grad))
+        _REF_PROBE.append((sys.getrefcount(grad), grad._use_count()))
         return False
-    if not (_ALONE is not None and _FREE_GRAD_REFS is not None and grad.is_cpu and grad.dtype == torch.float32
+    if not (_ALONE is not None and _FREE_GRAD_USES is not None and grad.is_cpu and grad.dtype == torch.float32
             and grad.is_contiguous() and grad.storage_offset() == 0
             and grad.untyped_storage().nbytes() == grad.numel() * 4
             and not grad.requires_grad
@@ -827,7 +831,7 @@ def _owned_by_autograd(grad: torch.Tensor) -> bool:
         return False
     alone, viewed, base_holders = _ALONE
     try:
-        if grad._use_count() != 1:
+        if grad._use_count() != _FREE_GRAD_USES:
             return False
         if grad._is_view():
             return _base_holders(grad) == base_holders and _storage_holders(grad) == viewed
@@ -1496,9 +1500,9 @@ def _register_ops() -> tp.Optional[torch.library.Library]:
 _LIBRARY = _register_ops()
 
 
-def _calibrate_free_grad_refs() -> tp.Optional[int]:
-    """The reference count _owned_by_autograd sees for an incoming gradient
-    nobody else holds: one training step of a small parameter through
+def _calibrate_free_grad() -> tp.Optional[tp.Tuple[int, int]]:
+    """The reference and use counts _owned_by_autograd sees for an incoming
+    gradient nobody else holds: one training step of a small parameter through
     _NoisyGroup's backward, whose gradient comes fresh from a multiply. No
     draw from torch's generator (an explicit seed), no OpenMP team (one
     chunk of values), float32 CPU tensors whatever torch's defaults (a
@@ -1507,7 +1511,7 @@ def _calibrate_free_grad_refs() -> tp.Optional[int]:
     global _REF_PROBE
     if _C is None:
         return None
-    seen: tp.List[int] = []
+    seen: tp.List[tp.Tuple[int, int]] = []
     _REF_PROBE = seen
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -1523,4 +1527,4 @@ def _calibrate_free_grad_refs() -> tp.Optional[int]:
     return seen[0] if len(seen) == 1 else None
 
 
-_FREE_GRAD_REFS = _calibrate_free_grad_refs()
+_FREE_GRAD_REFS, _FREE_GRAD_USES = _calibrate_free_grad() or (None, None)
