@@ -300,7 +300,8 @@ def load_state(path: Path, package) -> dict:
         # default weights_only=True loader refuses.
         return torch.load(path, weights_only=False)
     try:
-        return torch.load(path)
+        # explicit: before torch 2.6 the default was weights_only=False
+        return torch.load(path, weights_only=True)
     except pickle.UnpicklingError:
         # torch's own message is long and colored; one line says enough.
         print(f"warning: torch.load(weights_only=True) refused {path}, whose state "

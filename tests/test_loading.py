@@ -74,7 +74,9 @@ def test_our_states_load_with_weights_only(kind, tmp_path):
     torch.save(state, path)
     assert diffq_c.load(path)["meta"]["klass"] is state["meta"]["klass"]
     # after diffq_c.load, our classes are still allowed for plain torch.load
-    loaded = torch.load(path)  # default weights_only=True
+    # (weights_only=True: the default since torch 2.6, asked for here so that
+    # older torch checks the same)
+    loaded = torch.load(path, weights_only=True)
     assert loaded["meta"]["klass"] is state["meta"]["klass"]
     fresh = mlp(seed=1)
     diffq_c.restore_quantized_state(fresh, loaded)
@@ -88,7 +90,7 @@ def test_diffq_states_with_load(kind, tmp_path):
     path = tmp_path / "state.th"
     torch.save(state, path)
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(path)  # weights_only refuses diffq's class
+        torch.load(path, weights_only=True)  # refuses diffq's class
     loaded = diffq_c.load(path, map_location="cpu")
     assert loaded["meta"]["klass"].__module__.startswith("diffq_c.")
     fresh = mlp(seed=1)
