@@ -361,7 +361,8 @@ class DiffQuantizer(BaseQuantizer):
         """Whether the multi-tensor kernels quantize these parameters: CPU
         float32 weights and logits, bits mode (the noise mode's stored bits
         go through torch)."""
-        return bool(owners) and self._bits_param.mode == ops.PARAM_MODES["bits"] and all(
+        # len(), not bool(): torch 2.9's compile cannot trace bool() of a list
+        return len(owners) > 0 and self._bits_param.mode == ops.PARAM_MODES["bits"] and all(
             ops.on_kernel_path(qp.param, qp.logit) for qp in owners)
 
     def _quantized_values(self) -> tp.List[torch.Tensor]:

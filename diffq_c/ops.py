@@ -125,10 +125,46 @@ def _find_is_compiling():
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling
+    dynamo = getattr(torch, "_dynamo", None)  # torch < 2.3
+    if dynamo is not None and hasattr(dynamo, "is_compiling"):
+        return dynamo.is_compiling
     return lambda: False
 
 
 _is_compiling = _find_is_compiling()
+
+
+def _torch_release() -> tp.Tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def compile_follows_hooks() -> bool:
+    """Whether torch.compile traces the weights the quantizer's hooks put in
+    the modules. It does where dynamo traces torch's own modules inline, their
+    parameters read where the forward reads them: the default from torch 2.5
+    (`torch._dynamo.config.inline_inbuilt_nn_modules`). torch 2.4 calls the
+    submodules as opaque modules whose parameters it took when it traced, so
+    a compiled forward silently ran on the float weights there (measured on
+    2.4.1, with that setting on as well)."""
+    if _torch_release() < (2, 5):
+        return False
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    return bool(getattr(config, "inline_inbuilt_nn_modules", True))
+
+
+def _refuse_traced_forward() -> None:
+    raise RuntimeError(
+        "torch.compile of a model quantized by diffq_c needs torch >= 2.5 with "
+        "torch._dynamo.config.inline_inbuilt_nn_modules on (its default there); "
+        f"this is torch {torch.__version__}. Its compiler would run the forward on the float "
+        "weights, without the noise or the quantization the quantizer puts in the modules. "
+        "Run the model eagerly, or upgrade torch.")
+
+
+# run outside the trace (a graph break), so that the error reaches the caller
+refuse_traced_forward = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_refuse_traced_forward)
 
 RANGE_FIELDS = 7  # min, max, ties at min, ties at max, non-finite, first min, first max
 
@@ -333,7 +369,11 @@ def _make_layout(shapes: tp.Tuple[tp.Tuple[int, ...], ...], small_max: int,
     blocks: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
     for i, shape in enumerate(shapes):
         if math.prod(shape) < small_max and (shareable is None or shareable[i]):
-            blocks.setdefault(tuple(shape), []).append(i)
+            key = tuple(shape)
+            # not setdefault: torch 2.4's compile cannot trace it
+            if key not in blocks:
+                blocks[key] = []
+            blocks[key].append(i)
     n = len(shapes)
     where, index, offset = [-1] * n, [0] * n, [0] * n
     place = at = 0

@@ -88,6 +88,45 @@ def _graph_breaks(model, x):
     return explained.graph_break_count, explained.break_reasons
 
 
+# on a torch whose compiler does not follow the hooks (before 2.5) the
+# quantizer refuses torch.compile: test_compile_is_refused_where_it_would_be_wrong
+needs_hooks_followed = pytest.mark.skipif(
+    not ops.compile_follows_hooks(), reason=f"torch {torch.__version__}: compile refused (needs 2.5)")
+
+
+def test_compile_is_refused_where_it_would_be_wrong(monkeypatch):
+    """torch 2.4's compiler ran a forward on the float weights (the noisy or
+    quantized ones the hooks put in were not seen), silently. There the
+    quantizer raises from the compiled call instead, before swapping
+    anything; the eager model still works. Simulated on a torch that follows
+    the hooks; as it is on one that does not."""
+    if ops.compile_follows_hooks():
+        monkeypatch.setattr(ops, "compile_follows_hooks", lambda: False)
+    torch.manual_seed(0)
+    model = _mlp()
+    quantizer, _ = _quantized(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 16)
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(RuntimeError, match="needs torch >= 2.5"):
+            compiled(x)
+        assert all(type(m.weight) is nn.Parameter for m in model if isinstance(m, nn.Linear))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.train()
+    model(x).sum().backward()  # eagerly, as before
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
+
+
+def test_compile_follows_hooks_from_torch_2_5():
+    release = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert ops.compile_follows_hooks() == (release >= (2, 5))
+
+
+@needs_hooks_followed
 @pytest.mark.parametrize("group_size", [8, 0])
 def test_compiled_model_trains_and_evals_without_graph_breaks(group_size):
     torch.manual_seed(0)
@@ -116,6 +155,7 @@ def test_compiled_model_trains_and_evals_without_graph_breaks(group_size):
                                 quantizer._qparams[::2]))
 
 
+@needs_hooks_followed
 def test_compiled_training_equals_eager_on_an_eager_backend():
     """With the aot_eager backend the same ops run in the same order: the
     compiled step gives the eager step's outputs and gradients."""
