@@ -16,6 +16,7 @@ import torch
 
 from .diffq import DiffQuantizer
 from .lsq import LSQ
+from .ops import _torch_release
 from .uniform import UniformQuantizer
 
 # where diffq 0.2.4 defines each quantizer, and the class that stands for it
@@ -28,9 +29,12 @@ _OURS = [DiffQuantizer, UniformQuantizer, LSQ]
 
 
 def _safe_globals_available() -> bool:
+    """Whether torch.load(weights_only=True) takes allowed globals under
+    another name, as (class, "module.name") pairs: from torch 2.6 (2.5 has
+    safe_globals but only for classes under their own names)."""
     serialization = torch.serialization
-    return all(hasattr(serialization, name)
-               for name in ("safe_globals", "add_safe_globals", "get_safe_globals"))
+    return _torch_release() >= (2, 6) and all(
+        hasattr(serialization, name) for name in ("safe_globals", "add_safe_globals", "get_safe_globals"))
 
 
 def load(path_or_file: tp.Any, map_location: tp.Any = None) -> tp.Any:
@@ -44,7 +48,7 @@ def load(path_or_file: tp.Any, map_location: tp.Any = None) -> tp.Any:
         present = set(torch.serialization.get_safe_globals())
         with torch.serialization.safe_globals([g for g in wanted if g not in present]):
             return torch.load(path_or_file, map_location=map_location, weights_only=True)
-    # torch < 2.5 cannot alias a global name: an unpickler of our own with
+    # torch < 2.6 cannot alias a global name: an unpickler of our own with
     # the same allow-list idea
     return torch.load(path_or_file, map_location=map_location, weights_only=False,
                       pickle_module=_restricted_pickle)
