@@ -1,7 +1,7 @@
 """Build of diffq_c: C11 kernels (csrc/) and one pybind11 binding.
 
 Nothing here imports torch: the extension exchanges buffers through DLPack,
-so it builds without torch installed and works with any torch >= 2.0.
+so it builds without torch installed and one build works with any torch >= 2.4.
 """
 import os
 import sys

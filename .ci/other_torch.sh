@@ -5,7 +5,8 @@
 # one is left as is.
 #
 #   .ci/other_torch.sh                       # torch 2.14.1 (on this machine's disk)
-#   OTHER_TORCH="torch==2.14.1" .ci/other_torch.sh
+#   OTHER_TORCH="torch==2.4.1" OTHER_NUMPY="numpy<2" .ci/other_torch.sh
+#                                            # a download of about 3 GB
 #
 # Run from the main job, after `pip install -e .` built diffq_c/_C*.so in
 # place. torch 2.14.1 is a CUDA build here (5.4 GB in the venv, from the
@@ -13,6 +14,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OTHER_TORCH=${OTHER_TORCH:-torch==2.14.1}
+OTHER_NUMPY=${OTHER_NUMPY:-numpy}
 VENV=${OTHER_TORCH_VENV:-$ROOT/.venv-other-torch}
 cd "$ROOT"
 start=$(date +%s)
@@ -29,7 +31,7 @@ python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$OTHER_TORCH"
 "$VENV/bin/python" -m pip install -q "diffq==0.2.4" || "$VENV/bin/python" -m pip install -q "diffq-fixed==0.2.4"
 # the test and demo extras of pyproject.toml, without installing diffq_c itself
-"$VENV/bin/python" -m pip install -q pytest numpy scikit-learn tqdm matplotlib
+"$VENV/bin/python" -m pip install -q pytest "$OTHER_NUMPY" scikit-learn tqdm matplotlib
 
 # the source tree's package, with the main job's build in it
 PYTHONPATH="$ROOT" "$VENV/bin/python" - "$OTHER_TORCH" <<'EOF'
