@@ -224,21 +224,52 @@ def _ddp_worker(rank, world, outdir):
     open(os.path.join(outdir, f"rank{rank}.finished"), "w").close()
 
 
-def _spawn_ddp(outdir, worker=_ddp_worker):
+# seconds: a run of both workers past this is a hang, and fails
+DDP_TIMEOUT = 300.0
+# seconds a worker that finished its teardown may take to exit
+DDP_EXIT_GRACE = 10.0
+
+
+def _spawn_ddp(outdir, worker=_ddp_worker, timeout=DDP_TIMEOUT, grace=DDP_EXIT_GRACE):
     """Run both workers. torch's gloo backend can abort a process at
     interpreter exit, after destroy_process_group ("terminate called without
     an active exception": Gloo threads still holding work, pytorch/pytorch
-    issue 190489; seen here with torch alone too). Such an exit is let
-    through only when the aborted worker had finished its teardown and both
-    had saved their results (spawn then stops the other one); any other
-    failure fails the test."""
+    issue 190489; seen here with torch alone too), or leave it hanging there
+    (seen once, on Python 3.13). Either is let through only when both workers
+    had finished their teardown and saved their results: an abort then, or a
+    process still alive `grace` seconds after both finished (it is killed).
+    Anything else fails the test, a run past `timeout` seconds included,
+    instead of hanging it."""
+    context = mp.spawn(worker, args=(2, outdir), nprocs=2, join=False)
+
+    def finished(rank):
+        return os.path.exists(os.path.join(outdir, f"rank{rank}.finished"))
+
+    def saved():
+        return all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in (0, 1))
+
+    start, all_finished = time.monotonic(), None
     try:
-        mp.spawn(worker, args=(2, outdir), nprocs=2, join=True)
-    except mp.ProcessExitedException as exc:
-        done = os.path.exists(os.path.join(outdir, f"rank{exc.error_index}.finished"))
-        saved = all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in (0, 1))
-        if not (exc.signal_name == "SIGABRT" and done and saved):
-            raise
+        while True:
+            try:
+                if context.join(timeout=0.5):
+                    return
+            except mp.ProcessExitedException as exc:
+                if not (exc.signal_name == "SIGABRT" and finished(exc.error_index) and saved()):
+                    raise
+                return
+            now = time.monotonic()
+            if all_finished is None and finished(0) and finished(1) and saved():
+                all_finished = now
+            if all_finished is not None and now - all_finished > grace:
+                return  # a teardown that does not exit: killed below
+            if now - start > timeout:
+                raise AssertionError(f"the DDP workers did not finish in {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(10)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -286,3 +317,27 @@ def test_ddp_spawn_lets_only_a_teardown_abort_through():
     with tempfile.TemporaryDirectory() as outdir:
         with pytest.raises(mp.ProcessExitedException):
             _spawn_ddp(outdir, _aborting_early_worker)
+
+
+def _hanging_worker(rank, world, outdir, finish=True):
+    torch.save({}, os.path.join(outdir, f"rank{rank}.pt"))
+    if finish:
+        open(os.path.join(outdir, f"rank{rank}.finished"), "w").close()
+    if rank == 1:
+        time.sleep(3600)
+
+
+def _hanging_early_worker(rank, world, outdir):
+    _hanging_worker(rank, world, outdir, finish=rank == 0)
+
+
+def test_ddp_spawn_lets_only_a_teardown_hang_through():
+    """_spawn_ddp kills a worker that does not exit after both finished, and
+    fails (rather than hangs) when one never finishes."""
+    with tempfile.TemporaryDirectory() as outdir:
+        start = time.monotonic()
+        _spawn_ddp(outdir, _hanging_worker, timeout=60, grace=1)
+        assert time.monotonic() - start < 30
+    with tempfile.TemporaryDirectory() as outdir:
+        with pytest.raises(AssertionError, match="did not finish in 3 s"):
+            _spawn_ddp(outdir, _hanging_early_worker, timeout=3, grace=1)
