@@ -148,8 +148,12 @@ def compile_follows_hooks() -> bool:
     submodules as opaque modules whose parameters it took when it traced, so
     a compiled forward silently ran on the float weights there (measured on
     2.4.1, with that setting on as well)."""
-    if _torch_release() < (2, 5):
+    release = _torch_release()
+    if release < (2, 5):
         return False
+    if release >= (2, 13):
+        # the setting is always on there, and reading it warns (deprecated)
+        return True
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
     return bool(getattr(config, "inline_inbuilt_nn_modules", True))
 
