@@ -167,8 +167,19 @@ def _refuse_traced_forward() -> None:
         "Run the model eagerly, or upgrade torch.")
 
 
-# run outside the trace (a graph break), so that the error reaches the caller
-refuse_traced_forward = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(_refuse_traced_forward)
+def _outside_traces(fn):
+    """fn run outside any trace (a graph break), so that an error it raises
+    reaches the caller (raised inside a trace, dynamo runs the frame again
+    eagerly, where nothing is compiling, and the error is lost). Only on
+    torch < 2.13: torch.compiler.disable imports dynamo (about 1 s of import
+    time), and from 2.13 compile_follows_hooks() is always true, so the
+    refusal is never reached there."""
+    if _torch_release() >= (2, 13):
+        return fn
+    return getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(fn)
+
+
+refuse_traced_forward = _outside_traces(_refuse_traced_forward)
 
 RANGE_FIELDS = 7  # min, max, ties at min, ties at max, non-finite, first min, first max
 

@@ -102,6 +102,8 @@ def test_compile_is_refused_where_it_would_be_wrong(monkeypatch):
     the hooks; as it is on one that does not."""
     if ops.compile_follows_hooks():
         monkeypatch.setattr(ops, "compile_follows_hooks", lambda: False)
+        # as built on a torch that can refuse (ops._outside_traces)
+        monkeypatch.setattr(ops, "refuse_traced_forward", torch.compiler.disable(ops._refuse_traced_forward))
     torch.manual_seed(0)
     model = _mlp()
     quantizer, _ = _quantized(model)
@@ -124,6 +126,17 @@ def test_compile_is_refused_where_it_would_be_wrong(monkeypatch):
 def test_compile_follows_hooks_from_torch_2_5():
     release = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     assert ops.compile_follows_hooks() == (release >= (2, 5))
+
+
+def test_import_leaves_dynamo_alone():
+    """import diffq_c does not import torch._dynamo (about 1 s) where the
+    refusal cannot be reached (torch >= 2.13)."""
+    import subprocess
+    import sys
+    code = "import sys, torch, diffq_c; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    release = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert out.stdout.strip() == str(release < (2, 13))
 
 
 @needs_hooks_followed
