@@ -121,9 +121,10 @@ class BaseQuantizer:
     # ---------------------------------------------------------------- hooks
 
     def _forward_pre_hook(self, module, input):
-        if ops.compiling() and not ops.compile_follows_hooks():
+        compiling = ops.compiling()
+        if compiling and not ops.compile_follows_hooks():
             ops.refuse_traced_forward()  # before anything is swapped
-        if not self.model.training and ops.compiling():
+        if not self.model.training and compiling:
             # a traced eval forward sees the quantized weights as module
             # attributes (as training sees the noisy ones): no `.data` swap,
             # which the tracer cannot follow

@@ -16,7 +16,7 @@ import torch
 
 from .diffq import DiffQuantizer
 from .lsq import LSQ
-from .ops import _torch_release
+from .ops import TORCH_RELEASE
 from .uniform import UniformQuantizer
 
 # where diffq 0.2.4 defines each quantizer, and the class that stands for it
@@ -33,7 +33,7 @@ def _safe_globals_available() -> bool:
     another name, as (class, "module.name") pairs: from torch 2.6 (2.5 has
     safe_globals but only for classes under their own names)."""
     serialization = torch.serialization
-    return _torch_release() >= (2, 6) and all(
+    return TORCH_RELEASE >= (2, 6) and all(
         hasattr(serialization, name) for name in ("safe_globals", "add_safe_globals", "get_safe_globals"))
 
 

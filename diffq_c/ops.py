@@ -125,9 +125,6 @@ def _find_is_compiling():
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling
-    dynamo = getattr(torch, "_dynamo", None)  # torch < 2.3
-    if dynamo is not None and hasattr(dynamo, "is_compiling"):
-        return dynamo.is_compiling
     return lambda: False
 
 
@@ -140,6 +137,9 @@ def _torch_release() -> tp.Tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
+TORCH_RELEASE = _torch_release()
+
+
 def compile_follows_hooks() -> bool:
     """Whether torch.compile traces the weights the quantizer's hooks put in
     the modules. It does where dynamo traces torch's own modules inline, their
@@ -148,10 +148,9 @@ def compile_follows_hooks() -> bool:
     submodules as opaque modules whose parameters it took when it traced, so
     a compiled forward silently ran on the float weights there (measured on
     2.4.1, with that setting on as well)."""
-    release = _torch_release()
-    if release < (2, 5):
+    if TORCH_RELEASE < (2, 5):
         return False
-    if release >= (2, 13):
+    if TORCH_RELEASE >= (2, 13):
         # the setting is always on there, and reading it warns (deprecated)
         return True
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
@@ -174,7 +173,7 @@ def _outside_traces(fn):
     torch < 2.13: torch.compiler.disable imports dynamo (about 1 s of import
     time), and from 2.13 compile_follows_hooks() is always true, so the
     refusal is never reached there."""
-    if _torch_release() >= (2, 13):
+    if TORCH_RELEASE >= (2, 13):
         return fn
     return getattr(getattr(torch, "compiler", None), "disable", lambda f: f)(fn)
 
