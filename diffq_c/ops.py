@@ -100,7 +100,11 @@ Alloc = tp.Callable[[tp.Sequence[int]], torch.Tensor]
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """t itself when contiguous (the binding reads it as it is), else a
-    contiguous copy in its logical order (channels_last, transposed)."""
+    contiguous copy in its logical order (channels_last, transposed), or
+    the dense tensor of a sparse one (nn.Embedding(sparse=True)'s
+    gradient, which diffq cannot take at all)."""
+    if t.layout != torch.strided:
+        return t.detach().to_dense()
     return t if t.is_contiguous() else t.detach().contiguous()
 
 
@@ -899,6 +903,11 @@ def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
     dtypes the kernels do not take."""
     bits = bits_from_logit(logit, prm)[:, None]
     rows = p.reshape(1 if group_size == 0 else -1, p.numel() if group_size == 0 else group_size)
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        # the range, the noise's law and the sum in float32, the result in
+        # p's dtype: diffq hands a float32 weight to a float16 or bfloat16
+        # model, whose matmul then refuses it
+        rows = rows.float()
     scale = rows.max() - rows.min()
     step = 1 / (2 ** bits - 1)
     if generator is None:
@@ -908,7 +917,7 @@ def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
         source = draw(rows.shape, generator=generator, device=generator.device,
                       dtype=rows.dtype).to(rows.device)
     source = source - 0.5 if noise == "uniform" else source / 2
-    return (rows + scale * step * source).view_as(p)
+    return (rows + scale * step * source).to(p.dtype).view_as(p)
 
 
 def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,

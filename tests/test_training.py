@@ -290,3 +290,71 @@ def test_c_kernel_tests_pass():
     out = subprocess.run(["make", "-s", "-C", str(ROOT / "csrc"), "test"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert " 0 failed" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_trains_where_diffq_fails(dtype):
+    """A float16 or bfloat16 model: diffq's noisy weight comes out float32
+    and the model's matmul refuses it; ours is the same float32 formula
+    rounded to the parameter's dtype, and the logits still get the
+    float32 formula's gradient."""
+    torch.manual_seed(0)
+    model = small_net().to(dtype)
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 32).to(dtype)
+    theirs = diffq.DiffQuantizer(twin, min_size=0, group_size=4)
+    theirs.no_optimizer()
+    with pytest.raises(RuntimeError, match="dtype"):
+        twin(x)
+
+    q = diffq_c.DiffQuantizer(model, min_size=0, group_size=4)
+    q.no_optimizer()
+    weight, logit = model[0].weight, q._qparams[0].logit
+    seen = {}
+    model[0].register_forward_pre_hook(lambda module, args: seen.update(noisy=module.weight))
+    # the same draw as the float32 formula on the float32 values
+    generator_state = torch.get_rng_state()
+    out = model(x)
+    assert out.dtype == dtype and seen["noisy"].dtype == dtype
+    torch.set_rng_state(generator_state)
+    reference_logit = logit.detach().clone().requires_grad_()
+    reference_weight = weight.detach().float().requires_grad_()
+    reference = diffq_c.ops._noisy_weight_torch(reference_weight, reference_logit, 4, q.noise,
+                                                q._bits_param)
+    assert torch.equal(seen["noisy"], reference.to(dtype))
+    # the noise is still there after the rounding, at the step's size
+    assert not torch.equal(seen["noisy"], weight)
+    seen["noisy"].float().sum().backward()
+    reference.sum().backward()
+    torch.testing.assert_close(logit.grad, reference_logit.grad)
+    # ones but at the range's extrema (ties, frequent in bfloat16, share their term)
+    assert weight.grad.dtype == dtype and torch.equal(weight.grad, reference_weight.grad.to(dtype))
+    assert (weight.grad != 1).sum() >= 2
+
+
+def test_sparse_embedding_gradient_trains_where_diffq_fails():
+    """nn.Embedding(sparse=True) hands its weight a sparse gradient: diffq
+    cannot reshape it; ours takes its dense form (the weight's gradient is
+    then dense, since the range's extrema get a term of their own), the
+    same as the dense embedding's."""
+    torch.manual_seed(0)
+    sparse = torch.nn.Embedding(50, 8, sparse=True)
+    dense = torch.nn.Embedding(50, 8)
+    dense.load_state_dict(sparse.state_dict())
+    twin = copy.deepcopy(sparse)
+    theirs = diffq.DiffQuantizer(twin, min_size=0, group_size=8)
+    theirs.no_optimizer()
+    index = torch.tensor([3, 7, 7, 41])
+    with pytest.raises(RuntimeError, match="sparse"):
+        twin(index).sum().backward()
+    grads = []
+    for model in (sparse, dense):
+        q = diffq_c.DiffQuantizer(model, min_size=0, group_size=8)
+        q.no_optimizer()
+        torch.manual_seed(1)
+        (model(index) ** 2).sum().backward()
+        grads.append((model.weight.grad, q._qparams[0].logit.grad))
+    (sparse_weight, sparse_logit), (dense_weight, dense_logit) = grads
+    assert sparse_weight.layout == torch.strided
+    assert torch.equal(sparse_weight, dense_weight) and torch.equal(sparse_logit, dense_logit)
+    assert sparse_logit.abs().sum() > 0
