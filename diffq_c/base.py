@@ -65,6 +65,12 @@ class BaseQuantizer:
         # weight-sized outputs kept between calls (see scratch.py)
         self._scratch = Scratch()
         self._find_params()
+        # load_state_dict(..., assign=True) puts new Parameter objects in the
+        # modules that load: the quantizer takes them up (_follow_loaded)
+        modules = {id(qp.module): qp.module for qp in self._qparams}
+        modules.update((id(module), module) for module, _, _ in self._small_sites)
+        self._load_handles = [module.register_load_state_dict_post_hook(self._follow_loaded)
+                              for module in modules.values()]
         self._pre_handle = self.model.register_forward_pre_hook(self._forward_pre_hook)
         try:
             # the post hook also runs when the forward raises, so a failed
@@ -117,6 +123,41 @@ class BaseQuantizer:
 
     def _register_param(self, name, param, module, other):
         return self.__class__._QuantizedParam(name, param, module, other)
+
+    def _param_slots(self, qparam) -> tp.List[tp.Tuple[str, str]]:
+        """(attribute of qparam, name in its module) of each Parameter a
+        quantized parameter holds: its weight, and in subclasses what they
+        register beside it."""
+        return [("param", qparam.name)]
+
+    def _forget_layouts(self) -> None:
+        """Drop what was worked out from the Parameter objects, which changed."""
+        self.__dict__.pop("_swap_list", None)
+
+    def _follow_loaded(self, module: torch.nn.Module, incompatible_keys) -> None:
+        """After `module` loaded a state dict: where load_state_dict(...,
+        assign=True) replaced a Parameter object of ours, take up the new
+        one. diffq keeps quantizing, saving and restoring the old ones, so
+        an eval forward and a saved state silently ignore what was loaded.
+        A load in place (the default) keeps the objects; nothing changes."""
+        moved: tp.Dict[int, torch.nn.Parameter] = {}
+        for qparam in self._qparams:
+            if qparam.module is not module:
+                continue
+            for attr, name in self._param_slots(qparam):
+                old, new = getattr(qparam, attr), module._parameters.get(name)
+                if isinstance(new, torch.nn.Parameter) and new is not old:
+                    setattr(qparam, attr, new)
+                    moved[id(old)] = new
+        for index, (site, name, old) in enumerate(self._small_sites):
+            new = module._parameters.get(name) if site is module else None
+            if isinstance(new, torch.nn.Parameter) and new is not old:
+                self._small_sites[index] = (site, name, new)
+                moved[id(old)] = new
+        if moved:
+            self._float16 = [moved.get(id(p), p) for p in self._float16]
+            self._others = [moved.get(id(p), p) for p in self._others]
+            self._forget_layouts()
 
     # ---------------------------------------------------------------- hooks
 
@@ -484,6 +525,8 @@ class BaseQuantizer:
         """Remove the hooks (and, in subclasses, the extra parameters)."""
         self._pre_handle.remove()
         self._post_handle.remove()
+        for handle in self._load_handles:
+            handle.remove()
         self._scratch.clear()
 
     @property

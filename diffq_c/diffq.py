@@ -124,7 +124,9 @@ class DiffQuantizer(BaseQuantizer):
                  / (math.log(self._min_noise) - math.log(self._max_noise)))
         else:
             t = (self.init_bits - self.min_bits) / (self.max_bits - self.min_bits)
-        return float(torch.logit(torch.tensor(float(t))))
+        # on the CPU whatever the default device (a model built under
+        # torch.device("meta") to load with assign=True)
+        return float(torch.logit(torch.tensor(float(t), device="cpu")))
 
     def _group_size_of(self, param: torch.Tensor) -> int:
         return self.group_size or param.numel()
@@ -142,6 +144,20 @@ class DiffQuantizer(BaseQuantizer):
         module.register_parameter(name + self.suffix, logit)
         return self.__class__._QuantizedParam(name=name, param=param, module=module,
                                               other=None, logit=logit)
+
+    def _param_slots(self, qparam):
+        slots = super()._param_slots(qparam)
+        # a tied copy's logit is its owner's, registered on the owner's module
+        return slots if qparam.other is not None else slots + [("logit", qparam.name + self.suffix)]
+
+    def _forget_layouts(self) -> None:
+        super()._forget_layouts()
+        for qparam in self._qparams:
+            if qparam.other is not None:
+                qparam.logit = qparam.other.logit
+        for cached in ("_plan", "_eval_lists", "_size_cache", "_large"):
+            self.__dict__.pop(cached, None)
+        self._eval_cache.clear()
 
     # ------------------------------------------------------------ optimizer
 

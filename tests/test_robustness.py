@@ -599,3 +599,112 @@ def test_strict_checks_accept_real_diffq_states(packed, kind):
     diffq.restore_quantized_state(theirs, state)
     for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- load with assign=True
+
+
+def _same_structure(a, b) -> bool:
+    """Equal nested states: tensors equal in dtype and values, the rest ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_structure(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_structure(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _quantizer_of(lib, name, model):
+    # min_size leaves the last layer's bias small: float16 / others follow too
+    kwargs = {"min_size": 0.0001, "float16": True}
+    if name == "DiffQuantizer":
+        kwargs["group_size"] = 4
+    quantizer = getattr(lib, name)(model, **kwargs)
+    if hasattr(quantizer, "no_optimizer"):
+        quantizer.no_optimizer()
+    return quantizer
+
+
+def _source(name):
+    """A model whose weights and quantizer parameters moved from their
+    initial values, its quantizer and state dict."""
+    model = _mlp(seed=1)
+    quantizer = _quantizer_of(diffq_c, name, model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, quantizer, model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["DiffQuantizer", "LSQ", "UniformQuantizer"])
+def test_load_with_assign_is_followed(name):
+    """load_state_dict(..., assign=True) puts new Parameter objects in the
+    modules. diffq keeps quantizing and saving the old ones: its eval
+    forward and its state silently ignore what was loaded. Ours follow."""
+    source, source_quantizer, state = _source(name)
+    x = torch.randn(3, 16)
+    source.eval()
+    with torch.no_grad():
+        want = source(x)
+    want_state = source_quantizer.get_quantized_state(packed=True)
+
+    theirs = _mlp(seed=2)
+    _quantizer_of(diffq, name, theirs)
+    theirs.load_state_dict(state, assign=True)
+    theirs.eval()
+    with torch.no_grad():
+        assert not torch.equal(theirs(x), want)
+
+    model = _mlp(seed=2)
+    quantizer = _quantizer_of(diffq_c, name, model)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # layouts and caches worked out on the old parameters
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    assert _same_structure(quantizer.get_quantized_state(packed=True), want_state)
+    if name != "UniformQuantizer":
+        # a training forward draws the same noise on the same values
+        source.train()
+        model.train()
+        torch.manual_seed(5)
+        noisy_source = source(x)
+        torch.manual_seed(5)
+        assert torch.equal(model(x), noisy_source)
+    # a load in place (the default) keeps the objects and is seen as before
+    before = [p for p in model.parameters()]
+    model.load_state_dict(_mlp(seed=3).state_dict(), strict=False)
+    assert all(a is b for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["DiffQuantizer", "LSQ", "UniformQuantizer"])
+def test_model_built_on_meta_then_loaded(name):
+    """The large-model recipe: build under torch.device("meta") (no
+    memory), quantizer included, then load the weights with assign=True.
+    diffq cannot build a DiffQuantizer there (its logits' initial value is
+    a meta tensor's item())."""
+    source, source_quantizer, state = _source(name)
+    if name == "DiffQuantizer":
+        with torch.device("meta"), pytest.raises(RuntimeError, match="meta"):
+            diffq.DiffQuantizer(_mlp(seed=2), min_size=0.0001, group_size=4)
+    with torch.device("meta"):
+        model = _mlp(seed=2)
+        quantizer = _quantizer_of(diffq_c, name, model)
+    model.load_state_dict(state, assign=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    x = torch.randn(3, 16)
+    source.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert _same_structure(quantizer.get_quantized_state(packed=True),
+                           source_quantizer.get_quantized_state(packed=True))
+
+
+def test_detach_removes_the_load_hooks():
+    model = _mlp()
+    quantizer = _quantizer_of(diffq_c, "DiffQuantizer", model)
+    quantizer.detach()
+    assert not any(module._load_state_dict_post_hooks for module in model.modules())
