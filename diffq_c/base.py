@@ -61,6 +61,7 @@ class BaseQuantizer:
         # every place a small (unquantized) parameter sits: (module, name,
         # parameter), ties included; a compiled eval forward swaps them there
         self._small_sites: tp.List[tp.Tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self._small_ties: tp.List[int] = []  # per small site, the first site of its tensor
         self._owners: tp.Optional[tp.List[tp.Any]] = None
         # weight-sized outputs kept between calls (see scratch.py)
         self._scratch = Scratch()
@@ -90,6 +91,7 @@ class BaseQuantizer:
         # min_size is in MB of float32 values
         min_numel = self.min_size * 2 ** 20 // 4
         seen: tp.Dict[int, tp.Any] = {}
+        first_site: tp.Dict[int, int] = {}
         for module_name, module in self.model.named_modules():
             if isinstance(module, torch.nn.RNNBase):
                 self._rnns.append(module)
@@ -99,6 +101,8 @@ class BaseQuantizer:
                 if (param.numel() <= min_numel or param.numel() == 0
                         or self._excluded(full_name, name)):
                     self._small_sites.append((module, name, param))
+                    # sites of one tensor share their first site's index
+                    self._small_ties.append(first_site.setdefault(id(param), len(self._small_sites) - 1))
                     if id(param) in seen:
                         continue
                     if self.detect_bound:
@@ -124,40 +128,75 @@ class BaseQuantizer:
     def _register_param(self, name, param, module, other):
         return self.__class__._QuantizedParam(name, param, module, other)
 
+    # the attribute of a quantized parameter holding what a subclass
+    # registers beside the weight as `<name><suffix>` (DiffQuantizer's logit,
+    # LSQ's scale); None where there is nothing
+    _EXTRA_ATTR: tp.Optional[str] = None
+
     def _param_slots(self, qparam) -> tp.List[tp.Tuple[str, str]]:
         """(attribute of qparam, name in its module) of each Parameter a
-        quantized parameter holds: its weight, and in subclasses what they
-        register beside it."""
-        return [("param", qparam.name)]
+        quantized parameter holds: its weight, and its extra parameter but on
+        a tied copy, whose extra is its owner's (on the owner's module)."""
+        slots = [("param", qparam.name)]
+        if self._EXTRA_ATTR is not None and qparam.other is None:
+            slots.append((self._EXTRA_ATTR, qparam.name + self.suffix))
+        return slots
 
     def _forget_layouts(self) -> None:
         """Drop what was worked out from the Parameter objects, which changed."""
         self.__dict__.pop("_swap_list", None)
+        if self._EXTRA_ATTR is not None:
+            for qparam in self._qparams:
+                if qparam.other is not None:
+                    setattr(qparam, self._EXTRA_ATTR, getattr(qparam.other, self._EXTRA_ATTR))
 
     def _follow_loaded(self, module: torch.nn.Module, incompatible_keys) -> None:
         """After `module` loaded a state dict: where load_state_dict(...,
         assign=True) replaced a Parameter object of ours, take up the new
         one. diffq keeps quantizing, saving and restoring the old ones, so
         an eval forward and a saved state silently ignore what was loaded.
-        A load in place (the default) keeps the objects; nothing changes."""
-        moved: tp.Dict[int, torch.nn.Parameter] = {}
+        A load in place (the default) keeps the objects; nothing changes.
+
+        assign=True also makes one Parameter per name, so it unties a tied
+        weight. The quantizer was made on the tie (one logit, one state), so
+        it is kept, as a load in place keeps it: each tied name gets the
+        object of the tensor's first name again (in the model's order). The
+        modules load one by one, each then calling this, so the ties are
+        made again on every call, from whatever the first names hold."""
+        moved = False
         for qparam in self._qparams:
-            if qparam.module is not module:
-                continue
-            for attr, name in self._param_slots(qparam):
-                old, new = getattr(qparam, attr), module._parameters.get(name)
-                if isinstance(new, torch.nn.Parameter) and new is not old:
-                    setattr(qparam, attr, new)
-                    moved[id(old)] = new
+            if qparam.module is module:
+                for attr, name in self._param_slots(qparam):
+                    new = module._parameters.get(name)
+                    if isinstance(new, torch.nn.Parameter) and new is not getattr(qparam, attr):
+                        setattr(qparam, attr, new)
+                        moved = True
         for index, (site, name, old) in enumerate(self._small_sites):
             new = module._parameters.get(name) if site is module else None
             if isinstance(new, torch.nn.Parameter) and new is not old:
                 self._small_sites[index] = (site, name, new)
-                moved[id(old)] = new
-        if moved:
-            self._float16 = [moved.get(id(p), p) for p in self._float16]
-            self._others = [moved.get(id(p), p) for p in self._others]
-            self._forget_layouts()
+                moved = True
+        if not moved:
+            return
+        for qparam in self._qparams:
+            if qparam.other is not None and qparam.param is not qparam.other.param:
+                qparam.param = qparam.module._parameters[qparam.name] = qparam.other.param
+        if self.detect_bound:
+            first: tp.Dict[int, torch.nn.Parameter] = {}
+            for index, (site, name, param) in enumerate(self._small_sites):
+                tie = self._small_ties[index]
+                if tie in first and param is not first[tie]:
+                    site._parameters[name] = first[tie]
+                    self._small_sites[index] = (site, name, first[tie])
+                first.setdefault(tie, self._small_sites[index][2])
+        # the small parameters' list, as _find_params makes it
+        kept = list({id(p): p for _, _, p in self._small_sites}.values()) if self.detect_bound \
+            else [p for _, _, p in self._small_sites]
+        if self.float16:
+            self._float16 = kept
+        else:
+            self._others = kept
+        self._forget_layouts()
 
     # ---------------------------------------------------------------- hooks
 

@@ -145,16 +145,10 @@ class DiffQuantizer(BaseQuantizer):
         return self.__class__._QuantizedParam(name=name, param=param, module=module,
                                               other=None, logit=logit)
 
-    def _param_slots(self, qparam):
-        slots = super()._param_slots(qparam)
-        # a tied copy's logit is its owner's, registered on the owner's module
-        return slots if qparam.other is not None else slots + [("logit", qparam.name + self.suffix)]
+    _EXTRA_ATTR = "logit"
 
     def _forget_layouts(self) -> None:
         super()._forget_layouts()
-        for qparam in self._qparams:
-            if qparam.other is not None:
-                qparam.logit = qparam.other.logit
         for cached in ("_plan", "_eval_lists", "_size_cache", "_large"):
             self.__dict__.pop(cached, None)
         self._eval_cache.clear()

@@ -204,16 +204,7 @@ class LSQ(BaseQuantizer):
         return self.__class__._QuantizedParam(name=name, param=param, module=module,
                                               other=None, scale=scale)
 
-    def _param_slots(self, qparam):
-        slots = super()._param_slots(qparam)
-        # a tied copy's scale is its owner's, registered on the owner's module
-        return slots if qparam.other is not None else slots + [("scale", qparam.name + self.suffix)]
-
-    def _forget_layouts(self) -> None:
-        super()._forget_layouts()
-        for qparam in self._qparams:
-            if qparam.other is not None:
-                qparam.scale = qparam.other.scale
+    _EXTRA_ATTR = "scale"
 
     # ------------------------------------------------------------ optimizer
 

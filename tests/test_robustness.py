@@ -708,3 +708,60 @@ def test_detach_removes_the_load_hooks():
     quantizer = _quantizer_of(diffq_c, "DiffQuantizer", model)
     quantizer.detach()
     assert not any(module._load_state_dict_post_hooks for module in model.modules())
+
+
+class _TiedAcrossLevels(nn.Module):
+    """Two ties whose first names sit on the root, loaded after the child
+    that holds the second names: a large table (quantized) and a small
+    bias (kept aside), each shared with the child Linear."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(20, 8))
+        self.shift = nn.Parameter(torch.randn(20))
+        self.out = nn.Linear(8, 20)
+        self.out.weight, self.out.bias = self.table, self.shift
+
+    def forward(self, x):
+        return self.out(x) + self.table.sum(1) + self.shift
+
+
+class _TiedSiblings(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(20, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x.abs().long() % 20).sum(1))
+
+
+@pytest.mark.parametrize("make", [_TiedAcrossLevels, _TiedSiblings])
+@pytest.mark.parametrize("name", ["DiffQuantizer", "LSQ"])
+def test_load_with_assign_keeps_ties(make, name):
+    """assign=True gives each name a Parameter of its own, which unties a
+    tied weight; the quantizer, made on the tie (one logit or scale, one
+    state), ties the names again, whichever module loads first."""
+    kwargs = {"min_size": 0.0001, "group_size": 4} if name == "DiffQuantizer" else {"min_size": 0.0001}
+    source = make(seed=1)
+    source_quantizer = getattr(diffq_c, name)(source, **kwargs)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1)
+    model = make(seed=2)
+    quantizer = getattr(diffq_c, name)(model, **kwargs)
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert model.out.weight is next(p for n, p in model.named_parameters() if n != "out.weight"
+                                    and p.shape == model.out.weight.shape)
+    if make is _TiedAcrossLevels:
+        assert model.out.bias is model.shift
+    x = torch.randn(3, 8)
+    source.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert _same_structure(quantizer.get_quantized_state(packed=True),
+                           source_quantizer.get_quantized_state(packed=True))
