@@ -637,6 +637,16 @@ def _source(name):
     return model, quantizer, model.state_dict()
 
 
+def _assert_loaded_like(model, quantizer, source, source_quantizer, x):
+    """The same eval output and quantized state as the source's."""
+    source.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert _same_structure(quantizer.get_quantized_state(packed=True),
+                           source_quantizer.get_quantized_state(packed=True))
+
+
 @pytest.mark.parametrize("name", ["DiffQuantizer", "LSQ", "UniformQuantizer"])
 def test_load_with_assign_is_followed(name):
     """load_state_dict(..., assign=True) puts new Parameter objects in the
@@ -694,13 +704,7 @@ def test_model_built_on_meta_then_loaded(name):
         quantizer = _quantizer_of(diffq_c, name, model)
     model.load_state_dict(state, assign=True)
     assert all(p.device.type == "cpu" for p in model.parameters())
-    x = torch.randn(3, 16)
-    source.eval()
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(x), source(x))
-    assert _same_structure(quantizer.get_quantized_state(packed=True),
-                           source_quantizer.get_quantized_state(packed=True))
+    _assert_loaded_like(model, quantizer, source, source_quantizer, torch.randn(3, 16))
 
 
 def test_detach_removes_the_load_hooks():
@@ -758,10 +762,4 @@ def test_load_with_assign_keeps_ties(make, name):
                                     and p.shape == model.out.weight.shape)
     if make is _TiedAcrossLevels:
         assert model.out.bias is model.shift
-    x = torch.randn(3, 8)
-    source.eval()
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(x), source(x))
-    assert _same_structure(quantizer.get_quantized_state(packed=True),
-                           source_quantizer.get_quantized_state(packed=True))
+    _assert_loaded_like(model, quantizer, source, source_quantizer, torch.randn(3, 8))
