@@ -347,15 +347,22 @@ class DiffQuantizer(BaseQuantizer):
                 self._plan = None
                 plan = self._train_plan()
                 values = plan.noisy_weights(self, link, seed=refused.seed) if plan.kernel_qps else []
-        for qparam in plan.torch_qps:
-            values.append(ops.noisy_weight(qparam.param, qparam.logit, self.group_size,
-                                           self.noise, self._bits_param, 0,
-                                           name=self._param_name(qparam),
-                                           generator=self._generator))
+            except RuntimeError:
+                # inside torch.func's transforms (grad, jacrev, ...) the
+                # kernels have no memory to work on: diffq's formula in
+                # torch operators, as on other devices
+                if not ops.transforms_active():
+                    raise
+                values = [self._torch_noisy_weight(qparam) for qparam in plan.kernel_qps]
+        values.extend(self._torch_noisy_weight(qparam) for qparam in plan.torch_qps)
         for qparam, index in plan.sites:
             # bypass nn.Module's check that parameters are leaves
             qparam.module._parameters[qparam.name] = values[index]
         return True
+
+    def _torch_noisy_weight(self, qparam) -> torch.Tensor:
+        return ops.noisy_weight(qparam.param, qparam.logit, self.group_size, self.noise, self._bits_param, 0,
+                                name=self._param_name(qparam), generator=self._generator, kernels=False)
 
     def _post_forward_train(self):
         return self._put_back_params()

@@ -124,7 +124,13 @@ def quantized_values(tensor: torch.Tensor, scale: torch.Tensor, bits: int) -> to
     """The training forward's weights: differentiable quantized values."""
     grad_scale = _grad_scale(tensor.numel(), bits)
     if ops.on_kernel_path(tensor, scale) and scale.numel() == 1:
-        return _LSQValues.apply(tensor, scale, bits, grad_scale)
+        try:
+            return _LSQValues.apply(tensor, scale, bits, grad_scale)
+        except RuntimeError:
+            # torch.func's transforms need functorch's protocol of an
+            # autograd.Function, and memory the kernels cannot have there
+            if not ops.transforms_active():
+                raise
     return _quantize_torch(tensor, scale, bits, grad_scale)[0]
 
 

@@ -119,6 +119,18 @@ def _dense_on_refusal(call, *lists):
         return call(*[[_dense(t) for t in tensors] for tensors in lists])
 
 
+def transforms_active() -> bool:
+    """Whether torch.func's transforms (grad, jacrev, vjp, ...) are at work:
+    fresh tensors then come out wrapped, with no memory a kernel could read
+    or write, and autograd.Functions need functorch's own protocol. Asked
+    only after a kernel path failed, so it costs nothing otherwise."""
+    try:
+        torch.empty(0).data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return True
+    return False
+
+
 def compiling() -> bool:
     """Whether torch.compile (dynamo) is tracing: then the quantizer calls
     the registered operators, which it can see, instead of the kernels."""
@@ -1006,12 +1018,12 @@ def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
 def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,
                  prm: BitsParam, seed: int, name: str = "?",
                  generator: tp.Optional[torch.Generator] = None,
-                 alloc: tp.Optional[Alloc] = None) -> torch.Tensor:
+                 alloc: tp.Optional[Alloc] = None, kernels: bool = True) -> torch.Tensor:
     """One parameter's weight with pseudo quantization noise, differentiable
     in p and logit: the noise of parameter 0 of a forward seeded with
-    `seed`. The torch path (other devices and dtypes) draws it from
-    `generator` (torch's global one when None)."""
-    if on_kernel_path(p, logit):
+    `seed`. The torch path (other devices and dtypes, or `kernels` False)
+    draws it from `generator` (torch's global one when None)."""
+    if kernels and on_kernel_path(p, logit):
         kind = NOISE_KINDS[noise]
         allocs = [alloc] if alloc else None
         noisy, ranges = noise_forward_all([p], [logit], seed, [group_size], kind, prm, [name], allocs)
@@ -1129,7 +1141,12 @@ def weighted_sum_bits(logits: tp.Sequence[torch.Tensor], weights: tp.Sequence[fl
         return None
     taken = link.take(logits, weights) if link is not None else None
     if taken is None:
-        return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
+        try:
+            return _WeightedSumBits.apply(prm, tuple(weights), allocs, *logits)
+        except RuntimeError:
+            if transforms_active():
+                return None  # the caller's torch formula
+            raise
     handles, known = taken
     return _SizeThroughGroups.apply(prm, tuple(weights), tuple(logits), known, *handles)
 

@@ -197,3 +197,46 @@ def test_batched_gradients_match_one_by_one(quantizer_name):
             else:
                 # a scale's gradient is a sum of many terms: its order moves it by 1e-5
                 torch.testing.assert_close(rows[k], one, rtol=1e-4, atol=1e-6 * float(one.abs().max()))
+
+
+# ---------------------------------------------------------------- torch.func
+
+
+def test_func_grad_through_a_training_forward():
+    """torch.func.grad of a training forward (diffq works there): inside the
+    transform fresh tensors have no memory for the kernels, so the noisy
+    weights take diffq's formula in torch operators. f(x) = sum(W~ x + b)
+    has the gradient W~'s column sums, which uniform noise keeps within
+    range * step / 2 a weight of W's, and off them."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 32)
+    quantizer = diffq_c.DiffQuantizer(model, group_size=8, min_size=0, noise="uniform")
+    quantizer.no_optimizer()
+    x = torch.randn(16)
+    got = torch.func.grad(lambda x: model(x).sum())(x)
+    weight = model.weight.detach()
+    steps = (weight.max() - weight.min()) / (2 ** quantizer._get_bits(quantizer._qparams[0].logit) - 1)
+    bound = (steps.detach().repeat_interleave(8).view(32, 16) / 2).sum(0)
+    gap = (got - weight.sum(0)).abs()
+    assert (gap <= bound * (1 + 1e-5)).all() and gap.max() > 0.01 * bound.max()
+    # model_size inside a transform: its value as outside
+    size, value = torch.func.grad_and_value(lambda x: quantizer.model_size() + 0 * x.sum())(x)
+    assert not size.any() and float(value.detach()) == pytest.approx(float(quantizer.model_size().detach()), rel=1e-6)
+    # and the kernels again once out of it
+    assert model(x).requires_grad
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev"])
+def test_func_transforms_through_lsq_match_autograd(transform):
+    torch.manual_seed(0)
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    diffq_c.LSQ(model, bits=4, min_size=0).setup_optimizer(optimizer)
+    x = torch.randn(1, 16, requires_grad=True)
+    if transform == "grad":
+        got = torch.func.grad(lambda x: (model(x) ** 2).sum())(x)
+        want, = torch.autograd.grad((model(x) ** 2).sum(), x)
+    else:
+        got = torch.func.jacrev(model)(x)
+        want = torch.autograd.functional.jacobian(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
