@@ -68,15 +68,15 @@ class _LSQValues(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=torch.float32)
         ops._C.lsq_forward(ops._flat(x), effective, bits, q=out.view(-1), nthreads=ops.num_threads())
         ctx.save_for_backward(x)
-        ctx.scale = scale  # only for a backward under create_graph=True
-        ctx.config = (effective, bits, grad_scale, scale.shape)
+        ctx.scale = scale  # its shape; itself for a backward in torch operators
+        ctx.config = (effective, bits, grad_scale)
         ctx.bounds = clamp_bounds()
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        effective, bits, grad_scale, scale_shape = ctx.config
+        effective, bits, grad_scale = ctx.config
         if ops.needs_torch_backward([grad]):  # diffq's formula in torch
             values = lambda x, scale: [_quantize_torch(x, scale, bits, grad_scale)[0]]  # noqa: E731
             return (*ops.torch_grads(values, [grad], [x, ctx.scale]), None, None)
@@ -84,7 +84,7 @@ class _LSQValues(torch.autograd.Function):
         grad_s = ops._C.lsq_backward(ops._flat(x), ops._flat(grad), effective, bits, ctx.bounds, grad_scale,
                                      grad_x=None if grad_x is None else grad_x.view(-1),
                                      nthreads=ops.num_threads())
-        grad_s = torch.full(scale_shape, grad_s, dtype=torch.float32) \
+        grad_s = torch.full(ctx.scale.shape, grad_s, dtype=torch.float32) \
             if ctx.needs_input_grad[1] else None
         return grad_x, grad_s, None, None
 

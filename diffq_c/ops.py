@@ -119,16 +119,22 @@ def _dense_on_refusal(call, *lists):
         return call(*[[_dense(t) for t in tensors] for tensors in lists])
 
 
+def _has_memory(t: torch.Tensor) -> bool:
+    """Whether t has memory of its own a kernel could read: not one of
+    torch.func's wrapped tensors, nor vmap's batched ones."""
+    try:
+        t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def transforms_active() -> bool:
     """Whether torch.func's transforms (grad, jacrev, vjp, ...) are at work:
     fresh tensors then come out wrapped, with no memory a kernel could read
     or write, and autograd.Functions need functorch's own protocol. Asked
     only after a kernel path failed, so it costs nothing otherwise."""
-    try:
-        torch.empty(0).data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return True
-    return False
+    return not _has_memory(torch.empty(0))
 
 
 def compiling() -> bool:
@@ -635,13 +641,8 @@ def needs_torch_backward(grads: tp.Sequence[tp.Optional[torch.Tensor]]) -> bool:
     if torch.is_grad_enabled():
         return True
     first = next((g for g in grads if g is not None), None)
-    if first is None or first.layout != torch.strided:  # sparse ones have no data_ptr either
-        return False
-    try:
-        first.data_ptr()
-    except RuntimeError:
-        return True
-    return False
+    # sparse ones have no data_ptr either: the kernel path takes their dense form
+    return first is not None and first.layout == torch.strided and not _has_memory(first)
 
 
 def torch_grads(build: tp.Callable[..., tp.Sequence[torch.Tensor]], grads: tp.Sequence[torch.Tensor],
@@ -694,9 +695,8 @@ def _noise_torch_grads(config: GroupConfig, ps, logits, grads, size_grad) -> tp.
         def build(p, logit, noise=noise, size=size):
             outputs = []
             if noise is not None:
-                rows = p.reshape(-1, p.numel() if size == 0 else size)
-                step = 1 / (2 ** bits_from_logit(logit.reshape(-1, 1), config.prm) - 1)
-                outputs.append(rows + (rows.max() - rows.min()) * step * noise.view(rows.shape))
+                rows = _group_rows(p, size)
+                outputs.append(_plus_noise(rows, logit, config.prm, noise.view(rows.shape)))
             if size_grad is not None:
                 outputs.append(bits_from_logit(logit, config.prm).sum())
             return outputs
@@ -993,18 +993,28 @@ def _owned_by_autograd(grad: torch.Tensor) -> bool:
         return False
 
 
+def _group_rows(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    """p as one row per group of values sharing bits (one row at group_size 0)."""
+    return p.reshape(-1, p.numel() if group_size == 0 else group_size)
+
+
+def _plus_noise(rows: torch.Tensor, logit: torch.Tensor, prm: BitsParam, source: torch.Tensor) -> torch.Tensor:
+    """diffq's noisy weight in torch operators: rows plus the range times
+    each row's step 1 / (2^bits - 1) times `source` (N(0, 1) / 2 or U(-1/2,
+    1/2), rows' shape)."""
+    step = 1 / (2 ** bits_from_logit(logit.reshape(-1, 1), prm) - 1)
+    return rows + (rows.max() - rows.min()) * step * source
+
+
 def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
     """The same formula with torch's RNG (or `generator`), for devices and
     dtypes the kernels do not take."""
-    bits = bits_from_logit(logit, prm)[:, None]
-    rows = p.reshape(1 if group_size == 0 else -1, p.numel() if group_size == 0 else group_size)
+    rows = _group_rows(p, group_size)
     if rows.dtype in (torch.float16, torch.bfloat16):
         # the range, the noise's law and the sum in float32, the result in
         # p's dtype: diffq hands a float32 weight to a float16 or bfloat16
         # model, whose matmul then refuses it
         rows = rows.float()
-    scale = rows.max() - rows.min()
-    step = 1 / (2 ** bits - 1)
     if generator is None:
         source = torch.rand_like(rows) if noise == "uniform" else torch.randn_like(rows)
     else:
@@ -1012,7 +1022,7 @@ def _noisy_weight_torch(p, logit, group_size, noise, prm, generator=None):
         source = draw(rows.shape, generator=generator, device=generator.device,
                       dtype=rows.dtype).to(rows.device)
     source = source - 0.5 if noise == "uniform" else source / 2
-    return (rows + scale * step * source).to(p.dtype).view_as(p)
+    return _plus_noise(rows, logit, prm, source).to(p.dtype).view_as(p)
 
 
 def noisy_weight(p: torch.Tensor, logit: torch.Tensor, group_size: int, noise: str,
