@@ -62,6 +62,8 @@ class BaseQuantizer:
         # parameter), ties included; a compiled eval forward swaps them there
         self._small_sites: tp.List[tp.Tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
         self._small_ties: tp.List[int] = []  # per small site, the first site of its tensor
+        # per small site, the quantized parameter of its tensor where that came first
+        self._small_owners: tp.List[tp.Any] = []
         self._owners: tp.Optional[tp.List[tp.Any]] = None
         # weight-sized outputs kept between calls (see scratch.py)
         self._scratch = Scratch()
@@ -103,6 +105,7 @@ class BaseQuantizer:
                     self._small_sites.append((module, name, param))
                     # sites of one tensor share their first site's index
                     self._small_ties.append(first_site.setdefault(id(param), len(self._small_sites) - 1))
+                    self._small_owners.append(seen.get(id(param)))
                     if id(param) in seen:
                         continue
                     if self.detect_bound:
@@ -182,16 +185,17 @@ class BaseQuantizer:
             if qparam.other is not None and qparam.param is not qparam.other.param:
                 qparam.param = qparam.module._parameters[qparam.name] = qparam.other.param
         if self.detect_bound:
-            first: tp.Dict[int, torch.nn.Parameter] = {}
             for index, (site, name, param) in enumerate(self._small_sites):
-                tie = self._small_ties[index]
-                if tie in first and param is not first[tie]:
-                    site._parameters[name] = first[tie]
-                    self._small_sites[index] = (site, name, first[tie])
-                first.setdefault(tie, self._small_sites[index][2])
-        # the small parameters' list, as _find_params makes it
-        kept = list({id(p): p for _, _, p in self._small_sites}.values()) if self.detect_bound \
-            else [p for _, _, p in self._small_sites]
+                # a tensor's first site comes before its others and keeps its
+                # object; where it was quantized there, the quantized one's
+                owner, tie = self._small_owners[index], self._small_ties[index]
+                first = owner.param if owner is not None else self._small_sites[tie][2]
+                if param is not first:
+                    site._parameters[name] = first
+                    self._small_sites[index] = (site, name, first)
+        # _float16 / _others as _find_params lists them: each tensor at its first site
+        kept = [p for index, (_, _, p) in enumerate(self._small_sites)
+                if not self.detect_bound or (self._small_owners[index] is None and self._small_ties[index] == index)]
         if self.float16:
             self._float16 = kept
         else:

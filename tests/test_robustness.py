@@ -763,3 +763,17 @@ def test_load_with_assign_keeps_ties(make, name):
     if make is _TiedAcrossLevels:
         assert model.out.bias is model.shift
     _assert_loaded_like(model, quantizer, source, source_quantizer, torch.randn(3, 8))
+
+
+def test_load_with_assign_keeps_the_small_list_of_a_tie_half_excluded():
+    """A tied tensor quantized under its first name and excluded under its
+    second: its small site is not in the state's `others`, before a load
+    with assign=True as after it."""
+    source = _TiedSiblings(seed=1)
+    source_quantizer = diffq_c.DiffQuantizer(source, min_size=0, group_size=4, exclude=["out.weight"])
+    model = _TiedSiblings(seed=2)
+    quantizer = diffq_c.DiffQuantizer(model, min_size=0, group_size=4, exclude=["out.weight"])
+    assert quantizer._others == []
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert quantizer._others == []
+    _assert_loaded_like(model, quantizer, source, source_quantizer, torch.randn(3, 8))
